@@ -1,0 +1,332 @@
+"""3D Swin Transformer encoder (SwinUNETR layout) with an optional learned mask token.
+
+Tokens stay channels-last ``(B, D, H, W, C)`` inside the stages; the encoder returns
+channels-first feature maps ``(B, C, D, H, W)`` at five scales (strides 2, 4, 8, 16, 32).
+Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` with the
+relative position bias (and the shifted-window mask) as an additive float mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from nnunet_ssl.networks.presets import SwinPreset
+
+Size3 = tuple[int, int, int]
+
+#: Additive logit for token pairs that must not attend to each other (Swin's convention);
+#: finite, so fp16 stays finite, and far below any realistic attention logit.
+MASKED_LOGIT = -100.0
+
+
+def window_partition(x: Tensor, window: Size3) -> Tensor:
+    """Split ``(B, D, H, W, C)`` into windows ``(B, nW, N, C)``, ``N = prod(window)``.
+
+    The spatial size must be a multiple of ``window``.
+    """
+    b, d, h, w, c = x.shape
+    x = x.view(b, d // window[0], window[0], h // window[1], window[1], w // window[2], window[2], c)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(b, -1, window[0] * window[1] * window[2], c)
+
+
+def window_reverse(windows: Tensor, window: Size3, size: Size3) -> Tensor:
+    """Inverse of :func:`window_partition`: ``(B, nW, N, C)`` -> ``(B, D, H, W, C)``."""
+    b, _, _, c = windows.shape
+    d, h, w = size
+    x = windows.view(b, d // window[0], h // window[1], w // window[2], window[0], window[1], window[2], c)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, d, h, w, c)
+
+
+def relative_position_index(window: Size3, table_window: Size3) -> Tensor:
+    """Index into a relative-position table built for ``table_window`` for tokens of ``window``.
+
+    Returns a ``(N, N)`` long tensor, ``N = prod(window)``. Entry ``(i, j)`` encodes the offset of
+    token ``i`` relative to token ``j``; ``window`` may be smaller than the table's window (a
+    shrunken window at a small feature map), offsets then still address the right table rows.
+    """
+    axes = [torch.arange(n) for n in window]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1)  # (3, N)
+    offsets = coords[:, :, None] - coords[:, None, :]  # (3, N, N)
+    spans = [2 * t - 1 for t in table_window]
+    shifted = [offsets[a] + table_window[a] - 1 for a in range(3)]
+    return shifted[0] * spans[1] * spans[2] + shifted[1] * spans[2] + shifted[2]
+
+
+def _axis_regions(length: int, window: int, shift: int) -> Tensor:
+    """Region id of every position along one axis of the cyclically shifted grid."""
+    region = torch.zeros(length, dtype=torch.long)
+    if shift > 0:
+        region[length - window : length - shift] = 1
+        region[length - shift :] = 2
+    return region
+
+
+def shifted_window_mask(size: Size3, window: Size3, shift: Size3, device: torch.device) -> Tensor:
+    """Additive attention mask ``(nW, N, N)`` for shifted windows on a padded grid of ``size``.
+
+    After rolling by ``-shift``, a window at the grid's end mixes tokens that were not neighbours
+    in the original volume. Tokens from different regions get :data:`MASKED_LOGIT`, others 0.
+    """
+    regions = [_axis_regions(n, w, s) for n, w, s in zip(size, window, shift)]
+    label = regions[0][:, None, None] * 9 + regions[1][None, :, None] * 3 + regions[2][None, None, :]
+    windows = window_partition(label[None, ..., None], window)[0, ..., 0]  # (nW, N)
+    different = windows[:, :, None] != windows[:, None, :]
+    mask = torch.zeros(different.shape, dtype=torch.float32)
+    mask[different] = MASKED_LOGIT
+    return mask.to(device)
+
+
+def effective_window(size: Size3, window: int, shift: int) -> tuple[Size3, Size3]:
+    """Shrink the window (and drop the shift) along axes where the feature map is not larger."""
+    eff_window = tuple(n if n <= window else window for n in size)
+    eff_shift = tuple(0 if n <= window else shift for n in size)
+    return eff_window, eff_shift  # type: ignore[return-value]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows with a learned relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window = (window, window, window)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 3, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer(
+            "relative_position_index", relative_position_index(self.window, self.window), persistent=False
+        )
+
+    def position_bias(self, window: Size3) -> Tensor:
+        """Relative position bias ``(heads, N, N)`` for windows of the given (possibly shrunken) size."""
+        if window == self.window:
+            index = self.relative_position_index
+        else:
+            index = relative_position_index(window, self.window).to(self.relative_position_bias_table.device)
+        n = index.shape[0]
+        bias = self.relative_position_bias_table[index.reshape(-1)].view(n, n, self.num_heads)
+        return bias.permute(2, 0, 1)
+
+    def forward(self, x: Tensor, window: Size3, mask: Tensor | None) -> Tensor:
+        """Attend within windows.
+
+        Args:
+            x: Windows ``(B, nW, N, C)``.
+            window: Window size the tokens were partitioned with.
+            mask: Shifted-window mask ``(nW, N, N)`` or None.
+
+        Returns:
+            ``(B, nW, N, C)``.
+        """
+        b, nw, n, c = x.shape
+        qkv = self.qkv(x).view(b, nw, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
+        bias = self.position_bias(window)  # (heads, N, N)
+        if mask is not None:
+            bias = bias[None] + mask[:, None]  # (nW, heads, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        out = out.transpose(2, 3).reshape(b, nw, n, c)
+        return self.proj(out)
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm Swin block: (shifted) window attention and an MLP, both residual."""
+
+    def __init__(
+        self, dim: int, num_heads: int, window: int, mlp_ratio: float, qkv_bias: bool, drop_path: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window, qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, window: Size3, shift: Size3, mask: Tensor | None) -> Tensor:
+        """Apply the block to tokens ``(B, D, H, W, C)``."""
+        b, d, h, w, c = x.shape
+        y = self.norm1(x)
+        pads = [(-n) % win for n, win in zip((d, h, w), window)]
+        if any(pads):
+            y = F.pad(y, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
+        padded = (d + pads[0], h + pads[1], w + pads[2])
+        shifted = any(shift)
+        if shifted:
+            y = torch.roll(y, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        y = window_reverse(self.attn(window_partition(y, window), window, mask), window, padded)
+        if shifted:
+            y = torch.roll(y, shifts=shift, dims=(1, 2, 3))
+        if any(pads):
+            y = y[:, :d, :h, :w].contiguous()
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """Halve the resolution: concatenate each 2x2x2 neighbourhood, normalise, project 8C -> 2C."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8 * dim)
+        self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, D, H, W, C)`` -> ``(B, ceil(D/2), ceil(H/2), ceil(W/2), 2C)``."""
+        b, d, h, w, c = x.shape
+        if d % 2 or h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+            b, d, h, w, c = x.shape
+        x = x.view(b, d // 2, 2, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+        x = x.reshape(b, d // 2, h // 2, w // 2, 8 * c)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    """A stage of Swin blocks (alternating regular and shifted windows) followed by a merge."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_paths: list[float],
+        gradient_checkpointing: bool,
+    ) -> None:
+        super().__init__()
+        self.window = window
+        self.gradient_checkpointing = gradient_checkpointing
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, window, mlp_ratio, qkv_bias, drop_paths[i]) for i in range(depth)
+        )
+        self.downsample = PatchMerging(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, D, H, W, C)`` tokens -> merged tokens at half resolution."""
+        size = tuple(x.shape[1:4])
+        window, shift = effective_window(size, self.window, self.window // 2)  # type: ignore[arg-type]
+        padded = tuple(n + (-n) % win for n, win in zip(size, window))
+        mask = shifted_window_mask(padded, window, shift, x.device) if any(shift) else None  # type: ignore[arg-type]
+        no_shift = (0, 0, 0)
+        for i, block in enumerate(self.blocks):
+            block_shift, block_mask = (shift, mask) if i % 2 else (no_shift, None)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, window, block_shift, block_mask, use_reentrant=False)
+            else:
+                x = block(x, window, block_shift, block_mask)
+        return self.downsample(x)
+
+
+class SwinEncoder(nn.Module):
+    """Patch embedding, optional mask token and four Swin stages.
+
+    Args:
+        preset: Architecture shape.
+        in_channels: Input image channels.
+        use_mask_token: Add a learned token that replaces masked patches (SSL pretraining).
+    """
+
+    def __init__(self, preset: SwinPreset, in_channels: int = 1, use_mask_token: bool = False) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        self.preset = preset
+        self.in_channels = in_channels
+        self.patch_embed = nn.Conv3d(
+            in_channels, preset.embed_dim, kernel_size=preset.patch_size, stride=preset.patch_size
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, 1, preset.embed_dim)) if use_mask_token else None
+        total = sum(preset.depths)
+        rates = [preset.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.stages = nn.ModuleList()
+        start = 0
+        for i, depth in enumerate(preset.depths):
+            self.stages.append(
+                SwinStage(
+                    preset.stage_dims[i],
+                    depth,
+                    preset.num_heads[i],
+                    preset.window_size,
+                    preset.mlp_ratio,
+                    preset.qkv_bias,
+                    rates[start : start + depth],
+                    preset.gradient_checkpointing,
+                )
+            )
+            start += depth
+        self.apply(_init_swin_weights)
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def embed(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        """Patch-embed ``(B, C, D, H, W)`` into tokens ``(B, D/2, H/2, W/2, E)``, masking if asked.
+
+        Args:
+            x: Image batch.
+            token_mask: ``(B, D/2, H/2, W/2)`` bool/0-1 tensor; 1 marks a patch to replace by the mask token.
+        """
+        tokens = self.patch_embed(x).permute(0, 2, 3, 4, 1)
+        if token_mask is None:
+            return tokens
+        if self.mask_token is None:
+            raise ValueError("this encoder was built without a mask token (use_mask_token=False)")
+        if token_mask.shape != tokens.shape[:4]:
+            raise ValueError(f"token mask shape {tuple(token_mask.shape)} != token grid {tuple(tokens.shape[:4])}")
+        m = token_mask.to(tokens.dtype).unsqueeze(-1)
+        return tokens * (1 - m) + self.mask_token.to(tokens.dtype) * m
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> list[Tensor]:
+        """Encode an image batch.
+
+        Args:
+            x: ``(B, C, D, H, W)`` with every spatial axis a multiple of 32.
+            token_mask: Optional ``(B, D/2, H/2, W/2)`` patch mask (see :meth:`embed`).
+
+        Returns:
+            Five layer-normalised feature maps ``(B, E * 2**i, D / 2**(i+1), ...)``, i = 0..4.
+        """
+        tokens = self.embed(x, token_mask)
+        features = [_normalize_channels_last(tokens)]
+        for stage in self.stages:
+            tokens = stage(tokens)
+            features.append(_normalize_channels_last(tokens))
+        return features
+
+
+def _normalize_channels_last(tokens: Tensor) -> Tensor:
+    """Affine-free layer norm over channels, returned channels-first ``(B, C, D, H, W)``."""
+    out = F.layer_norm(tokens, tokens.shape[-1:])
+    return out.permute(0, 4, 1, 2, 3)
+
+
+def _init_swin_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
