@@ -1,0 +1,1 @@
+"""nnU-Net trainers for the Swin encoder + SwinUNETR decoder (found through nnUNet_extTrainer)."""

@@ -1,0 +1,238 @@
+"""The ``-pretrained_weights`` file: a full-network state dict plus provenance metadata.
+
+Layout (a ``torch.save`` dict, loadable with ``weights_only=True``)::
+
+    {
+        "network_weights": {...},   # every key of SwinUNETRSeg's state dict; what nnU-Net loads
+        "metadata": {               # plain JSON-compatible values
+            "format": "nnunet-ssl-weights", "format_version": 1,
+            "method": "smit", "preset": "smit", "in_channels": 1, "num_classes": 4,
+            "encoder_digest": "<16 hex>", "source": "<checkpoint path or description>",
+            "channel_adaptation": "none" | "stem replicated x3 and scaled by 1/3",
+            "intensity": {"modality": "CT", "window": [-500, 500], "range": [0, 1]},
+            "decoder_seed": 0, "created_by": "nnunet-ssl 0.1.0"
+        }
+    }
+
+nnU-Net's loader needs ``network_weights`` to cover every key of the target network except the
+heads under ``.seg_layers.``: the file therefore carries the pretrained encoder, a seeded fresh
+decoder and heads, and the provenance tag (``weights_provenance``) the trainer logs at start.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nnunet_ssl import __version__
+from nnunet_ssl.networks.presets import get_preset
+from nnunet_ssl.networks.segmentation import SwinUNETRSeg, encode_provenance
+
+FORMAT_NAME = "nnunet-ssl-weights"
+FORMAT_VERSION = 1
+#: Encoder keys that exist only for pretraining and are never exported.
+PRETRAINING_ONLY_KEYS = ("mask_token",)
+STEM_KEY = "patch_embed.weight"
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used as asked; the message names the file, the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class WeightsMetadata:
+    """Provenance of an exported weights file."""
+
+    method: str
+    preset: str
+    in_channels: int
+    num_classes: int
+    encoder_digest: str
+    source: str = ""
+    channel_adaptation: str = "none"
+    intensity: dict[str, Any] = field(default_factory=dict)
+    decoder_seed: int = 0
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    created_by: str = f"nnunet-ssl {__version__}"
+
+
+def encoder_digest(encoder_state: Mapping[str, Tensor]) -> str:
+    """Stable 16-hex-digit digest of encoder weights (keys, shapes and float32 values).
+
+    Pretraining-only keys are ignored, so the pretraining encoder and the exported copy agree.
+    """
+    sha = hashlib.sha256()
+    for key in sorted(encoder_state):
+        if key in PRETRAINING_ONLY_KEYS:
+            continue
+        tensor = encoder_state[key].detach().to("cpu", torch.float32).contiguous()
+        sha.update(key.encode())
+        sha.update(str(tuple(tensor.shape)).encode())
+        sha.update(tensor.numpy().tobytes())
+    return sha.hexdigest()[:16]
+
+
+def adapt_stem(weight: Tensor, in_channels: int) -> tuple[Tensor, str]:
+    """Adapt the patch-embedding kernel ``(E, C0, k, k, k)`` to ``in_channels`` input channels.
+
+    A one-channel kernel is replicated and scaled by ``1 / in_channels`` so that identical
+    channels give the pretrained response (timm's ``adapt_input_conv`` rule). Other channel
+    changes are refused: there is no faithful mapping.
+    """
+    source_channels = weight.shape[1]
+    if source_channels == in_channels:
+        return weight, "none"
+    if source_channels != 1:
+        raise WeightsError(
+            f"the encoder was pretrained with {source_channels} input channels and the target has "
+            f"{in_channels}; only 1-channel encoders can be adapted (replicated) to several channels"
+        )
+    adapted = weight.repeat(1, in_channels, 1, 1, 1) / in_channels
+    return adapted, f"stem replicated x{in_channels} and scaled by 1/{in_channels}"
+
+
+def build_weights_file(
+    encoder_state: Mapping[str, Tensor],
+    preset_name: str,
+    in_channels: int,
+    num_classes: int,
+    method: str,
+    source: str = "",
+    intensity: dict[str, Any] | None = None,
+    decoder_seed: int = 0,
+) -> dict[str, Any]:
+    """Build the full-network ``-pretrained_weights`` payload from an encoder state dict.
+
+    Args:
+        encoder_state: ``SwinEncoder.state_dict()`` (no ``encoder.`` prefix; a mask token is dropped).
+        preset_name: Preset the encoder was built with; the target trainer must use the same one.
+        in_channels: Input channels of the target dataset.
+        num_classes: Segmentation heads of the target dataset (heads are not loaded by nnU-Net,
+            but are included so the file is a complete state dict).
+        method: SSL method name recorded in the metadata.
+        source: Where the encoder came from (a run folder, a checkpoint path).
+        intensity: Intensity mapping used in pretraining, for the trainer's consistency warning.
+        decoder_seed: Seed for the fresh decoder, so exports are reproducible.
+
+    Returns:
+        ``{"network_weights": state_dict, "metadata": dict}``.
+    """
+    preset = get_preset(preset_name)
+    state = {k: v for k, v in encoder_state.items() if k not in PRETRAINING_ONLY_KEYS}
+    if STEM_KEY not in state:
+        raise WeightsError(f"the encoder state has no {STEM_KEY!r}; is this a SwinEncoder state dict?")
+    state[STEM_KEY], adaptation = adapt_stem(state[STEM_KEY], in_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(decoder_seed)
+        network = SwinUNETRSeg(preset, in_channels, num_classes, deep_supervision=True)
+    _check_shapes(state, network.encoder.state_dict(), preset_name)
+    result = network.encoder.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            f"encoder weights do not fit preset {preset_name!r}: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}; export with the preset used for pretraining"
+        )
+    digest = encoder_digest(network.encoder.state_dict())
+    metadata = WeightsMetadata(
+        method=method,
+        preset=preset_name,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        encoder_digest=digest,
+        source=source,
+        channel_adaptation=adaptation,
+        intensity=dict(intensity or {}),
+        decoder_seed=decoder_seed,
+    )
+    network.weights_provenance.copy_(
+        encode_provenance({"method": method, "preset": preset_name, "digest": digest})
+    )
+    return {"network_weights": network.state_dict(), "metadata": asdict(metadata)}
+
+
+def _check_shapes(state: Mapping[str, Tensor], target: Mapping[str, Tensor], preset_name: str) -> None:
+    for key, tensor in state.items():
+        if key in target and tuple(tensor.shape) != tuple(target[key].shape):
+            raise WeightsError(
+                f"encoder key {key!r} has shape {tuple(tensor.shape)} but preset {preset_name!r} needs "
+                f"{tuple(target[key].shape)}; export with the preset used for pretraining"
+            )
+
+
+def save_weights_file(payload: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(dict(payload), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_weights_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a weights file safely (``weights_only=True``) and return ``(network_weights, metadata)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt/foreign files
+        raise WeightsError(f"{path}: cannot be read as a torch weights file ({error.__class__.__name__}: {error})") from error
+    if not isinstance(payload, dict) or "network_weights" not in payload:
+        raise WeightsError(
+            f"{path}: not an nnunet-ssl/nnU-Net weights file (no 'network_weights' entry); "
+            "build one with `nnunet-ssl export`"
+        )
+    metadata = payload.get("metadata") or {}
+    return payload["network_weights"], dict(metadata)
+
+
+def find_mismatches(weights: Mapping[str, Tensor], network_state: Mapping[str, Tensor]) -> list[str]:
+    """Every problem nnU-Net's loader would hit, in state-dict order (heads are skipped as nnU-Net does)."""
+    problems = []
+    for key, tensor in network_state.items():
+        if ".seg_layers." in key:
+            continue
+        if key not in weights:
+            problems.append(f"missing key {key!r}")
+        elif tuple(weights[key].shape) != tuple(tensor.shape):
+            problems.append(f"{key!r}: file {tuple(weights[key].shape)} vs network {tuple(tensor.shape)}")
+    return problems
+
+
+def check_weights_against_network(
+    path: str | os.PathLike[str], network: SwinUNETRSeg, trainer_name: str = "the trainer"
+) -> dict[str, Any]:
+    """Raise :class:`WeightsError` naming the first mismatching keys and the fix; return the metadata."""
+    weights, metadata = load_weights_file(path)
+    problems = find_mismatches(weights, network.state_dict())
+    if not problems:
+        return metadata
+    hints = []
+    if metadata.get("preset") and metadata["preset"] != network.preset.name:
+        hints.append(
+            f"the file was exported for preset {metadata['preset']!r} but {trainer_name} uses "
+            f"{network.preset.name!r}: use the trainer of that preset or export with --preset {network.preset.name}"
+        )
+    if metadata.get("in_channels") and metadata["in_channels"] != network.in_channels:
+        hints.append(
+            f"the file has {metadata['in_channels']} input channel(s), the dataset {network.in_channels}: "
+            "re-export for this dataset (`nnunet-ssl export ... --dataset`)"
+        )
+    if not hints:
+        hints.append("re-export the weights for this dataset, plans and trainer with `nnunet-ssl export`")
+    shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+    raise WeightsError(f"{path}: does not fit {trainer_name}: {shown}. Fix: " + " ".join(hints))

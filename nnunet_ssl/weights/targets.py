@@ -1,0 +1,66 @@
+"""Build the exact network a trainer will build for a preprocessed nnU-Net dataset."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nnunet_ssl.networks.segmentation import SwinUNETRSeg
+
+
+@dataclass(frozen=True)
+class DatasetTarget:
+    """What a weights file must fit: channels and heads of a dataset under given plans."""
+
+    dataset_name: str
+    plans_file: Path
+    configuration: str
+    in_channels: int
+    num_classes: int
+
+
+def resolve_target(dataset: str, configuration: str = "3d_fullres", plans_name: str = "nnUNetPlans") -> DatasetTarget:
+    """Read a dataset's plans and dataset.json from ``nnUNet_preprocessed``.
+
+    Raises:
+        FileNotFoundError: naming the missing file and the command that creates it.
+    """
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    if not preprocessed:
+        raise FileNotFoundError("nnUNet_preprocessed is not set; export it as for any nnU-Net command")
+    name = maybe_convert_to_dataset_name(dataset)
+    folder = Path(preprocessed) / name
+    plans_file = folder / f"{plans_name}.json"
+    dataset_json_file = folder / "dataset.json"
+    for required in (plans_file, dataset_json_file):
+        if not required.is_file():
+            raise FileNotFoundError(
+                f"{required} does not exist; run `nnUNetv2_plan_and_preprocess -d {dataset}` "
+                "(or `nnunet-ssl plan`) first"
+            )
+    plans = json.loads(plans_file.read_text())
+    dataset_json = json.loads(dataset_json_file.read_text())
+    manager = PlansManager(plans)
+    if configuration not in plans["configurations"]:
+        raise ValueError(f"{plans_file} has no configuration {configuration!r}; it has {sorted(plans['configurations'])}")
+    config = manager.get_configuration(configuration)
+    return DatasetTarget(
+        dataset_name=name,
+        plans_file=plans_file,
+        configuration=configuration,
+        in_channels=determine_num_input_channels(manager, config, dataset_json),
+        num_classes=manager.get_label_manager(dataset_json).num_segmentation_heads,
+    )
+
+
+def network_for_target(trainer_class: type, target: DatasetTarget) -> SwinUNETRSeg:
+    """The network ``trainer_class`` builds for ``target``, on the meta device (shapes only, no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        return trainer_class.build_network_architecture(None, None, target.in_channels, target.num_classes, True)

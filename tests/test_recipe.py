@@ -1,0 +1,96 @@
+"""Fine-tuning recipe pieces: schedule, weight-decay groups, patch fitting, trainer registry."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nnunet_ssl.networks import PRESETS, SwinUNETRSeg
+from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
+from nnunet_ssl.trainers.base import WarmupCosineLRScheduler, pretrained_weights_argument
+from nnunet_ssl.trainers.named import TRAINERS
+from nnunet_ssl.trainers.recipe import FineTuneRecipe, fitted_batch_size, swin_compatible_patch_size
+
+
+def test_warmup_cosine_hand_values() -> None:
+    assert warmup_cosine(0, 1.0, 4, 12) == pytest.approx(0.25)
+    assert warmup_cosine(3, 1.0, 4, 12) == pytest.approx(1.0)
+    assert warmup_cosine(4, 1.0, 4, 12) == pytest.approx(1.0)
+    assert warmup_cosine(8, 1.0, 4, 12) == pytest.approx(0.5)  # half way through the cosine
+    assert warmup_cosine(12, 1.0, 4, 12, final=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(50, 1.0, 4, 12) == pytest.approx(0.0)
+    assert warmup_cosine(6, 2.0, 0, 8) == pytest.approx(1.0 + math.cos(math.pi * 6 / 8))
+
+
+def test_scheduler_follows_nnunet_step_convention() -> None:
+    recipe = FineTuneRecipe(initial_lr=1e-3, warmup_epochs=2, num_epochs=10)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=recipe.initial_lr)
+    scheduler = WarmupCosineLRScheduler(optimizer, recipe)
+    lrs = []
+    for epoch in range(10):
+        scheduler.step(epoch)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_no_weight_decay_on_norms_biases_and_position_tables() -> None:
+    net = SwinUNETRSeg(PRESETS["tiny"], 1, 2)
+    decay, no_decay = decay_parameter_groups(net, 0.05)
+    names = {id(p): n for n, p in net.named_parameters()}
+    no_decay_names = [names[id(p)] for p in no_decay["params"]]
+    assert any("relative_position_bias_table" in n for n in no_decay_names)
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert all("relative_position_bias_table" not in names[id(p)] for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+
+
+@pytest.mark.parametrize(
+    "patch,expected",
+    [([96, 96, 96], [96, 96, 96]), ([80, 160, 112], [96, 160, 128]), ([40, 224, 192], [64, 224, 192]), ([47, 70, 70], [64, 64, 64])],
+)
+def test_patch_sizes_become_multiples_of_32_and_at_least_64(patch, expected) -> None:
+    assert swin_compatible_patch_size(patch) == expected
+
+
+def test_batch_size_shrinks_only_when_the_patch_grows() -> None:
+    assert fitted_batch_size(2, [80, 160, 112], [64, 160, 96]) == 2
+    assert fitted_batch_size(8, [64, 64, 64], [128, 128, 128]) == 2
+    assert fitted_batch_size(4, [64, 64, 64], [96, 64, 64]) == 2
+
+
+def test_recipe_validates() -> None:
+    with pytest.raises(ValueError, match="warmup"):
+        FineTuneRecipe(warmup_epochs=10, num_epochs=10)
+
+
+def test_pretrained_weights_argument_parsing() -> None:
+    assert pretrained_weights_argument(["nnUNetv2_train", "501", "-pretrained_weights", "w.pt"]) == "w.pt"
+    assert pretrained_weights_argument(["x", "-pretrained_weights=a.pt"]) == "a.pt"
+    assert pretrained_weights_argument(["x", "501"]) is None
+
+
+def test_every_design_trainer_exists_with_its_preset() -> None:
+    expected = {
+        "SwinSMITTrainer": "smit", "SwinSimMIMTrainer": "smit", "SwinInpaintingTrainer": "smit",
+        "SwinReconstructionTrainer": "smit", "SwinContrastiveTrainer": "smit", "SwinRotationTrainer": "smit",
+        "SwinDINOTrainer": "smit", "SwiniBOTTrainer": "smit", "SwinUNETRTrainer": "smit", "SwinScratchTrainer": "smit",
+        "SwinSMIT128Trainer": "smit128", "SwinSMITsTrainer": "smit_s", "SwinSMITpTrainer": "smit_p",
+    }
+    for name, preset in expected.items():
+        assert TRAINERS[name].preset_name == preset
+        assert TRAINERS[f"{name}_tiny_5epochs"].preset_name == "tiny" if f"{name}_tiny_5epochs" in TRAINERS else True
+    assert TRAINERS["SwinScratchTrainer"].method is None
+    assert TRAINERS["SwinSMITTrainer"].method == "smit"
+
+
+def test_trainers_are_found_by_nnunet_through_the_shim(monkeypatch) -> None:
+    from nnunetv2.utilities import find_objects
+
+    from nnunet_ssl.cli import ext_trainer_path
+
+    monkeypatch.setattr(find_objects.nnUNet_extTrainer, "get", lambda: str(ext_trainer_path()))
+    monkeypatch.setattr(find_objects.nnUNet_extTrainer, "is_set", lambda: True)
+    found = find_objects.recursive_find_trainer_class_by_name("SwinSMITTrainer_tiny_5epochs")
+    assert found is TRAINERS["SwinSMITTrainer_tiny_5epochs"]

@@ -1,0 +1,220 @@
+"""The one nnU-Net trainer class behind every named Swin trainer.
+
+A named trainer sets three class attributes and nothing else:
+
+* ``preset_name``: the architecture preset (``nnunet_ssl.networks.PRESETS``);
+* ``method``: the SSL method whose weights it expects, or None for training from scratch;
+* ``recipe``: a :class:`FineTuneRecipe` (optimizer, schedule, epochs).
+
+Everything else (patch-size fitting, network building, deep supervision, optimizer and schedule,
+provenance logging) lives here once.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+from torch.optim.lr_scheduler import _LRScheduler
+
+from nnunet_ssl.networks.presets import get_preset
+from nnunet_ssl.networks.segmentation import SwinUNETRSeg
+from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
+from nnunet_ssl.trainers.recipe import FineTuneRecipe, fitted_batch_size, swin_compatible_patch_size
+from nnunet_ssl.weights.format import check_weights_against_network, encoder_digest
+
+#: Output strides of the decoder's heads, highest resolution first (see SwinUNETRDecoder).
+HEAD_STRIDES = (1, 2, 4, 8, 16)
+
+
+class WarmupCosineLRScheduler(_LRScheduler):
+    """Per-epoch linear warm-up then cosine decay, stepped as nnU-Net does: ``step(current_epoch)``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, recipe: FineTuneRecipe) -> None:
+        self.recipe = recipe
+        self.counter = 0
+        super().__init__(optimizer, -1)
+
+    def step(self, current_step: int | None = None) -> None:  # type: ignore[override]
+        if current_step is None or current_step == -1:
+            current_step = self.counter
+            self.counter += 1
+        r = self.recipe
+        lr = warmup_cosine(current_step, r.initial_lr, r.warmup_epochs, r.num_epochs, r.final_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._last_lr = [lr for _ in self.optimizer.param_groups]
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP and torch.compile wrappers."""
+    module = getattr(network, "module", network)
+    return getattr(module, "_orig_mod", module)
+
+
+def fixed_window_of(plans_manager: PlansManager, configuration_manager: ConfigurationManager) -> bool:
+    """True when every channel is CT-normalised with a fixed window that maps to [0, 1]."""
+    properties = plans_manager.foreground_intensity_properties_per_channel
+    schemes = configuration_manager.normalization_schemes
+    for channel, scheme in enumerate(schemes):
+        p = properties.get(str(channel), {})
+        low, high = p.get("percentile_00_5"), p.get("percentile_99_5")
+        if scheme != "CTNormalization" or low is None or high is None:
+            return False
+        if not (np.isclose(p.get("mean"), low) and np.isclose(p.get("std"), high - low)):
+            return False
+    return True
+
+
+class SwinTrainerBase(nnUNetTrainer):
+    """nnU-Net trainer for the Swin encoder + SwinUNETR decoder."""
+
+    preset_name: ClassVar[str] = "smit"
+    method: ClassVar[str | None] = None
+    recipe: ClassVar[FineTuneRecipe] = FineTuneRecipe()
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ) -> None:
+        plan_notes = self.fit_plans_to_swin(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for note in plan_notes:
+            self.print_to_log_file(note)
+        self.initial_lr = self.recipe.initial_lr
+        self.weight_decay = self.recipe.weight_decay
+        self.num_epochs = self.recipe.num_epochs
+        self.num_iterations_per_epoch = self.recipe.iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.recipe.val_iterations_per_epoch
+
+    # ------------------------------------------------------------------ plans and network
+    @classmethod
+    def fit_plans_to_swin(cls, plans: dict, configuration: str) -> list[str]:
+        """Make the configuration's patch size usable by the Swin encoder, in the plans dict itself.
+
+        Done before ``nnUNetTrainer.__init__`` so that training, the saved plans.json and inference
+        all use the fitted patch size. Deterministic, so every fold writes the same plans.
+        Returns log lines describing the changes.
+        """
+        manager = PlansManager(plans).get_configuration(configuration)
+        patch = list(manager.patch_size)
+        if len(patch) != 3:
+            raise ValueError(
+                f"{cls.__name__} needs a 3D configuration (3d_fullres, 3d_lowres); "
+                f"{configuration!r} has a {len(patch)}-D patch size {patch}"
+            )
+        fitted = swin_compatible_patch_size(patch)
+        if fitted == patch:
+            return []
+        batch = manager.batch_size
+        new_batch = fitted_batch_size(batch, patch, fitted)
+        entry = plans["configurations"][configuration]
+        entry["patch_size"] = fitted
+        entry["batch_size"] = new_batch
+        return [
+            f"{cls.__name__}: patch size {patch} -> {fitted} (every axis a multiple of 32 and >= 64 for the "
+            f"Swin encoder); batch size {batch} -> {new_batch}"
+        ]
+
+    @classmethod
+    def build_network_architecture(
+        cls,
+        plans_manager: PlansManager,
+        configuration_manager: ConfigurationManager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module:
+        """Build the Swin network of ``cls.preset_name`` (nnU-Net calls this for training and inference)."""
+        return SwinUNETRSeg(
+            get_preset(cls.preset_name), num_input_channels, num_output_channels, enable_deep_supervision
+        )
+
+    def _get_deep_supervision_scales(self) -> list[list[float]] | None:
+        if not self.enable_deep_supervision:
+            return None
+        return [[1.0 / s] * 3 for s in HEAD_STRIDES]
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, _LRScheduler]:
+        optimizer = torch.optim.AdamW(
+            decay_parameter_groups(self.network, self.weight_decay), lr=self.initial_lr
+        )
+        return optimizer, WarmupCosineLRScheduler(optimizer, self.recipe)
+
+    # ------------------------------------------------------------------ pretrained weights
+    def initialize(self) -> None:
+        was_initialized = self.was_initialized
+        super().initialize()
+        path = pretrained_weights_argument(sys.argv)
+        if path is not None and not was_initialized:
+            # nnU-Net loads the file right after initialize() with terse assertions; check it first
+            # so a mismatch names the file, the keys and the fix.
+            check_weights_against_network(path, unwrap(self.network), self.__class__.__name__)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.log_weights_provenance()
+
+    def log_weights_provenance(self) -> None:
+        """Say which weights the network starts from, or warn loudly when expected weights are absent."""
+        network = unwrap(self.network)
+        if self.current_epoch > 0:
+            return  # a resumed run: the checkpoint, not an export, defines the weights
+        tag = network.provenance()
+        if tag is None:
+            if self.method is None:
+                self.print_to_log_file(f"{self.__class__.__name__}: training from scratch (no pretrained weights).")
+                return
+            banner = "!" * 80
+            self.print_to_log_file(
+                f"\n{banner}\nWARNING: {self.__class__.__name__} expects {self.method} pretrained weights, but none "
+                f"were loaded: this run starts FROM SCRATCH.\nPass -pretrained_weights FILE "
+                f"(made by `nnunet-ssl export`), or use SwinScratchTrainer for a scratch baseline.\n{banner}"
+            )
+            return
+        digest = encoder_digest(network.encoder.state_dict())
+        status = "verified" if digest == tag.get("digest") else f"MISMATCH: encoder now has digest {digest}"
+        self.print_to_log_file(
+            f"Pretrained weights loaded: method={tag.get('method')} preset={tag.get('preset')} "
+            f"digest={tag.get('digest')} ({status})"
+        )
+        if self.method is not None and tag.get("method") != self.method:
+            self.print_to_log_file(
+                f"WARNING: {self.__class__.__name__} is the {self.method} trainer but the weights come from "
+                f"{tag.get('method')}; results will be filed under the wrong method."
+            )
+        if not fixed_window_of(self.plans_manager, self.configuration_manager):
+            self.print_to_log_file(
+                "WARNING: these plans do not map intensities with a fixed window to [0, 1] as pretraining did "
+                "(e.g. nnU-Net's default z-scoring). Plan with `nnunet-ssl plan` for matching intensities."
+            )
+
+
+def pretrained_weights_argument(argv: list[str]) -> str | None:
+    """The value of nnUNetv2_train's ``-pretrained_weights`` option in ``argv``, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "-pretrained_weights" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("-pretrained_weights="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def describe(trainer_class: type[SwinTrainerBase]) -> dict[str, Any]:
+    """Summary of a named trainer for listings (``nnunet-ssl trainers``)."""
+    return {
+        "trainer": trainer_class.__name__,
+        "preset": trainer_class.preset_name,
+        "method": trainer_class.method or "scratch",
+        "epochs": trainer_class.recipe.num_epochs,
+        "iterations_per_epoch": trainer_class.recipe.iterations_per_epoch,
+    }

@@ -1,0 +1,128 @@
+"""Named trainers: one per pretraining method and preset. Each only sets data on SwinTrainerBase.
+
+The name fixes the preset and the results folder, so studies of different methods stay apart.
+``*_tiny_5epochs`` variants (tiny preset, 5 epochs of 10 iterations) are for tests and demos.
+"""
+from __future__ import annotations
+
+from nnunet_ssl.trainers.base import SwinTrainerBase
+from nnunet_ssl.trainers.recipe import FineTuneRecipe
+
+#: Recipe of the short variants: a few iterations, enough to exercise every nnU-Net stage on CPU.
+SHORT_RECIPE = FineTuneRecipe(
+    initial_lr=1e-3, warmup_epochs=1, num_epochs=5, iterations_per_epoch=10, val_iterations_per_epoch=3
+)
+
+
+class SwinScratchTrainer(SwinTrainerBase):
+    method = None
+
+
+class SwinSMITTrainer(SwinTrainerBase):
+    method = "smit"
+
+
+class SwinSimMIMTrainer(SwinTrainerBase):
+    method = "simmim"
+
+
+class SwinInpaintingTrainer(SwinTrainerBase):
+    method = "inpainting"
+
+
+class SwinReconstructionTrainer(SwinTrainerBase):
+    method = "reconstruction"
+
+
+class SwinContrastiveTrainer(SwinTrainerBase):
+    method = "contrastive"
+
+
+class SwinRotationTrainer(SwinTrainerBase):
+    method = "rotation"
+
+
+class SwinDINOTrainer(SwinTrainerBase):
+    method = "dino"
+
+
+class SwiniBOTTrainer(SwinTrainerBase):
+    method = "ibot"
+
+
+class SwinUNETRTrainer(SwinTrainerBase):
+    """SwinUNETR multi-objective pretraining (rotation + contrastive + inpainting) on the smit encoder."""
+
+    method = "swinunetr"
+
+
+class SwinSMIT128Trainer(SwinTrainerBase):
+    preset_name = "smit128"
+    method = "smit"
+
+
+class SwinSMITsTrainer(SwinTrainerBase):
+    preset_name = "smit_s"
+    method = "smit"
+
+
+class SwinSMITpTrainer(SwinTrainerBase):
+    preset_name = "smit_p"
+    method = "smit"
+
+
+class SwinScratchTrainer_tiny_5epochs(SwinScratchTrainer):
+    preset_name, recipe = "tiny", SHORT_RECIPE
+
+
+class SwinSMITTrainer_tiny_5epochs(SwinSMITTrainer):
+    preset_name, recipe = "tiny", SHORT_RECIPE
+
+
+class SwinSimMIMTrainer_tiny_5epochs(SwinSimMIMTrainer):
+    preset_name, recipe = "tiny", SHORT_RECIPE
+
+
+class SwinInpaintingTrainer_tiny_5epochs(SwinInpaintingTrainer):
+    preset_name, recipe = "tiny", SHORT_RECIPE
+
+
+class SwinReconstructionTrainer_tiny_5epochs(SwinReconstructionTrainer):
+    preset_name, recipe = "tiny", SHORT_RECIPE
+
+
+class SwinContrastiveTrainer_tiny_5epochs(SwinContrastiveTrainer):
+    preset_name, recipe = "tiny", SHORT_RECIPE
+
+
+class SwinRotationTrainer_tiny_5epochs(SwinRotationTrainer):
+    preset_name, recipe = "tiny", SHORT_RECIPE
+
+
+class SwinDINOTrainer_tiny_5epochs(SwinDINOTrainer):
+    preset_name, recipe = "tiny", SHORT_RECIPE
+
+
+class SwiniBOTTrainer_tiny_5epochs(SwiniBOTTrainer):
+    preset_name, recipe = "tiny", SHORT_RECIPE
+
+
+class SwinUNETRTrainer_tiny_5epochs(SwinUNETRTrainer):
+    preset_name, recipe = "tiny", SHORT_RECIPE
+
+
+#: Every named trainer, for listings and parametrized tests.
+TRAINERS: dict[str, type[SwinTrainerBase]] = {
+    cls.__name__: cls
+    for cls in (
+        SwinScratchTrainer, SwinSMITTrainer, SwinSimMIMTrainer, SwinInpaintingTrainer, SwinReconstructionTrainer,
+        SwinContrastiveTrainer, SwinRotationTrainer, SwinDINOTrainer, SwiniBOTTrainer, SwinUNETRTrainer,
+        SwinSMIT128Trainer, SwinSMITsTrainer, SwinSMITpTrainer,
+        SwinScratchTrainer_tiny_5epochs, SwinSMITTrainer_tiny_5epochs, SwinSimMIMTrainer_tiny_5epochs,
+        SwinInpaintingTrainer_tiny_5epochs, SwinReconstructionTrainer_tiny_5epochs,
+        SwinContrastiveTrainer_tiny_5epochs, SwinRotationTrainer_tiny_5epochs, SwinDINOTrainer_tiny_5epochs,
+        SwiniBOTTrainer_tiny_5epochs, SwinUNETRTrainer_tiny_5epochs,
+    )
+}
+
+__all__ = ["TRAINERS", *TRAINERS]

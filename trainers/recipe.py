@@ -1,0 +1,54 @@
+"""The fine-tuning recipe as data (paper defaults), and the trainer's plan adjustments."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from nnunet_ssl.networks.presets import ENCODER_STRIDE
+
+
+@dataclass(frozen=True)
+class FineTuneRecipe:
+    """Optimisation settings of a Swin trainer.
+
+    Paper defaults: AdamW, peak lr 2e-4, linear warm-up then cosine, CE + Dice with nnU-Net's deep
+    supervision. Epoch counts follow nnU-Net (1000 epochs of 250 iterations); the paper uses
+    1000 epochs for many-shot and 3000 for few-shot fine-tuning.
+    """
+
+    initial_lr: float = 2e-4
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 50
+    num_epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations_per_epoch: int = 50
+    final_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_epochs < 1 or self.iterations_per_epoch < 1 or self.val_iterations_per_epoch < 1:
+            raise ValueError("epochs and iterations must be >= 1")
+        if not 0 <= self.warmup_epochs < self.num_epochs:
+            raise ValueError(f"warmup_epochs must be in [0, num_epochs), got {self.warmup_epochs}")
+        if self.initial_lr <= 0:
+            raise ValueError(f"initial_lr must be positive, got {self.initial_lr}")
+
+
+def swin_compatible_patch_size(patch_size: list[int] | tuple[int, ...]) -> list[int]:
+    """Round every axis to the nearest multiple of the encoder stride (32, ties up), at least 64.
+
+    Rounding to the nearest multiple keeps the patch volume close to what nnU-Net planned for the
+    GPU budget; the floor of 64 avoids a 1-voxel bottleneck, which fails in training.
+    """
+    return [max(2 * ENCODER_STRIDE, math.floor(n / ENCODER_STRIDE + 0.5) * ENCODER_STRIDE) for n in patch_size]
+
+
+def fitted_batch_size(batch_size: int, old_patch: list[int], new_patch: list[int]) -> int:
+    """Shrink the batch size when the patch volume grew, keeping voxels per step roughly constant.
+
+    Never below 2 (nnU-Net's minimum) unless the plans already asked for less.
+    """
+    old_volume = old_patch[0] * old_patch[1] * old_patch[2]
+    new_volume = new_patch[0] * new_patch[1] * new_patch[2]
+    if new_volume <= old_volume:
+        return batch_size
+    return max(min(2, batch_size), int(batch_size * old_volume / new_volume))
