@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 
 from nnunet_ssl import __version__
+from nnunet_ssl.io import atomic_torch_save
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg, encode_provenance
 
@@ -169,17 +169,7 @@ def _check_shapes(state: Mapping[str, Tensor], target: Mapping[str, Tensor], pre
 
 def save_weights_file(payload: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(dict(payload), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_torch_save(dict(payload), path)
 
 
 def load_weights_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from torch import Tensor
 
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg
+from nnunet_ssl.weights.format import build_weights_file
 
 
 @dataclass(frozen=True)
@@ -27,30 +32,37 @@ def resolve_target(dataset: str, configuration: str = "3d_fullres", plans_name: 
         FileNotFoundError: naming the missing file and the command that creates it.
     """
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     preprocessed = os.environ.get("nnUNet_preprocessed")
     if not preprocessed:
         raise FileNotFoundError("nnUNet_preprocessed is not set; export it as for any nnU-Net command")
-    name = maybe_convert_to_dataset_name(dataset)
-    folder = Path(preprocessed) / name
+    folder = Path(preprocessed) / maybe_convert_to_dataset_name(dataset)
     plans_file = folder / f"{plans_name}.json"
-    dataset_json_file = folder / "dataset.json"
+    if not plans_file.is_file():
+        raise FileNotFoundError(
+            f"{plans_file} does not exist; run `nnUNetv2_plan_and_preprocess -d {dataset}` (or `nnunet-ssl plan`) first"
+        )
+    return target_from_plans_file(plans_file, configuration)
+
+
+def target_from_plans_file(plans_file: Path, configuration: str = "3d_fullres") -> DatasetTarget:
+    """Read a plans file and the dataset.json beside it (as nnU-Net's preprocessed folder holds them)."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_file = Path(plans_file)
+    dataset_json_file = plans_file.parent / "dataset.json"
     for required in (plans_file, dataset_json_file):
         if not required.is_file():
-            raise FileNotFoundError(
-                f"{required} does not exist; run `nnUNetv2_plan_and_preprocess -d {dataset}` "
-                "(or `nnunet-ssl plan`) first"
-            )
+            raise FileNotFoundError(f"{required} does not exist (a plans file needs its dataset.json beside it)")
     plans = json.loads(plans_file.read_text())
     dataset_json = json.loads(dataset_json_file.read_text())
-    manager = PlansManager(plans)
-    if configuration not in plans["configurations"]:
+    if configuration not in plans.get("configurations", {}):
         raise ValueError(f"{plans_file} has no configuration {configuration!r}; it has {sorted(plans['configurations'])}")
+    manager = PlansManager(plans)
     config = manager.get_configuration(configuration)
     return DatasetTarget(
-        dataset_name=name,
+        dataset_name=manager.dataset_name,
         plans_file=plans_file,
         configuration=configuration,
         in_channels=determine_num_input_channels(manager, config, dataset_json),
@@ -64,3 +76,16 @@ def network_for_target(trainer_class: type, target: DatasetTarget) -> SwinUNETRS
 
     with torch.device("meta"):
         return trainer_class.build_network_architecture(None, None, target.in_channels, target.num_classes, True)
+
+
+def build_weights_for_target(
+    encoder_state: Mapping[str, Tensor],
+    preset_name: str,
+    target: DatasetTarget,
+    method: str,
+    **metadata: Any,
+) -> dict[str, Any]:
+    """A ``-pretrained_weights`` payload fitting ``target``'s channels and classes (see :func:`build_weights_file`)."""
+    return build_weights_file(
+        encoder_state, preset_name, target.in_channels, target.num_classes, method=method, **metadata
+    )

@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - install into .venv, then run the demo on generated phantoms
+#   make test   - install into .venv, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.nnunet_ssl_installed
+
+.PHONY: install demo test test-fast
+
+install: $(INSTALLED)
+
+$(INSTALLED): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+demo: $(INSTALLED)
+	$(BIN)/nnunet-ssl demo --out demo_work
+
+# pytest exits 5 when it collected no tests: that is a failure here, not a pass.
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -ra; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -ra -m "not e2e"; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status

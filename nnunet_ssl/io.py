@@ -1,0 +1,45 @@
+"""Small file helpers shared by checkpoints and exports."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
+    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename it.
+
+    A reader (or a resumed run after ``kill -9``) sees either the old file or the new one, never a
+    half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_json_dump(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write JSON atomically, indented and key-sorted."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            json.dump(obj, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+    return atomic_write(path, write)

@@ -1,0 +1,193 @@
+"""End to end through nnU-Net's own CLI on tiny phantoms: plan, train, validate, predict, pretrained weights.
+
+Slow by nature (several minutes on 2 CPU cores); marked ``e2e``. Everything runs in subprocesses
+with the nnU-Net variables set only for them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_ssl.cli import ext_trainer_path
+from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
+from nnunet_ssl.networks import PRESETS, SwinEncoder
+from nnunet_ssl.weights import encoder_digest, save_weights_file
+from nnunet_ssl.weights.targets import build_weights_for_target, resolve_target
+
+pytestmark = pytest.mark.e2e
+
+SCRATCH = "SwinScratchTrainer_tiny_5epochs"
+SMIT = "SwinSMITTrainer_tiny_5epochs"
+BIN = Path(sys.executable).parent
+
+
+class NnUNet:
+    """Runs nnU-Net / nnunet-ssl commands with this test's nnU-Net folders."""
+
+    def __init__(self, root: Path, raw: Path) -> None:
+        self.root = root
+        self.env = {
+            **os.environ,
+            "nnUNet_raw": str(raw),
+            "nnUNet_preprocessed": str(root / "preprocessed"),
+            "nnUNet_results": str(root / "results"),
+            "nnUNet_extTrainer": str(ext_trainer_path()),
+            "nnUNet_def_n_proc": "1",
+            "nnUNet_n_proc_DA": "1",
+            "OMP_NUM_THREADS": "2",
+        }
+
+    def run(self, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+        command = [str(BIN / args[0]), *args[1:]]
+        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
+
+    def fold_dir(self, trainer: str, fold: int = 0) -> Path:
+        return self.root / "results" / "Dataset501_Phantom" / f"{trainer}__nnUNetPlans__3d_fullres" / f"fold_{fold}"
+
+    def training_log(self, trainer: str) -> str:
+        logs = sorted(self.fold_dir(trainer).glob("training_log_*.txt"))
+        return "\n".join(p.read_text() for p in logs)
+
+
+@pytest.fixture(scope="module")
+def nnunet(tmp_path_factory: pytest.TempPathFactory) -> NnUNet:
+    root = tmp_path_factory.mktemp("nnunet")
+    paths = write_phantom_datasets(root, PhantomConfig(num_train=5, num_test=2, num_unlabeled=1, shape=(40, 64, 64)))
+    runner = NnUNet(root, paths.raw_root)
+    runner.run("nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity")
+    return runner
+
+
+@pytest.fixture(scope="module")
+def trained_scratch(nnunet: NnUNet) -> Path:
+    nnunet.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", SCRATCH, "-device", "cpu")
+    return nnunet.fold_dir(SCRATCH)
+
+
+def test_train_writes_nnunet_outputs_with_fitted_patch(nnunet: NnUNet, trained_scratch: Path) -> None:
+    assert (trained_scratch / "checkpoint_final.pth").is_file()
+    summary = json.loads((trained_scratch / "validation" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2", "3", "4"}
+    log = nnunet.training_log(SCRATCH)
+    assert "training from scratch" in log
+    plans = json.loads((trained_scratch.parent / "plans.json").read_text())
+    patch = plans["configurations"]["3d_fullres"]["patch_size"]
+    assert all(n % 32 == 0 and n >= 64 for n in patch)
+    checkpoint = torch.load(trained_scratch / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == SCRATCH
+    assert checkpoint["current_epoch"] == 5
+    lrs = checkpoint["logging"]["lrs"]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < lrs[0]  # warm-up then cosine
+
+
+def test_val_only_revalidates(nnunet: NnUNet, trained_scratch: Path) -> None:
+    summary = trained_scratch / "validation" / "summary.json"
+    summary.unlink()
+    nnunet.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", SCRATCH, "-device", "cpu", "--val")
+    assert summary.is_file()
+
+
+def test_predict_uses_sliding_window_on_raw_images(nnunet: NnUNet, trained_scratch: Path) -> None:
+    images = Path(nnunet.env["nnUNet_raw"]) / "Dataset501_Phantom" / "imagesTs"
+    out = nnunet.root / "predictions"
+    nnunet.run(
+        "nnUNetv2_predict", "-i", str(images), "-o", str(out), "-d", "501", "-c", "3d_fullres",
+        "-tr", SCRATCH, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+    )
+    for image in sorted(images.glob("*_0000.nii.gz")):
+        prediction = out / image.name.replace("_0000.nii.gz", ".nii.gz")
+        assert prediction.is_file(), prediction
+        source, predicted = sitk.ReadImage(str(image)), sitk.ReadImage(str(prediction))
+        assert predicted.GetSize() == source.GetSize()
+        assert set(np.unique(sitk.GetArrayFromImage(predicted))) <= {0, 1, 2, 3, 4}
+
+
+@pytest.fixture(scope="module")
+def weights_file(nnunet: NnUNet, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    torch.manual_seed(2024)
+    encoder = SwinEncoder(PRESETS["tiny"], in_channels=1, use_mask_token=True)
+    target = resolve_target_in(nnunet, "501")
+    payload = build_weights_for_target(encoder.state_dict(), "tiny", target, method="smit", source="e2e-test")
+    path = save_weights_file(payload, tmp_path_factory.mktemp("weights") / "smit_tiny_501.pt")
+    return path, encoder_digest(encoder.state_dict())
+
+
+def resolve_target_in(nnunet: NnUNet, dataset: str):
+    previous = os.environ.get("nnUNet_preprocessed")
+    os.environ["nnUNet_preprocessed"] = nnunet.env["nnUNet_preprocessed"]
+    try:
+        return resolve_target(dataset)
+    finally:
+        if previous is None:
+            del os.environ["nnUNet_preprocessed"]
+        else:
+            os.environ["nnUNet_preprocessed"] = previous
+
+
+def test_pretrained_weights_are_loaded_and_logged(nnunet: NnUNet, weights_file: tuple[Path, str]) -> None:
+    path, digest = weights_file
+    nnunet.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", SMIT, "-device", "cpu", "-pretrained_weights", str(path))
+    log = nnunet.training_log(SMIT)
+    assert f"Pretrained weights loaded: method=smit preset=tiny digest={digest} (verified)" in log
+    # the starting encoder was the file's, not a fresh initialisation
+    torch.manual_seed(0)
+    fresh = SwinEncoder(PRESETS["tiny"], in_channels=1)
+    assert encoder_digest(fresh.state_dict()) != digest
+    # and the default z-scoring plans trigger the intensity warning
+    assert "do not map intensities with a fixed window" in log
+
+
+def test_inspect_weights_checks_against_trainer(nnunet: NnUNet, weights_file: tuple[Path, str]) -> None:
+    path, digest = weights_file
+    ok = nnunet.run("nnunet-ssl", "inspect-weights", str(path), "--trainer", SMIT, "-d", "501")
+    assert digest in ok.stdout and "OK: fits" in ok.stdout
+    bad = nnunet.run("nnunet-ssl", "inspect-weights", str(path), "--trainer", "SwinSMITTrainer", "-d", "501", check=False)
+    assert bad.returncode == 1
+    assert "preset 'tiny'" in bad.stderr and "encoder.patch_embed" in bad.stderr
+
+
+def test_mismatched_weights_fail_fast_with_a_clear_error(nnunet: NnUNet, weights_file: tuple[Path, str]) -> None:
+    path, _ = weights_file
+    result = nnunet.run(
+        "nnUNetv2_train", "501", "3d_fullres", "1", "-tr", "SwinSMITTrainer", "-device", "cpu",
+        "-pretrained_weights", str(path), check=False, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "does not fit SwinSMITTrainer" in result.stderr and "preset 'tiny'" in result.stderr
+    assert not (nnunet.fold_dir("SwinSMITTrainer", 1) / "checkpoint_final.pth").exists()
+
+
+def test_pretrained_trainer_without_weights_warns_loudly(nnunet: NnUNet) -> None:
+    from nnunet_ssl.trainers.named import TRAINERS
+
+    preprocessed = Path(nnunet.env["nnUNet_preprocessed"]) / "Dataset501_Phantom"
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    plans["continue_training"] = False
+    previous = {k: os.environ.get(k) for k in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw")}
+    os.environ.update({k: nnunet.env[k] for k in previous})
+    try:
+        trainer = TRAINERS[SMIT](plans, "3d_fullres", 2, dataset_json, torch.device("cpu"))
+        trainer.initialize()
+        trainer.log_weights_provenance()
+        log = Path(trainer.log_file).read_text()
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert "expects smit pretrained weights, but none were loaded" in log
+    shutil.rmtree(nnunet.fold_dir(SMIT, 2), ignore_errors=True)
