@@ -1,0 +1,133 @@
+"""Configuration of the pretraining data pipeline (scan, preprocess, cache, crops).
+
+Axis conventions used throughout ``nnunet_ssl.pretraining.data``:
+
+* spacings are ``(x, y, z)`` in millimetres, as SimpleITK reports them;
+* arrays, cached volumes, shapes and crops are ``(z, y, x)`` (``(D, H, W)``), as
+  ``SimpleITK.GetArrayFromImage`` returns them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+#: Modalities the pipeline knows how to normalise.
+MODALITIES = ("ct", "mr")
+
+#: Bumped whenever the preprocessing changes so that existing caches are rebuilt.
+PREPROCESSING_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the pretraining volumes come from and how they are preprocessed and cropped.
+
+    Attributes:
+        inputs: Paths to image files (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``,
+            ``.mhd``), folders of them (searched recursively, DICOM series included), nnU-Net raw
+            dataset folders (``dataset.json`` + ``imagesTr``/``imagesTs``; every channel file is
+            its own volume), or list files (``.txt``: one path per line; ``.json``: a list of
+            paths or of ``{"path": ..., "modality": ...}`` objects).
+        cache_dir: Folder holding the cached ``.b2nd`` volumes and ``manifest.json``.
+        modality: ``"ct"``, ``"mr"`` or ``None`` (auto: nnU-Net ``channel_names`` ("CT" -> ct,
+            anything else -> mr), the DICOM Modality tag, else ct).
+        spacing: Target spacing ``(x, y, z)`` in mm.
+        ct_window: CT window ``(low, high)`` in HU, mapped linearly to ``[0, 1]`` and clipped.
+        mr_percentiles: MR percentiles ``(low, high)`` mapped to ``[0, 1]`` and clipped.
+        crop_size: Edge of the cubic crops (views), in voxels.
+        region_size: Edge of the cubic region the views of one volume are drawn from when more
+            than one view is requested (views then overlap by ``2 * crop_size - region_size``
+            voxels or more per axis).
+        num_workers: Background processes for preprocessing and for the crop loader (0: in the
+            calling process).
+        ct_body_hu: CT body mask threshold in HU (before windowing).
+        mr_body_threshold: MR body mask threshold on the ``[0, 1]`` scaled image.
+        body_margin: Voxels kept around the body bounding box.
+        min_size: Volumes whose body crop is smaller than this along any axis (in voxels at the
+            target spacing) are skipped as "too small"; larger ones that are still smaller than
+            a crop are zero-padded when sampled.
+        max_spacing: Spacings above this (mm) are rejected as absurd.
+    """
+
+    inputs: tuple[str, ...]
+    cache_dir: str
+    modality: str | None = None
+    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
+    ct_window: tuple[float, float] = (-500.0, 500.0)
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    crop_size: int = 96
+    region_size: int = 128
+    num_workers: int = 2
+    ct_body_hu: float = -500.0
+    mr_body_threshold: float = 0.1
+    body_margin: int = 4
+    min_size: int = 16
+    max_spacing: float = 20.0
+
+    def __post_init__(self) -> None:
+        inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(str(p) for p in self.inputs)
+        if not inputs:
+            raise ValueError("inputs must name at least one file, folder or list")
+        object.__setattr__(self, "inputs", inputs)
+        if not str(self.cache_dir):
+            raise ValueError("cache_dir must be a folder path")
+        object.__setattr__(self, "cache_dir", str(self.cache_dir))
+        if self.modality is not None:
+            modality = str(self.modality).lower()
+            if modality not in MODALITIES:
+                raise ValueError(f"modality must be one of {MODALITIES} or None, got {self.modality!r}")
+            object.__setattr__(self, "modality", modality)
+        spacing = tuple(float(s) for s in self.spacing)
+        if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise ValueError(f"spacing must be three positive finite mm values (x, y, z), got {self.spacing!r}")
+        object.__setattr__(self, "spacing", spacing)
+        window = tuple(float(v) for v in self.ct_window)
+        if len(window) != 2 or not all(math.isfinite(v) for v in window) or window[0] >= window[1]:
+            raise ValueError(f"ct_window must be (low, high) with low < high, got {self.ct_window!r}")
+        object.__setattr__(self, "ct_window", window)
+        pct = tuple(float(v) for v in self.mr_percentiles)
+        if len(pct) != 2 or not 0.0 <= pct[0] < pct[1] <= 100.0:
+            raise ValueError(f"mr_percentiles must be (low, high) with 0 <= low < high <= 100, got {self.mr_percentiles!r}")
+        object.__setattr__(self, "mr_percentiles", pct)
+        if int(self.crop_size) != self.crop_size or self.crop_size < 1:
+            raise ValueError(f"crop_size must be a positive integer, got {self.crop_size!r}")
+        if int(self.region_size) != self.region_size or self.region_size < self.crop_size:
+            raise ValueError(f"region_size must be an integer >= crop_size ({self.crop_size}), got {self.region_size!r}")
+        if int(self.num_workers) != self.num_workers or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if not math.isfinite(self.ct_body_hu) or not math.isfinite(self.mr_body_threshold):
+            raise ValueError("ct_body_hu and mr_body_threshold must be finite")
+        if not 0.0 <= self.mr_body_threshold < 1.0:
+            raise ValueError(f"mr_body_threshold must be in [0, 1), got {self.mr_body_threshold!r}")
+        if int(self.body_margin) != self.body_margin or self.body_margin < 0:
+            raise ValueError(f"body_margin must be an integer >= 0, got {self.body_margin!r}")
+        if int(self.min_size) != self.min_size or self.min_size < 1:
+            raise ValueError(f"min_size must be a positive integer, got {self.min_size!r}")
+        if not math.isfinite(self.max_spacing) or self.max_spacing <= 0:
+            raise ValueError(f"max_spacing must be a positive finite mm value, got {self.max_spacing!r}")
+        for name in ("crop_size", "region_size", "num_workers", "body_margin", "min_size"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+
+    def preprocessing_params(self, modality: str) -> dict[str, Any]:
+        """Everything that changes the cached array of a volume of ``modality`` (not the crops)."""
+        params: dict[str, Any] = {
+            "version": PREPROCESSING_VERSION,
+            "modality": modality,
+            "spacing": list(self.spacing),
+            "body_margin": self.body_margin,
+            "min_size": self.min_size,
+            "max_spacing": self.max_spacing,
+        }
+        if modality == "ct":
+            params.update(ct_window=list(self.ct_window), ct_body_hu=self.ct_body_hu)
+        else:
+            params.update(mr_percentiles=list(self.mr_percentiles), mr_body_threshold=self.mr_body_threshold)
+        return params
+
+    def params_key(self, modality: str) -> str:
+        """Short digest of :meth:`preprocessing_params`; a cached entry is reused only if it matches."""
+        text = json.dumps(self.preprocessing_params(modality), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,457 @@
+"""Read, validate, resample, window and body-crop one volume.
+
+The steps, in order (:func:`preprocess_source`):
+
+1. read the file or DICOM series with SimpleITK (:func:`read_source`);
+2. validate it (:func:`validate_image`): scalar, 3-D without singleton axes, spacings in
+   ``(0, max_spacing]``, finite voxels, not constant;
+3. reorient to LPS (array axes ``(z, y, x)`` = inferior->superior, anterior->posterior,
+   right->left) and resample with linear interpolation to the target spacing, keeping the centre of
+   the field of view (:func:`resample_to_spacing`);
+4. map intensities to ``[0, 1]``: CT window (:func:`window_ct`), MR percentiles
+   (:func:`mr_intensity_range`, :func:`scale_intensities`);
+5. crop to the bounding box of the body mask (CT: HU above ``ct_body_hu``; MR: scaled intensity
+   above ``mr_body_threshold``), keeping the largest connected component and every component at
+   least a quarter of its size (both legs, not the table), plus ``body_margin`` voxels
+   (:func:`body_bbox`).
+
+Volumes that fail a step raise :class:`SkipVolume` with a short reason (the manifest category)
+and a detail. Volumes smaller than a crop are not padded here: the crop sampler pads with 0.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .config import DataConfig
+from .sources import Source
+
+#: Components of the body mask at least this fraction of the largest one are kept.
+BODY_COMPONENT_FRACTION = 0.25
+
+#: MR percentiles are estimated on at most this many (evenly strided) voxels.
+PERCENTILE_SAMPLES = 4_000_000
+
+# Reasons (manifest categories) for skipped volumes.
+UNREADABLE = "unreadable"
+NOT_3D = "not 3-D"
+NOT_SCALAR = "not a scalar image"
+ABSURD_SPACING = "absurd spacing"
+NON_FINITE = "non-finite voxels"
+CONSTANT = "constant image"
+NO_BODY = "no body found"
+TOO_SMALL = "too small"
+
+
+class SkipVolume(Exception):
+    """A volume that cannot be used; ``reason`` is the manifest category, ``detail`` the specifics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Preprocessed:
+    """A preprocessed volume and what the manifest records about it.
+
+    Attributes:
+        array: ``(D, H, W)`` = ``(z, y, x)`` float16 intensities in ``[0, 1]``, body-cropped.
+        spacing: ``(x, y, z)`` mm of ``array``.
+        source_shape: ``(z, y, x)`` voxels of the source.
+        source_spacing: ``(x, y, z)`` mm of the source.
+        resampled_shape: ``(z, y, x)`` voxels after resampling, before the body crop.
+        bbox: ``((z0, z1), (y0, y1), (x0, x1))`` of the body crop in the resampled grid.
+        stats: Intensity statistics (source range and mean, the values mapped to 0 and 1, mean
+            and standard deviation of the cached ``[0, 1]`` values).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    source_shape: tuple[int, int, int]
+    source_spacing: tuple[float, float, float]
+    resampled_shape: tuple[int, int, int]
+    bbox: tuple[tuple[int, int], ...]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+_ITK_PREFIX = re.compile(r"^(?:ITK |itk::|sitk::)ERROR:\s*(?:\w+\(0x[0-9a-fA-F]+\):\s*)?")
+
+
+def _reader_message(exc: BaseException) -> str:
+    """The informative part of a SimpleITK/ITK exception text (no source-file locations)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Exception thrown in SimpleITK"):
+        lines = lines[1:]
+    lines = [_ITK_PREFIX.sub("", ln) for ln in lines]
+    return (" ".join(ln for ln in lines if ln) or type(exc).__name__)[:300]
+
+
+@dataclass(frozen=True)
+class _NiftiHeader:
+    dim: tuple[int, ...]
+    datatype: int
+    bitpix: int
+    pixdim: tuple[float, ...]
+    vox_offset: int
+    endian: str
+
+
+#: NIfTI datatype codes of real floating-point voxels, and their numpy types.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_header(path: str) -> _NiftiHeader | None:
+    """The fields of a NIfTI-1/2 header needed for checks, or ``None`` if there is no such header."""
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for e in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(e + "i", head[:4])[0] == 348:
+            return _NiftiHeader(
+                dim=struct.unpack(e + "8h", head[40:56]),
+                datatype=struct.unpack(e + "h", head[70:72])[0],
+                bitpix=struct.unpack(e + "h", head[72:74])[0],
+                pixdim=struct.unpack(e + "8f", head[76:108]),
+                vox_offset=int(struct.unpack(e + "f", head[108:112])[0]),
+                endian=e,
+            )
+        if len(head) >= 540 and struct.unpack(e + "i", head[:4])[0] == 540:
+            return _NiftiHeader(
+                dim=struct.unpack(e + "8q", head[16:80]),
+                datatype=struct.unpack(e + "h", head[12:14])[0],
+                bitpix=struct.unpack(e + "h", head[14:16])[0],
+                pixdim=struct.unpack(e + "8d", head[104:168]),
+                vox_offset=int(struct.unpack(e + "q", head[168:176])[0]),
+                endian=e,
+            )
+    return None
+
+
+def _gzip_length(path: str) -> tuple[int, bool]:
+    """Decompressed length of a (multi-member) gzip file and whether its last stream ended properly."""
+    total, complete = 0, True
+    decomp = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            while chunk:
+                try:
+                    total += len(decomp.decompress(chunk))
+                except zlib.error:
+                    return total, complete
+                if decomp.eof:
+                    chunk = decomp.unused_data
+                    decomp = zlib.decompressobj(wbits=31)
+                    complete = True
+                else:
+                    chunk = b""
+                    complete = False
+    return total, complete
+
+
+def _scan_nifti_floats(path: str, header: _NiftiHeader, count: int) -> tuple[int, int]:
+    """``(voxels present, NaN voxels)`` in the float data of a NIfTI file (stops at ``count`` voxels)."""
+    dtype = np.dtype(header.endian + _NIFTI_FLOATS[header.datatype])
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    present = nans = 0
+    step = (1 << 22) * dtype.itemsize
+    try:
+        with opener(path, "rb") as fh:
+            fh.seek(max(header.vox_offset, 348))
+            tail = b""
+            while present < count:
+                chunk = tail + fh.read(step)
+                usable = len(chunk) - len(chunk) % dtype.itemsize
+                if usable == 0:
+                    break
+                values = np.frombuffer(chunk[:usable], dtype=dtype)[: count - present]
+                nans += int(np.count_nonzero(np.isnan(values)))
+                present += values.size
+                tail = chunk[usable:]
+    except (EOFError, zlib.error, OSError):
+        pass  # Truncated stream: ``present`` says how far it got.
+    return present, nans
+
+
+def check_nifti(path: str) -> None:
+    """Catch what ITK's NIfTI reader lets through silently: truncated data (read as zeros), NaN
+    voxels (read as zeros) and zero/NaN ``pixdim`` (read as 1 mm).
+
+    Integer data costs one header read and a look at the gzip trailer; float data is scanned once.
+
+    Raises:
+        SkipVolume: ``"unreadable"`` (truncated), ``"non-finite voxels"`` or ``"absurd spacing"``.
+    """
+    header = _nifti_header(path)
+    if header is None:
+        return  # Not NIfTI after all: let the reader decide.
+    ndim = header.dim[0]
+    if not 1 <= ndim <= 7 or header.bitpix <= 0:
+        return
+    spatial = header.pixdim[1 : min(ndim, 3) + 1]
+    if any(not math.isfinite(p) or p == 0.0 for p in spatial):
+        raise SkipVolume(ABSURD_SPACING, f"NIfTI pixdim {tuple(spatial)} (a reader would silently use 1 mm)")
+    count = math.prod(max(d, 1) for d in header.dim[1 : ndim + 1])
+    expected = max(header.vox_offset, 348) + count * header.bitpix // 8
+    if header.datatype in _NIFTI_FLOATS:
+        present, nans = _scan_nifti_floats(path, header, count)
+        if present < count:
+            raise SkipVolume(UNREADABLE, f"truncated NIfTI: {present} of {count} voxels present")
+        if nans:
+            raise SkipVolume(NON_FINITE, f"{nans} NaN voxel(s) (a reader would silently make them 0)")
+        return
+    if path.lower().endswith(".gz"):
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", fh.read(4))[0]
+        if isize == expected % (1 << 32):
+            return
+        actual, complete = _gzip_length(path)
+        if actual < expected or not complete:
+            raise SkipVolume(UNREADABLE, f"truncated NIfTI: {actual} of {expected} bytes after decompression")
+    else:
+        actual = os.path.getsize(path)
+        if actual < expected:
+            raise SkipVolume(UNREADABLE, f"truncated NIfTI: {actual} of {expected} bytes")
+
+
+def read_source(source: Source) -> sitk.Image:
+    """Read a source with SimpleITK (DICOM series through ``ImageSeriesReader``).
+
+    NIfTI files are checked first (:func:`check_nifti`).
+
+    Raises:
+        SkipVolume: ``"unreadable"`` if the file(s) cannot be read, ``"absurd spacing"`` if the
+            reader refuses the spacing (zero) or NIfTI ``pixdim`` is zero or NaN.
+    """
+    try:
+        if source.files:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(list(source.files))
+            return reader.Execute()
+        if source.path.lower().endswith((".nii", ".nii.gz")):
+            check_nifti(source.path)
+        return sitk.ReadImage(source.path)
+    except (RuntimeError, OSError) as exc:
+        message = _reader_message(exc)
+        if "Reason: No such file or directory" in message and all(map(os.path.isfile, source.files or [source.path])):
+            # MetaIO reports short reads with a stale errno: the file is there but truncated or corrupt.
+            message = message.replace("Reason: No such file or directory", "(truncated or corrupt data)")
+        reason = ABSURD_SPACING if "spacing" in message.lower() else UNREADABLE
+        raise SkipVolume(reason, message) from exc
+
+
+def validate_image(image: sitk.Image, max_spacing: float = 20.0) -> np.ndarray:
+    """Check that ``image`` is a usable 3-D scalar volume.
+
+    Args:
+        image: The image as read.
+        max_spacing: Largest acceptable spacing in mm.
+
+    Returns:
+        A ``(z, y, x)`` view of the voxels (no copy).
+
+    Raises:
+        SkipVolume: with reason ``"not a scalar image"``, ``"not 3-D"``, ``"absurd spacing"``,
+            ``"non-finite voxels"`` or ``"constant image"``.
+    """
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise SkipVolume(NOT_SCALAR, f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
+    size = image.GetSize()
+    if image.GetDimension() != 3:
+        raise SkipVolume(NOT_3D, f"{image.GetDimension()}-D image of size {size}")
+    if min(size) < 2:
+        raise SkipVolume(NOT_3D, f"2-D image stored as 3-D (size {size})")
+    spacing = image.GetSpacing()
+    if not all(math.isfinite(s) and 0.0 < s <= max_spacing for s in spacing):
+        raise SkipVolume(ABSURD_SPACING, f"spacing {tuple(round(s, 4) for s in spacing)} mm is not in (0, {max_spacing}]")
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise SkipVolume(NON_FINITE, f"{int(finite.size - np.count_nonzero(finite))} NaN/Inf voxel(s)")
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise SkipVolume(CONSTANT, f"every voxel is {float(lo):g}")
+    return array
+
+
+def resample_to_spacing(image: sitk.Image, spacing: tuple[float, float, float]) -> sitk.Image:
+    """Reorient to LPS and resample to ``spacing`` (linear, float32), keeping the field of view's centre.
+
+    The new size per axis is ``max(1, round(size * old_spacing / spacing))``; voxels beyond the
+    source's last voxel centre take the nearest source value.
+
+    Args:
+        image: 3-D scalar image.
+        spacing: ``(x, y, z)`` mm.
+
+    Returns:
+        The resampled float32 image.
+    """
+    try:
+        image = sitk.DICOMOrient(image, "LPS")
+    except RuntimeError:
+        pass  # Degenerate direction: keep the grid as it is.
+    old_spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    old_size = np.asarray(image.GetSize(), dtype=np.float64)
+    new_spacing = np.asarray(spacing, dtype=np.float64)
+    new_size = np.maximum(1, np.round(old_size * old_spacing / new_spacing)).astype(np.int64)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint(((old_size - 1) / 2).tolist()))
+    new_origin = centre - direction @ ((new_size - 1) / 2 * new_spacing)
+    return sitk.Resample(
+        image,
+        [int(s) for s in new_size],
+        sitk.Transform(),
+        sitk.sitkLinear,
+        new_origin.tolist(),
+        new_spacing.tolist(),
+        direction.flatten().tolist(),
+        0.0,
+        sitk.sitkFloat32,
+        True,
+    )
+
+
+def window_ct(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Map HU linearly so that ``window[0] -> 0`` and ``window[1] -> 1``, clipped to ``[0, 1]``.
+
+    Args:
+        hu: Any shape, Hounsfield units.
+        window: ``(low, high)`` HU.
+
+    Returns:
+        float32 array of the same shape.
+    """
+    low, high = float(window[0]), float(window[1])
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(low)) * np.float32(1.0 / (high - low))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def mr_intensity_range(array: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The intensities at ``percentiles`` of ``array`` (on an even subsample of large volumes).
+
+    Falls back to ``(min, max)`` when both percentiles coincide (mostly-empty images).
+
+    Raises:
+        SkipVolume: ``"constant image"`` if ``min == max``.
+    """
+    flat = array.reshape(-1)
+    if flat.size > PERCENTILE_SAMPLES:
+        flat = flat[:: math.ceil(flat.size / PERCENTILE_SAMPLES)]
+    low, high = (float(v) for v in np.percentile(flat, percentiles))
+    if high <= low:
+        low, high = float(array.min()), float(array.max())
+    if high <= low:
+        raise SkipVolume(CONSTANT, f"every voxel is {low:g} after resampling")
+    return low, high
+
+
+def scale_intensities(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map ``low -> 0`` and ``high -> 1`` linearly, clipped to ``[0, 1]`` (float32, same shape)."""
+    return window_ct(array, (low, high))
+
+
+def body_bbox(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice] | None:
+    """Bounding box of the body in a foreground mask, grown by ``margin`` voxels.
+
+    The largest 6-connected component is kept, with every component at least
+    :data:`BODY_COMPONENT_FRACTION` of its size; smaller ones (table, noise) are dropped.
+
+    Args:
+        mask: ``(D, H, W)`` boolean foreground.
+        margin: Voxels added on every side (clipped to the volume).
+
+    Returns:
+        Three slices ``(z, y, x)``, or ``None`` if the mask is empty.
+    """
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    sizes = np.bincount(labels.reshape(-1), minlength=count + 1)[1:]
+    keep = np.flatnonzero(sizes >= BODY_COMPONENT_FRACTION * sizes.max()) + 1
+    boxes = ndimage.find_objects(labels)
+    lo = np.min([[s.start for s in boxes[k - 1]] for k in keep], axis=0)
+    hi = np.max([[s.stop for s in boxes[k - 1]] for k in keep], axis=0)
+    lo = np.maximum(lo - margin, 0)
+    hi = np.minimum(hi + margin, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))  # type: ignore[return-value]
+
+
+def preprocess_image(image: sitk.Image, modality: str, config: DataConfig) -> Preprocessed:
+    """Validate, resample, normalise and body-crop one image (see the module docstring).
+
+    Args:
+        image: As read from disk.
+        modality: ``"ct"`` or ``"mr"``.
+        config: Target spacing, window/percentiles, body thresholds and margin, minimum size.
+
+    Raises:
+        SkipVolume: if the volume cannot be used.
+    """
+    source_array = validate_image(image, config.max_spacing)
+    stats: dict[str, float] = {
+        "source_min": float(source_array.min()),
+        "source_max": float(source_array.max()),
+        "source_mean": float(source_array.mean(dtype=np.float64)),
+    }
+    source_shape = tuple(int(s) for s in source_array.shape)
+    source_spacing = tuple(float(s) for s in image.GetSpacing())
+    del source_array
+    resampled = sitk.GetArrayFromImage(resample_to_spacing(image, config.spacing))
+    if modality == "ct":
+        low, high = config.ct_window
+        mask = resampled > config.ct_body_hu
+    else:
+        low, high = mr_intensity_range(resampled, config.mr_percentiles)
+        mask = resampled > low + config.mr_body_threshold * (high - low)
+    box = body_bbox(mask, config.body_margin)
+    del mask
+    if box is None:
+        threshold = f"{config.ct_body_hu:g} HU" if modality == "ct" else f"{config.mr_body_threshold:g} (scaled)"
+        raise SkipVolume(NO_BODY, f"no voxel above the body threshold {threshold}")
+    cropped = window_ct(resampled[box], (low, high))
+    crop_shape = cropped.shape
+    if min(crop_shape) < config.min_size:
+        raise SkipVolume(TOO_SMALL, f"body crop {crop_shape} voxels is below min_size {config.min_size} on some axis")
+    cmin, cmax = float(cropped.min()), float(cropped.max())
+    if cmax - cmin < 1e-6:
+        raise SkipVolume(CONSTANT, f"every voxel is {cmin:g} after windowing to [{low:g}, {high:g}]")
+    stats.update(
+        low=float(low),
+        high=float(high),
+        mean=float(cropped.mean(dtype=np.float64)),
+        std=float(cropped.std(dtype=np.float64)),
+    )
+    return Preprocessed(
+        array=cropped.astype(np.float16),
+        spacing=tuple(config.spacing),  # type: ignore[arg-type]
+        source_shape=source_shape,  # type: ignore[arg-type]
+        source_spacing=source_spacing,  # type: ignore[arg-type]
+        resampled_shape=tuple(int(s) for s in resampled.shape),  # type: ignore[arg-type]
+        bbox=tuple((int(s.start), int(s.stop)) for s in box),
+        stats=stats,
+    )
+
+
+def preprocess_source(source: Source, config: DataConfig) -> Preprocessed:
+    """Read ``source`` and preprocess it (:func:`read_source` then :func:`preprocess_image`).
+
+    Raises:
+        SkipVolume: if the volume cannot be read or used.
+    """
+    return preprocess_image(read_source(source), source.modality, config)
