@@ -87,6 +87,99 @@ def cmd_inspect_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nnunet_ssl.demo import Demo, DemoConfig, DemoError
+
+    try:
+        results = Demo(DemoConfig(work_dir=Path(args.out))).run()
+    except DemoError as error:
+        logger.error("%s", error)
+        return 1
+    logger.info("demo finished: %s", results)
+    return 0
+
+
+def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
+    """``key=value`` pairs; values are parsed as JSON when possible (numbers, booleans, lists)."""
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def run_config_from_args(args: argparse.Namespace):
+    """Paper defaults, then the --config file, then explicit flags."""
+    from dataclasses import replace
+
+    from nnunet_ssl.pretraining.config import EngineConfig, RunConfig, load_config_file
+    from nnunet_ssl.pretraining.data import DataConfig
+
+    file_values = load_config_file(args.config) if args.config else {}
+    data_values = dict(file_values.get("data", {}))
+    if args.data:
+        data_values["inputs"] = args.data
+    if "inputs" not in data_values:
+        raise ValueError("no pretraining data: pass --data PATH... (or data.inputs in --config)")
+    data_values.setdefault("cache_dir", str(Path(args.out) / "cache"))
+    for flag, key in (("cache_dir", "cache_dir"), ("modality", "modality"), ("crop_size", "crop_size"),
+                      ("workers", "num_workers"), ("spacing", "spacing")):
+        if getattr(args, flag) is not None:
+            data_values[key] = getattr(args, flag)
+    data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data_values.items()})
+    engine = EngineConfig(**file_values.get("engine", {}))
+    engine_flags = {"epochs": args.epochs, "batch_size": args.batch_size, "max_steps": args.max_steps,
+                    "base_lr": args.lr, "warmup_epochs": args.warmup_epochs, "seed": args.seed, "amp": args.amp,
+                    "checkpoint_every": args.checkpoint_every}
+    engine = replace(engine, **{k: v for k, v in engine_flags.items() if v is not None})
+    overrides = {**file_values.get("method_overrides", {}), **_parse_overrides(args.set)}
+    return RunConfig(
+        method=args.method or file_values.get("method"),
+        data=data,
+        preset=args.preset or file_values.get("preset", "smit"),
+        in_channels=file_values.get("in_channels", 1),
+        method_overrides=overrides,
+        engine=engine,
+    )
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from nnunet_ssl.pretraining.engine import Engine
+
+    config = run_config_from_args(args)
+    if not config.method:
+        raise ValueError("choose a method with --method")
+    Engine(config, Path(args.out), resume=args.resume, progress=not args.no_progress).run()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from nnunet_ssl.weights.export import export_run
+    from nnunet_ssl.weights.format import save_weights_file
+    from nnunet_ssl.weights.targets import resolve_target, target_from_plans_file
+
+    if args.plans.endswith(".json"):
+        target = target_from_plans_file(Path(args.plans), args.configuration)
+    elif args.dataset is not None:
+        target = resolve_target(args.dataset, args.configuration, args.plans)
+    else:
+        raise ValueError("say which dataset the weights are for: --dataset ID, or --plans PLANS.json")
+    payload = export_run(Path(args.run_dir), target, source=getattr(args, "from"), decoder_seed=args.decoder_seed)
+    path = save_weights_file(payload, args.out)
+    meta = payload["metadata"]
+    logger.info(
+        "wrote %s: %s encoder (%s, digest %s) for %s %s, %d channel(s), %d outputs",
+        path, meta["method"], meta["preset"], meta["encoder_digest"], target.dataset_name, target.configuration,
+        target.in_channels, target.num_classes,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ssl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -107,6 +200,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-unlabeled", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dataset-id", type=int, default=501)
+
+    p = add("pretrain", cmd_pretrain, "pretrain the Swin encoder on unlabeled volumes")
+    p.add_argument("--method", help="smit, simmim, ...")
+    p.add_argument("--data", nargs="+", help="folders, files, nnU-Net raw datasets or path lists")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, loss_curves.png)")
+    p.add_argument("--preset", help="architecture preset (default smit)")
+    p.add_argument("--config", help="JSON/YAML with data/engine/method_overrides sections")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (for quick runs)")
+    p.add_argument("--batch-size", type=int, help="volumes per process and step")
+    p.add_argument("--lr", type=float, help="peak lr at the reference batch of 2 (scaled with the global batch)")
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"])
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--modality", choices=["ct", "mr"])
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"))
+    p.add_argument("--crop-size", type=int)
+    p.add_argument("--workers", type=int, help="background loader processes")
+    p.add_argument("--cache-dir", help="preprocessed volume cache (default RUN_DIR/cache)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method settings, e.g. mask_ratio=0.6")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = add("export", cmd_export, "write a -pretrained_weights file for a dataset's plans from a pretraining run")
+    p.add_argument("run_dir")
+    p.add_argument("-d", "--dataset", help="dataset name or id (reads nnUNet_preprocessed)")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier, or a path to a plans .json")
+    p.add_argument("--out", required=True, help="weights file to write")
+    p.add_argument("--from", choices=["default", "teacher", "student"], default="default",
+                   help="which encoder: default = teacher for distillation methods, else the student")
+    p.add_argument("--decoder-seed", type=int, default=0)
+
+    p = add("demo", cmd_demo, "run the whole story on generated phantoms (resumes when re-run)")
+    p.add_argument("--out", default="demo_work", help="work folder (default: demo_work)")
 
     p = add("inspect-weights", cmd_inspect_weights, "print a weights file's metadata and check it against a trainer")
     p.add_argument("file")

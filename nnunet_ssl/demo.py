@@ -34,7 +34,7 @@ class DemoConfig:
     """What the demo runs. The defaults fit about 15 minutes on 2 CPU cores."""
 
     work_dir: Path
-    trainer: str = "SwinScratchTrainer_tiny_5epochs"
+    trainer: str = "SwinScratchTrainer_tiny_2epochs"
     dataset_id: int = 501
     configuration: str = "3d_fullres"
     fold: int = 0

@@ -25,8 +25,8 @@ from nnunet_ssl.weights.targets import build_weights_for_target, resolve_target
 
 pytestmark = pytest.mark.e2e
 
-SCRATCH = "SwinScratchTrainer_tiny_5epochs"
-SMIT = "SwinSMITTrainer_tiny_5epochs"
+SCRATCH = "SwinScratchTrainer_tiny_2epochs"
+SMIT = "SwinSMITTrainer_tiny_2epochs"
 BIN = Path(sys.executable).parent
 
 
@@ -87,7 +87,7 @@ def test_train_writes_nnunet_outputs_with_fitted_patch(nnunet: NnUNet, trained_s
     assert all(n % 32 == 0 and n >= 64 for n in patch)
     checkpoint = torch.load(trained_scratch / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == SCRATCH
-    assert checkpoint["current_epoch"] == 5
+    assert checkpoint["current_epoch"] == 2
     lrs = checkpoint["logging"]["lrs"]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < lrs[0]  # warm-up then cosine
 

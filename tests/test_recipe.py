@@ -80,7 +80,7 @@ def test_every_design_trainer_exists_with_its_preset() -> None:
     }
     for name, preset in expected.items():
         assert TRAINERS[name].preset_name == preset
-        assert TRAINERS[f"{name}_tiny_5epochs"].preset_name == "tiny" if f"{name}_tiny_5epochs" in TRAINERS else True
+        assert TRAINERS[f"{name}_tiny_2epochs"].preset_name == "tiny" if f"{name}_tiny_2epochs" in TRAINERS else True
     assert TRAINERS["SwinScratchTrainer"].method is None
     assert TRAINERS["SwinSMITTrainer"].method == "smit"
 
@@ -92,5 +92,5 @@ def test_trainers_are_found_by_nnunet_through_the_shim(monkeypatch) -> None:
 
     monkeypatch.setattr(find_objects.nnUNet_extTrainer, "get", lambda: str(ext_trainer_path()))
     monkeypatch.setattr(find_objects.nnUNet_extTrainer, "is_set", lambda: True)
-    found = find_objects.recursive_find_trainer_class_by_name("SwinSMITTrainer_tiny_5epochs")
-    assert found is TRAINERS["SwinSMITTrainer_tiny_5epochs"]
+    found = find_objects.recursive_find_trainer_class_by_name("SwinSMITTrainer_tiny_2epochs")
+    assert found is TRAINERS["SwinSMITTrainer_tiny_2epochs"]

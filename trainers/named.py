@@ -1,7 +1,7 @@
 """Named trainers: one per pretraining method and preset. Each only sets data on SwinTrainerBase.
 
 The name fixes the preset and the results folder, so studies of different methods stay apart.
-``*_tiny_5epochs`` variants (tiny preset, 5 epochs of 10 iterations) are for tests and demos.
+``*_tiny_2epochs`` variants (tiny preset, 2 epochs of 4 iterations) exercise every nnU-Net stage in tests.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from nnunet_ssl.trainers.recipe import FineTuneRecipe
 
 #: Recipe of the short variants: a few iterations, enough to exercise every nnU-Net stage on CPU.
 SHORT_RECIPE = FineTuneRecipe(
-    initial_lr=1e-3, warmup_epochs=1, num_epochs=5, iterations_per_epoch=10, val_iterations_per_epoch=3
+    initial_lr=1e-3, warmup_epochs=0, num_epochs=2, iterations_per_epoch=4, val_iterations_per_epoch=2
 )
 
 
@@ -71,43 +71,43 @@ class SwinSMITpTrainer(SwinTrainerBase):
     method = "smit"
 
 
-class SwinScratchTrainer_tiny_5epochs(SwinScratchTrainer):
+class SwinScratchTrainer_tiny_2epochs(SwinScratchTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
-class SwinSMITTrainer_tiny_5epochs(SwinSMITTrainer):
+class SwinSMITTrainer_tiny_2epochs(SwinSMITTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
-class SwinSimMIMTrainer_tiny_5epochs(SwinSimMIMTrainer):
+class SwinSimMIMTrainer_tiny_2epochs(SwinSimMIMTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
-class SwinInpaintingTrainer_tiny_5epochs(SwinInpaintingTrainer):
+class SwinInpaintingTrainer_tiny_2epochs(SwinInpaintingTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
-class SwinReconstructionTrainer_tiny_5epochs(SwinReconstructionTrainer):
+class SwinReconstructionTrainer_tiny_2epochs(SwinReconstructionTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
-class SwinContrastiveTrainer_tiny_5epochs(SwinContrastiveTrainer):
+class SwinContrastiveTrainer_tiny_2epochs(SwinContrastiveTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
-class SwinRotationTrainer_tiny_5epochs(SwinRotationTrainer):
+class SwinRotationTrainer_tiny_2epochs(SwinRotationTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
-class SwinDINOTrainer_tiny_5epochs(SwinDINOTrainer):
+class SwinDINOTrainer_tiny_2epochs(SwinDINOTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
-class SwiniBOTTrainer_tiny_5epochs(SwiniBOTTrainer):
+class SwiniBOTTrainer_tiny_2epochs(SwiniBOTTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
-class SwinUNETRTrainer_tiny_5epochs(SwinUNETRTrainer):
+class SwinUNETRTrainer_tiny_2epochs(SwinUNETRTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
@@ -118,10 +118,10 @@ TRAINERS: dict[str, type[SwinTrainerBase]] = {
         SwinScratchTrainer, SwinSMITTrainer, SwinSimMIMTrainer, SwinInpaintingTrainer, SwinReconstructionTrainer,
         SwinContrastiveTrainer, SwinRotationTrainer, SwinDINOTrainer, SwiniBOTTrainer, SwinUNETRTrainer,
         SwinSMIT128Trainer, SwinSMITsTrainer, SwinSMITpTrainer,
-        SwinScratchTrainer_tiny_5epochs, SwinSMITTrainer_tiny_5epochs, SwinSimMIMTrainer_tiny_5epochs,
-        SwinInpaintingTrainer_tiny_5epochs, SwinReconstructionTrainer_tiny_5epochs,
-        SwinContrastiveTrainer_tiny_5epochs, SwinRotationTrainer_tiny_5epochs, SwinDINOTrainer_tiny_5epochs,
-        SwiniBOTTrainer_tiny_5epochs, SwinUNETRTrainer_tiny_5epochs,
+        SwinScratchTrainer_tiny_2epochs, SwinSMITTrainer_tiny_2epochs, SwinSimMIMTrainer_tiny_2epochs,
+        SwinInpaintingTrainer_tiny_2epochs, SwinReconstructionTrainer_tiny_2epochs,
+        SwinContrastiveTrainer_tiny_2epochs, SwinRotationTrainer_tiny_2epochs, SwinDINOTrainer_tiny_2epochs,
+        SwiniBOTTrainer_tiny_2epochs, SwinUNETRTrainer_tiny_2epochs,
     )
 }
 

@@ -1,0 +1,59 @@
+"""Turn a pretraining run into an nnU-Net ``-pretrained_weights`` file."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from nnunet_ssl.weights.targets import DatasetTarget, build_weights_for_target
+
+logger = logging.getLogger(__name__)
+
+
+def load_run_encoder(run_dir: Path, source: str = "default") -> tuple[dict[str, Any], Any, str]:
+    """Encoder weights of a run's final (else latest) checkpoint.
+
+    Args:
+        run_dir: A ``nnunet-ssl pretrain`` output folder.
+        source: ``"default"`` (the teacher for methods that have one, else the student),
+            ``"teacher"`` or ``"student"``.
+
+    Returns:
+        ``(encoder_state, run_config, checkpoint_path)``.
+    """
+    from nnunet_ssl.pretraining.config import RunConfig
+    from nnunet_ssl.pretraining.engine import build_run_method, find_checkpoint, load_checkpoint
+
+    checkpoint_path = find_checkpoint(Path(run_dir))
+    if checkpoint_path is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint_final.pt or checkpoint_latest.pt; is this a pretraining run?")
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = RunConfig.from_dict(checkpoint["config"])
+    method = build_run_method(config)
+    method.load_state_dict(checkpoint["method"])
+    if checkpoint_path.name != "checkpoint_final.pt":
+        logger.warning("%s: the run has not finished; exporting its latest checkpoint (step %d)", run_dir, checkpoint["step"])
+    return method.encoder_state(source), config, str(checkpoint_path)
+
+
+def intensity_of(config: Any) -> dict[str, Any]:
+    """The intensity mapping pretraining used, recorded in the export's metadata."""
+    data = config.data
+    modality = data.modality or "ct"
+    if modality == "ct":
+        return {"modality": "CT", "window": list(data.ct_window), "range": [0.0, 1.0]}
+    return {"modality": "MR", "percentiles": list(data.mr_percentiles), "range": [0.0, 1.0]}
+
+
+def export_run(run_dir: Path, target: DatasetTarget, source: str = "default", decoder_seed: int = 0) -> dict[str, Any]:
+    """Build the weights payload of ``run_dir`` for ``target`` (a dataset's plans)."""
+    encoder_state, config, checkpoint_path = load_run_encoder(run_dir, source)
+    return build_weights_for_target(
+        encoder_state,
+        config.preset,
+        target,
+        method=config.method,
+        source=f"{checkpoint_path} ({source})",
+        intensity=intensity_of(config),
+        decoder_seed=decoder_seed,
+    )

@@ -1,0 +1,356 @@
+"""The one training loop for every pretraining method.
+
+The engine owns the device, data-parallelism (PyTorch DDP under ``torchrun``), autocast, the
+optimiser and learning-rate schedule, gradient clipping, checkpoints (atomic, resumable after
+``kill -9``), the progress bar, the JSON-lines metrics log and the loss-curve PNG. The method owns
+its networks, teacher and loss (see ``methods/base.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from nnunet_ssl.io import atomic_json_dump, atomic_torch_save
+from nnunet_ssl.networks.presets import get_preset
+from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
+from nnunet_ssl.pretraining.config import RunConfig
+from nnunet_ssl.pretraining.data import Manifest, build_cache, make_loader, summarize
+from nnunet_ssl.pretraining.data import steps_per_epoch as volume_steps_per_epoch
+from nnunet_ssl.pretraining.methods import METHODS, build_method
+from nnunet_ssl.pretraining.methods.base import StepContext
+from nnunet_ssl.pretraining.metrics_log import MetricsLog, plot_loss_curves
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "nnunet-ssl-pretraining-checkpoint"
+LATEST = "checkpoint_latest.pt"
+FINAL = "checkpoint_final.pt"
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Rank layout of this process (a single process when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistributedContext:
+    """Join the process group torchrun describes in the environment (``WORLD_SIZE`` > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def build_run_method(config: RunConfig) -> nn.Module:
+    """The method of a run, with the crop size taken from the data settings (one source of truth)."""
+    from dataclasses import fields
+
+    _, config_class = METHODS[config.method] if config.method in METHODS else (None, None)
+    overrides = dict(config.method_overrides)
+    if config_class is not None and "crop_size" in {f.name for f in fields(config_class)}:
+        overrides.setdefault("crop_size", config.data.crop_size)
+    return build_method(config.method, get_preset(config.preset), config.in_channels, overrides)
+
+
+class _StepModule(nn.Module):
+    """Routes ``forward`` to the method's training step so DDP can wrap it."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:
+        return self.method.training_step(batch, context)
+
+
+def choose_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``; None means full precision."""
+    if amp == "off" or device.type != "cuda":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state the run depends on, as tensors and plain values (``weights_only`` safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint this engine wrote (``weights_only=True``), with a clear error otherwise."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable checkpoint ({error.__class__.__name__}: {error})") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an nnunet-ssl pretraining checkpoint")
+    return checkpoint
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The final checkpoint of a run, else its latest one, else None."""
+    for name in (FINAL, LATEST):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
+class Engine:
+    """Trains one method on one data configuration into ``run_dir``."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.progress = progress
+        self.device = choose_device()
+        self.dist = init_distributed(self.device.type)
+        self.steps_per_epoch = 1
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_data(self) -> Manifest:
+        if self.dist.is_main:
+            manifest = build_cache(self.config.data, progress=self.progress)
+            logger.info("%s", summarize(manifest))
+        if self.dist.enabled:
+            dist.barrier()
+        if not self.dist.is_main:
+            manifest = Manifest.load(self.config.data.cache_dir)  # the cache rank 0 just built
+        return manifest
+
+    def _check_run_dir(self) -> dict[str, Any] | None:
+        """Refuse to overwrite another run; return the checkpoint to resume from, if any."""
+        latest = self.run_dir / LATEST
+        final = self.run_dir / FINAL
+        if self.resume:
+            source = latest if latest.is_file() else final if final.is_file() else None
+            if source is None:
+                logger.warning("--resume: no checkpoint in %s, starting a new run", self.run_dir)
+                return None
+            checkpoint = load_checkpoint(source)
+            saved = RunConfig.from_dict(checkpoint["config"])
+            if saved.method != self.config.method or saved.preset != self.config.preset:
+                raise ValueError(
+                    f"{source}: was a {saved.method}/{saved.preset} run, not {self.config.method}/{self.config.preset}"
+                )
+            return checkpoint
+        if latest.is_file() or final.is_file():
+            raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose --out")
+        return None
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> Path:
+        """Train to the end (or continue a killed run); returns the final checkpoint path."""
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = self._check_run_dir()
+        torch.manual_seed(config.engine.seed)
+        manifest = self._prepare_data()
+        method = build_run_method(config)
+        method.to(self.device)
+        step_module: nn.Module = _StepModule(method)
+        if self.dist.enabled:
+            step_module = nn.parallel.DistributedDataParallel(
+                step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        engine = config.engine
+        global_batch = engine.batch_size * self.dist.world_size
+        peak_lr = engine.base_lr * global_batch / engine.lr_reference_batch
+        optimizer = torch.optim.AdamW(decay_parameter_groups(method.student_modules(), engine.weight_decay), lr=peak_lr)
+        amp_dtype = autocast_dtype(engine.amp, self.device)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+        num_volumes = len(manifest.usable())
+        steps_per_epoch = volume_steps_per_epoch(num_volumes, engine.batch_size, self.dist.world_size)
+        self.steps_per_epoch = steps_per_epoch
+        total_steps = engine.epochs * steps_per_epoch
+        if engine.max_steps is not None:
+            total_steps = min(total_steps, engine.max_steps)
+        warmup_steps = round(engine.warmup_epochs * steps_per_epoch)
+
+        start_step = 0
+        if checkpoint is not None:
+            method.load_state_dict(checkpoint["method"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            restore_rng_state(checkpoint["rng"][min(self.dist.rank, len(checkpoint["rng"]) - 1)])
+            start_step = int(checkpoint["step"])
+            logger.info("resumed from step %d of %d", start_step, total_steps)
+        if self.dist.is_main:
+            atomic_json_dump(config.to_dict(), self.run_dir / "config.json")
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.dist.is_main, truncate_from=start_step)
+        logger.info(
+            "%s on %d volumes, %d steps (%d per epoch), global batch %d, peak lr %.2e, device %s%s",
+            config.method, num_volumes, total_steps, steps_per_epoch, global_batch, peak_lr, self.device,
+            f", {self.dist.world_size} processes" if self.dist.enabled else "",
+        )
+        loader = make_loader(
+            manifest, config.data, engine.batch_size, method.num_views,
+            seed=engine.seed + 1_000_003 * start_step, rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        bar = tqdm(
+            total=total_steps, initial=start_step, desc=config.method, unit="step", dynamic_ncols=True,
+            disable=not (self.progress and self.dist.is_main and sys.stderr.isatty()),
+        )
+        step = start_step
+        for step in range(start_step, total_steps):
+            context = StepContext(step=step, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+            lr = warmup_cosine(step, peak_lr, warmup_steps, total_steps, engine.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            batch = next(loader)
+            outputs = self._train_step(step_module, method, optimizer, scaler, batch, context, amp_dtype)
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "epoch": context.epoch, "lr": lr, "seconds": elapsed,
+                      "volumes_per_s": global_batch / elapsed, "volumes": self._gather_indices(batch), **outputs}
+            metrics.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{outputs['loss']:.4f}", lr=f"{lr:.2e}")
+            if (step + 1) % engine.checkpoint_every == 0 and step + 1 < total_steps:
+                self._save(LATEST, method, optimizer, scaler, step + 1)
+        bar.close()
+        loader.close()
+        self._check_ranks_in_sync(method)
+        final = self._save(FINAL, method, optimizer, scaler, total_steps)
+        if self.dist.is_main:
+            (self.run_dir / LATEST).unlink(missing_ok=True)
+            plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png")
+            logger.info("done: %s (loss curves: %s)", final, self.run_dir / "loss_curves.png")
+        if self.dist.enabled:
+            dist.barrier()
+        return final
+
+    def _train_step(
+        self,
+        step_module: nn.Module,
+        method: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        batch: dict[str, Tensor],
+        context: StepContext,
+        amp_dtype: torch.dtype | None,
+    ) -> dict[str, float]:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        optimizer.zero_grad(set_to_none=True)
+        autocast = (
+            torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        )
+        with autocast:
+            outputs = step_module(batch, context)
+        loss = outputs["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {context.step}: {loss.item()}")
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        method.before_optimizer_step(context)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]],
+            self.config.engine.grad_clip if self.config.engine.grad_clip > 0 else float("inf"),
+        )
+        scaler.step(optimizer)
+        scaler.update()
+        method.after_step(context)
+        logged = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in outputs.items()}
+        logged["grad_norm"] = float(grad_norm)
+        return logged
+
+    def _gather_indices(self, batch: dict[str, Tensor]) -> list[list[int]]:
+        """Volume indices of this step on every rank (rank order), for the metrics log."""
+        indices = batch["index"].tolist()
+        if not self.dist.enabled:
+            return [indices]
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, indices)
+        return gathered
+
+    def _check_ranks_in_sync(self, method: nn.Module) -> None:
+        """Fail loudly if data-parallel ranks ended with different student weights."""
+        if not self.dist.enabled:
+            return
+        from nnunet_ssl.weights.format import encoder_digest
+
+        digest = encoder_digest(method.student_modules().state_dict())
+        digests: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"data-parallel ranks diverged: student digests {digests}")
+        logger.info("all %d ranks in sync (student digest %s)", self.dist.world_size, digest)
+
+    def _save(
+        self, name: str, method: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int
+    ) -> Path:
+        """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically."""
+        states = [rng_state()]
+        if self.dist.enabled:
+            gathered: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, states[0])
+            states = gathered
+        path = self.run_dir / name
+        if self.dist.is_main:
+            checkpoint = {
+                "format": CHECKPOINT_FORMAT,
+                "version": 1,
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "epoch": step / self.steps_per_epoch,
+                "rng": states,
+                "config": self.config.to_dict(),
+            }
+            atomic_torch_save(checkpoint, path)
+        return path

@@ -1,0 +1,161 @@
+"""The pretraining engine: a short real run, kill -9 and resume, DDP with two CPU processes, export."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_ssl.cli import build_parser, run_config_from_args
+from nnunet_ssl.optim import warmup_cosine
+from nnunet_ssl.pretraining.engine import CHECKPOINT_FORMAT, load_checkpoint
+from nnunet_ssl.pretraining.metrics_log import read_metrics
+
+BIN = Path(sys.executable).parent
+SMALL = ["--preset", "tiny", "--crop-size", "64", "--batch-size", "1", "--workers", "0", "--no-progress", "--amp", "off"]
+#: Small DINO heads keep SMIT fast in tests.
+METHOD_SETTINGS = {"smit": ["--set", "out_dim=64", "head_hidden_dim=64", "head_bottleneck_dim=32"], "simmim": []}
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four small CT-like volumes (a bright ellipsoid body in air)."""
+    folder = tmp_path_factory.mktemp("volumes")
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:40, :72, :72]
+    for i in range(4):
+        body = ((y - 36) / 30.0) ** 2 + ((x - 36) / (26.0 + i)) ** 2 < 1
+        image = np.where(body, 40.0, -1000.0) + rng.normal(0, 20, body.shape)
+        image[(z > 10) & (z < 30) & (((y - 40) / 8.0) ** 2 + ((x - 30) / 8.0) ** 2 < 1)] = 300.0
+        itk = sitk.GetImageFromArray(image.astype(np.float32))
+        itk.SetSpacing((1.5, 1.5, 2.0))
+        sitk.WriteImage(itk, str(folder / f"vol_{i}.nii.gz"))
+    return folder
+
+
+def pretrain_command(method: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return [str(BIN / "nnunet-ssl"), "pretrain", "--method", method, "--data", str(data), "--out", str(out), *SMALL,
+            *METHOD_SETTINGS[method], *extra]
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def test_config_precedence_defaults_file_flags(tmp_path: Path) -> None:
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps({"engine": {"epochs": 7, "weight_decay": 0.1}, "method_overrides": {"mask_ratio": 0.6}}))
+    args = build_parser().parse_args(
+        ["pretrain", "--method", "smit", "--data", "x", "--out", str(tmp_path / "r"), "--config", str(config_file),
+         "--epochs", "3", "--set", "lambda_mpd=0.2"]
+    )
+    config = run_config_from_args(args)
+    assert config.engine.epochs == 3  # flag beats file
+    assert config.engine.weight_decay == 0.1  # file beats default
+    assert config.engine.base_lr == 2e-4 and config.engine.warmup_epochs == 30  # paper defaults
+    assert config.method_overrides == {"mask_ratio": 0.6, "lambda_mpd": 0.2}
+    assert config.data.cache_dir == str(tmp_path / "r" / "cache")
+
+
+def test_short_run_writes_checkpoint_metrics_and_curves(volumes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "simmim"
+    run(pretrain_command("simmim", volumes, out, "--max-steps", "3"))
+    checkpoint = load_checkpoint(out / "checkpoint_final.pt")
+    assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["step"] == 3
+    assert {"method", "optimizer", "scaler", "rng", "config"} <= set(checkpoint)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in records)
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    assert json.loads((out / "config.json").read_text())["method"] == "simmim"
+    # a second run into the same folder without --resume is refused, nothing is lost
+    again = subprocess.run(pretrain_command("simmim", volumes, out, "--max-steps", "3"), capture_output=True, text=True)
+    assert again.returncode == 1 and "--resume" in again.stderr
+    assert load_checkpoint(out / "checkpoint_final.pt")["step"] == 3
+
+
+def test_kill_9_then_resume_continues_at_the_right_step(volumes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    total = 10
+    args = ("--max-steps", str(total), "--checkpoint-every", "2", "--epochs", "100", "--warmup-epochs", "1")
+    process = subprocess.Popen(pretrain_command("smit", volumes, out, *args), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = out / "checkpoint_latest.pt"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        if latest.is_file() and load_checkpoint(latest)["step"] >= 4:
+            break
+        if process.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("no checkpoint at step >= 4 in time")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = load_checkpoint(latest)["step"]
+    assert not (out / "checkpoint_final.pt").exists()
+
+    run(pretrain_command("smit", volumes, out, *args, "--resume"))
+    final = load_checkpoint(out / "checkpoint_final.pt")
+    assert final["step"] == total
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(total))  # every step once, none repeated or lost
+    # the schedule continues where it was: lr per step equals the uninterrupted schedule
+    steps_per_epoch = 4  # 4 volumes, batch 1
+    peak = 2e-4 * 1 / 2
+    for record in records:
+        # --max-steps shortens the whole schedule (cosine to the end of the shortened run)
+        expected = warmup_cosine(record["step"], peak, steps_per_epoch, total, 1e-6)
+        assert record["lr"] == pytest.approx(expected, rel=1e-6)
+    assert killed_at < total
+
+
+def test_ddp_two_cpu_processes(volumes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "nnunet_ssl.pretraining",
+               "--method", "simmim", "--data", str(volumes), "--out", str(out), *SMALL, "--max-steps", "3"]
+    result = run(command)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]  # only rank 0 writes: no duplicate lines
+    for record in records:
+        rank0, rank1 = record["volumes"]
+        assert set(rank0).isdisjoint(rank1), record["volumes"]  # ranks see different volumes
+    assert "ranks in sync" in result.stderr
+    checkpoint = load_checkpoint(out / "checkpoint_final.pt")
+    assert len(checkpoint["rng"]) == 2  # both ranks' RNG states, for an exact resume
+    assert checkpoint["config"]["engine"]["batch_size"] == 1
+
+
+def test_export_builds_nnunet_weights(volumes: Path, tmp_path: Path) -> None:
+    from nnunet_ssl.networks import PRESETS, SwinUNETRSeg
+    from nnunet_ssl.weights import encoder_digest
+    from nnunet_ssl.weights.export import export_run, load_run_encoder
+    from nnunet_ssl.weights.targets import DatasetTarget
+
+    out = tmp_path / "smit"
+    run(pretrain_command("smit", volumes, out, "--max-steps", "2"))
+    teacher, _, _ = load_run_encoder(out, "default")
+    student, _, _ = load_run_encoder(out, "student")
+    assert "mask_token" not in teacher and "mask_token" not in student
+    assert encoder_digest(teacher) != encoder_digest(student)  # EMA teacher lags the student
+    target = DatasetTarget("Dataset501_Phantom", tmp_path / "plans.json", "3d_fullres", in_channels=2, num_classes=4)
+    payload = export_run(out, target)
+    meta = payload["metadata"]
+    assert meta["method"] == "smit" and meta["preset"] == "tiny" and meta["in_channels"] == 2
+    assert meta["intensity"]["window"] == [-500.0, 500.0]
+    assert "stem replicated x2" in meta["channel_adaptation"]
+    net = SwinUNETRSeg(PRESETS["tiny"], 2, 4)
+    net.load_state_dict(payload["network_weights"])
+    torch.testing.assert_close(net.encoder.stages[2].blocks[0].attn.qkv.weight, teacher["stages.2.blocks.0.attn.qkv.weight"])
