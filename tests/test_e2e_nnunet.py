@@ -20,8 +20,8 @@ import torch
 from nnunet_ssl.cli import ext_trainer_path
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 from nnunet_ssl.networks import PRESETS, SwinEncoder
-from nnunet_ssl.weights import encoder_digest, save_weights_file
-from nnunet_ssl.weights.targets import build_weights_for_target, resolve_target
+from nnunet_ssl.weights import encoder_digest, load_weights_file
+from nnunet_ssl.weights.export import load_run_encoder
 
 pytestmark = pytest.mark.e2e
 
@@ -64,7 +64,7 @@ class NnUNet:
 @pytest.fixture(scope="module")
 def nnunet(tmp_path_factory: pytest.TempPathFactory) -> NnUNet:
     root = tmp_path_factory.mktemp("nnunet")
-    paths = write_phantom_datasets(root, PhantomConfig(num_train=5, num_test=2, num_unlabeled=1, shape=(40, 64, 64)))
+    paths = write_phantom_datasets(root, PhantomConfig(num_train=5, num_test=2, num_unlabeled=2, shape=(40, 64, 64)))
     runner = NnUNet(root, paths.raw_root)
     runner.run("nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity")
     return runner
@@ -115,25 +115,21 @@ def test_predict_uses_sliding_window_on_raw_images(nnunet: NnUNet, trained_scrat
 
 
 @pytest.fixture(scope="module")
-def weights_file(nnunet: NnUNet, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    torch.manual_seed(2024)
-    encoder = SwinEncoder(PRESETS["tiny"], in_channels=1, use_mask_token=True)
-    target = resolve_target_in(nnunet, "501")
-    payload = build_weights_for_target(encoder.state_dict(), "tiny", target, method="smit", source="e2e-test")
-    path = save_weights_file(payload, tmp_path_factory.mktemp("weights") / "smit_tiny_501.pt")
-    return path, encoder_digest(encoder.state_dict())
-
-
-def resolve_target_in(nnunet: NnUNet, dataset: str):
-    previous = os.environ.get("nnUNet_preprocessed")
-    os.environ["nnUNet_preprocessed"] = nnunet.env["nnUNet_preprocessed"]
-    try:
-        return resolve_target(dataset)
-    finally:
-        if previous is None:
-            del os.environ["nnUNet_preprocessed"]
-        else:
-            os.environ["nnUNet_preprocessed"] = previous
+def weights_file(nnunet: NnUNet) -> tuple[Path, str]:
+    """A real chain: pretrain SMIT briefly on the unlabeled phantoms, then `nnunet-ssl export` for dataset 501."""
+    run_dir = nnunet.root / "smit_run"
+    nnunet.run(
+        "nnunet-ssl", "pretrain", "--method", "smit", "--data", str(nnunet.root / "unlabeled"), "--out", str(run_dir),
+        "--preset", "tiny", "--crop-size", "64", "--batch-size", "1", "--workers", "0", "--max-steps", "2",
+        "--no-progress", "--set", "out_dim=64", "head_hidden_dim=64", "head_bottleneck_dim=32",
+    )
+    path = nnunet.root / "smit_tiny_501.pt"
+    nnunet.run("nnunet-ssl", "export", str(run_dir), "-d", "501", "-c", "3d_fullres", "--out", str(path))
+    teacher, _, _ = load_run_encoder(run_dir, "teacher")
+    _, metadata = load_weights_file(path)
+    assert metadata["encoder_digest"] == encoder_digest(teacher)  # teacher exported by default
+    assert metadata["in_channels"] == 1 and metadata["num_classes"] == 5
+    return path, metadata["encoder_digest"]
 
 
 def test_pretrained_weights_are_loaded_and_logged(nnunet: NnUNet, weights_file: tuple[Path, str]) -> None:
