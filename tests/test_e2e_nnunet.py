@@ -187,3 +187,33 @@ def test_pretrained_trainer_without_weights_warns_loudly(nnunet: NnUNet) -> None
                 os.environ[key] = value
     assert "expects smit pretrained weights, but none were loaded" in log
     shutil.rmtree(nnunet.fold_dir(SMIT, 2), ignore_errors=True)
+
+
+def add_second_channel(dataset_dir: Path) -> None:
+    """Turn a phantom CT dataset into a 2-channel one (CT + a synthetic 'T2' with other contrast)."""
+    dataset_json = json.loads((dataset_dir / "dataset.json").read_text())
+    dataset_json["channel_names"] = {"0": "CT", "1": "T2"}
+    (dataset_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    rng = np.random.default_rng(5)
+    for image_file in sorted(dataset_dir.glob("images*/*_0000.nii.gz")):
+        ct = sitk.ReadImage(str(image_file))
+        hu = sitk.GetArrayFromImage(ct)
+        t2 = (np.clip(400.0 - np.abs(hu - 30.0) * 4.0, 0, None) + rng.normal(0, 10, hu.shape)).astype(np.float32)
+        second = sitk.GetImageFromArray(t2)
+        second.CopyInformation(ct)
+        sitk.WriteImage(second, str(image_file).replace("_0000.nii.gz", "_0001.nii.gz"))
+
+
+def test_multichannel_dataset_trains_from_scratch(tmp_path: Path) -> None:
+    paths = write_phantom_datasets(
+        tmp_path, PhantomConfig(num_train=5, num_test=1, num_unlabeled=0, shape=(32, 64, 64), dataset_id=502, seed=3)
+    )
+    add_second_channel(paths.dataset_dir)
+    runner = NnUNet(tmp_path, paths.raw_root)
+    runner.run("nnUNetv2_plan_and_preprocess", "-d", "502", "-c", "3d_fullres", "-np", "1")
+    runner.run("nnUNetv2_train", "502", "3d_fullres", "0", "-tr", SCRATCH, "-device", "cpu")
+    fold = tmp_path / "results" / "Dataset502_Phantom" / f"{SCRATCH}__nnUNetPlans__3d_fullres" / "fold_0"
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["network_weights"]["encoder.patch_embed.weight"].shape[1] == 2
+    assert checkpoint["network_weights"]["decoder.skip_blocks.0.conv1.conv.weight"].shape[1] == 2
+    assert (fold / "validation" / "summary.json").is_file()
