@@ -11,12 +11,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
-
-from nnunet_ssl.networks.presets import SwinPreset, get_preset
 from nnunet_ssl.pretraining.methods.base import PretrainingMethod, StepContext
 from nnunet_ssl.pretraining.methods.simmim import SimMIM, SimMIMConfig
 from nnunet_ssl.pretraining.methods.smit import SMIT, SMITConfig
+from torch import nn
+
+from nnunet_ssl.networks.presets import SwinPreset, get_preset
 
 METHODS: dict[str, tuple[type, type]] = {
     "smit": (SMIT, SMITConfig),

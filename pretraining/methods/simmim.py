@@ -11,14 +11,15 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+from nnunet_ssl.pretraining.heads import LinearPixelHead
+from nnunet_ssl.pretraining.losses import masked_pixel_loss
+from nnunet_ssl.pretraining.masking import random_unit_masks
+from nnunet_ssl.pretraining.methods.base import StepContext
+from nnunet_ssl.pretraining.methods.common import validate_masked_image_settings
 from torch import Tensor, nn
 
 from nnunet_ssl.networks.presets import ENCODER_STRIDE, SwinPreset
 from nnunet_ssl.networks.swin import SwinEncoder
-from nnunet_ssl.pretraining.heads import LinearPixelHead
-from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS, masked_pixel_loss
-from nnunet_ssl.pretraining.masking import random_unit_masks, validate_mask_settings
-from nnunet_ssl.pretraining.methods.base import StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +43,7 @@ class SimMIMConfig:
     drop_path_rate: float | None = 0.1
 
     def __post_init__(self) -> None:
-        if self.pixel_loss not in PIXEL_LOSS_KINDS:
-            raise ValueError(f"pixel_loss must be one of {PIXEL_LOSS_KINDS}, got {self.pixel_loss!r}")
-        if not 0.0 < self.mask_ratio <= 1.0:
-            raise ValueError(f"mask_ratio must lie in (0, 1], got {self.mask_ratio}")
-        if self.crop_size <= 0 or self.crop_size % ENCODER_STRIDE:
-            raise ValueError(f"crop_size must be a positive multiple of {ENCODER_STRIDE}, got {self.crop_size}")
-        validate_mask_settings((self.crop_size,) * 3, self.unit, self.mask_ratio)
-        if self.drop_path_rate is not None and not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must lie in [0, 1), got {self.drop_path_rate}")
+        validate_masked_image_settings(self.pixel_loss, self.mask_ratio, self.crop_size, self.unit, self.drop_path_rate)
 
 
 class SimMIM(nn.Module):

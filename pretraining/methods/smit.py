@@ -26,14 +26,9 @@ from dataclasses import dataclass
 from typing import ClassVar, cast
 
 import torch
-from torch import Tensor, nn
-
-from nnunet_ssl.networks.presets import ENCODER_STRIDE, SwinPreset
-from nnunet_ssl.networks.swin import DropPath, SwinEncoder
 from nnunet_ssl.pretraining.ema import cosine_momentum, ema_update_
 from nnunet_ssl.pretraining.heads import DINOHead, LinearPixelHead
 from nnunet_ssl.pretraining.losses import (
-    PIXEL_LOSS_KINDS,
     cross_view_distillation_loss,
     entropy,
     masked_patch_distillation_loss,
@@ -41,9 +36,17 @@ from nnunet_ssl.pretraining.losses import (
     teacher_probabilities,
     updated_center,
 )
-from nnunet_ssl.pretraining.masking import expand_mask, random_unit_masks, validate_mask_settings
+from nnunet_ssl.pretraining.masking import (
+    expand_mask,
+    random_unit_masks,
+)
 from nnunet_ssl.pretraining.methods.base import StepContext
+from nnunet_ssl.pretraining.methods.common import validate_masked_image_settings
 from nnunet_ssl.pretraining.schedules import linear_warmup
+from torch import Tensor, nn
+
+from nnunet_ssl.networks.presets import ENCODER_STRIDE, SwinPreset
+from nnunet_ssl.networks.swin import DropPath, SwinEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +101,11 @@ class SMITConfig:
     drop_path_rate: float | None = 0.1
 
     def __post_init__(self) -> None:
-        if self.pixel_loss not in PIXEL_LOSS_KINDS:
-            raise ValueError(f"pixel_loss must be one of {PIXEL_LOSS_KINDS}, got {self.pixel_loss!r}")
-        if not 0.0 < self.mask_ratio <= 1.0:
-            raise ValueError(f"mask_ratio must lie in (0, 1], got {self.mask_ratio}")
-        if self.crop_size <= 0 or self.crop_size % ENCODER_STRIDE:
-            raise ValueError(f"crop_size must be a positive multiple of {ENCODER_STRIDE}, got {self.crop_size}")
+        validate_masked_image_settings(self.pixel_loss, self.mask_ratio, self.crop_size, self.unit, self.drop_path_rate)
         if self.unit % DENSE_STRIDE:
             raise ValueError(
                 f"unit must be a multiple of {DENSE_STRIDE} (the distillation token stride), got {self.unit}"
             )
-        validate_mask_settings((self.crop_size,) * 3, self.unit, self.mask_ratio)
         if self.lambda_mpd < 0 or self.lambda_itd < 0:
             raise ValueError(f"loss weights must be >= 0, got {self.lambda_mpd}, {self.lambda_itd}")
         if min(self.out_dim, self.head_hidden_dim, self.head_bottleneck_dim) < 1:
@@ -121,8 +118,6 @@ class SMITConfig:
             raise ValueError(f"center_momentum must lie in [0, 1], got {self.center_momentum}")
         if not 0.0 <= self.ema_base <= self.ema_final <= 1.0:
             raise ValueError(f"need 0 <= ema_base <= ema_final <= 1, got {self.ema_base}, {self.ema_final}")
-        if self.drop_path_rate is not None and not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must lie in [0, 1), got {self.drop_path_rate}")
 
 
 class SMIT(nn.Module):

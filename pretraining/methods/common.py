@@ -1,0 +1,22 @@
+"""Settings checks shared by the masked-image methods (each method still owns its config)."""
+from __future__ import annotations
+
+from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS
+from nnunet_ssl.pretraining.masking import validate_mask_settings
+
+from nnunet_ssl.networks.presets import ENCODER_STRIDE
+
+
+def validate_masked_image_settings(
+    pixel_loss: str, mask_ratio: float, crop_size: int, unit: int, drop_path_rate: float | None
+) -> None:
+    """Raise ``ValueError`` for pixel-loss, mask, crop or stochastic-depth settings that cannot work."""
+    if pixel_loss not in PIXEL_LOSS_KINDS:
+        raise ValueError(f"pixel_loss must be one of {PIXEL_LOSS_KINDS}, got {pixel_loss!r}")
+    if not 0.0 < mask_ratio <= 1.0:
+        raise ValueError(f"mask_ratio must lie in (0, 1], got {mask_ratio}")
+    if crop_size <= 0 or crop_size % ENCODER_STRIDE:
+        raise ValueError(f"crop_size must be a positive multiple of {ENCODER_STRIDE}, got {crop_size}")
+    validate_mask_settings((crop_size,) * 3, unit, mask_ratio)
+    if drop_path_rate is not None and not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
