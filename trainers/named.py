@@ -1,7 +1,8 @@
 """Named trainers: one per pretraining method and preset. Each only sets data on SwinTrainerBase.
 
 The name fixes the preset and the results folder, so studies of different methods stay apart.
-``*_tiny_2epochs`` variants (tiny preset, 2 epochs of 4 iterations) exercise every nnU-Net stage in tests.
+``*_tiny_2epochs`` variants (tiny preset, 2 epochs of 4 iterations) exercise every nnU-Net stage in tests;
+the two ``*_tiny_8epochs`` variants run the demo.
 """
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from nnunet_ssl.trainers.recipe import FineTuneRecipe
 #: Recipe of the short variants: a few iterations, enough to exercise every nnU-Net stage on CPU.
 SHORT_RECIPE = FineTuneRecipe(
     initial_lr=1e-3, warmup_epochs=0, num_epochs=2, iterations_per_epoch=4, val_iterations_per_epoch=2
+)
+
+#: Recipe of the demo variants: long enough on a 2-core CPU for the tiny network to learn something.
+DEMO_RECIPE = FineTuneRecipe(
+    initial_lr=1e-3, warmup_epochs=1, num_epochs=8, iterations_per_epoch=8, val_iterations_per_epoch=1
 )
 
 
@@ -111,6 +117,14 @@ class SwinUNETRTrainer_tiny_2epochs(SwinUNETRTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
+class SwinScratchTrainer_tiny_8epochs(SwinScratchTrainer):
+    preset_name, recipe = "tiny", DEMO_RECIPE
+
+
+class SwinSMITTrainer_tiny_8epochs(SwinSMITTrainer):
+    preset_name, recipe = "tiny", DEMO_RECIPE
+
+
 #: Every named trainer, for listings and parametrized tests.
 TRAINERS: dict[str, type[SwinTrainerBase]] = {
     cls.__name__: cls
@@ -122,6 +136,7 @@ TRAINERS: dict[str, type[SwinTrainerBase]] = {
         SwinInpaintingTrainer_tiny_2epochs, SwinReconstructionTrainer_tiny_2epochs,
         SwinContrastiveTrainer_tiny_2epochs, SwinRotationTrainer_tiny_2epochs, SwinDINOTrainer_tiny_2epochs,
         SwiniBOTTrainer_tiny_2epochs, SwinUNETRTrainer_tiny_2epochs,
+        SwinScratchTrainer_tiny_8epochs, SwinSMITTrainer_tiny_8epochs,
     )
 }
 
