@@ -7,9 +7,26 @@ conv, norm, residual, LeakyReLU), the same blocks nnU-Net's residual U-Nets use.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+
+class FastInstanceNorm3d(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` (same parameters and state-dict keys) with a faster CPU path.
+
+    On CPU, affine instance norm without running statistics runs as group norm with one channel
+    per group (the same normalisation, equal to 1e-6 relative): PyTorch's CPU instance norm goes
+    through batch norm on a reshaped view, whose in-place LeakyReLU then needs a copy in backward;
+    group norm is about 2x faster forward+backward. Inputs are made contiguous first because the
+    channels-last CPU group-norm backward is inaccurate for inputs with a large mean.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dim() != 5 or self.track_running_stats or not self.affine:
+            return super().forward(x)
+        return F.group_norm(x.contiguous(), x.shape[1], self.weight, self.bias, self.eps)
 
 
 def residual_block(in_channels: int, out_channels: int) -> BasicBlockD:
@@ -21,7 +38,7 @@ def residual_block(in_channels: int, out_channels: int) -> BasicBlockD:
         kernel_size=3,
         stride=1,
         conv_bias=False,
-        norm_op=nn.InstanceNorm3d,
+        norm_op=FastInstanceNorm3d,
         norm_op_kwargs={"eps": 1e-5, "affine": True},
         nonlin=nn.LeakyReLU,
         nonlin_kwargs={"negative_slope": 0.01, "inplace": True},

@@ -3,7 +3,9 @@
 Tokens stay channels-last ``(B, D, H, W, C)`` inside the stages; the encoder returns
 channels-first feature maps ``(B, C, D, H, W)`` at five scales (strides 2, 4, 8, 16, 32).
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` with the
-relative position bias (and the shifted-window mask) as an additive float mask.
+relative position bias (and the shifted-window mask) as an additive float mask, except when training
+on CPU, where plain matmul-softmax-matmul is faster (see :meth:`WindowAttention.forward`). The
+cyclic shift and the window partition are one token gather (:func:`window_token_order`).
 """
 from __future__ import annotations
 
@@ -87,6 +89,43 @@ def effective_window(size: Size3, window: int, shift: int) -> tuple[Size3, Size3
     return eff_window, eff_shift  # type: ignore[return-value]
 
 
+def window_token_order(size: Size3, window: Size3, shift: Size3, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token permutation equal to rolling a grid by ``-shift`` and partitioning it into windows.
+
+    For tokens ``t`` of shape ``(B, D*H*W, C)``, ``t[:, order]`` viewed as ``(B, nW, N, C)`` equals
+    :func:`window_partition` of the grid rolled by ``-shift``; ``t[:, inverse]`` undoes it.
+
+    Returns:
+        ``(order, inverse)``, two long tensors of length ``D*H*W``.
+    """
+    d, h, w = size
+    index = torch.arange(d * h * w, device=device).view(1, d, h, w, 1)
+    if any(shift):
+        index = torch.roll(index, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+    order = window_partition(index, window).reshape(-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=device)
+    return order, inverse
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """``x[:, order]`` for a permutation ``order`` of dim 1; backward is the inverse gather.
+
+    One copy each way, instead of a roll (one copy per shifted axis) plus a window partition, and
+    a gather instead of the scatter-add that ``index_select``'s backward would use.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the residual branch per sample with probability ``p``."""
 
@@ -144,7 +183,14 @@ class WindowAttention(nn.Module):
         bias = self.position_bias(window)  # (heads, N, N)
         if mask is not None:
             bias = bias[None] + mask[:, None]  # (nW, heads, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        bias = bias.to(q.dtype)
+        if q.device.type == "cpu" and bias.requires_grad:
+            # A grad-requiring mask (the learned bias) sends CPU SDPA to its math path, which adds
+            # extra passes over the logits for a "safe" softmax; plain attention is faster there.
+            logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            out = torch.softmax(logits + bias, dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.transpose(2, 3).reshape(b, nw, n, c)
         return self.proj(out)
 
@@ -171,12 +217,12 @@ class SwinBlock(nn.Module):
         if any(pads):
             y = F.pad(y, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
         padded = (d + pads[0], h + pads[1], w + pads[2])
-        shifted = any(shift)
-        if shifted:
-            y = torch.roll(y, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-        y = window_reverse(self.attn(window_partition(y, window), window, mask), window, padded)
-        if shifted:
-            y = torch.roll(y, shifts=shift, dims=(1, 2, 3))
+        # cyclic shift + window partition (and back) as one gather each way
+        order, inverse = window_token_order(padded, window, shift, x.device)
+        n = window[0] * window[1] * window[2]
+        windows = _PermuteTokens.apply(y.reshape(b, -1, c), order, inverse).view(b, -1, n, c)
+        y = _PermuteTokens.apply(self.attn(windows, window, mask).reshape(b, -1, c), inverse, order)
+        y = y.view(b, *padded, c)
         if any(pads):
             y = y[:, :d, :h, :w].contiguous()
         x = x + self.drop_path(y)
