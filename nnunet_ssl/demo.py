@@ -175,7 +175,7 @@ class Demo:
             args += ["-pretrained_weights", str(weights)]
         self._run(f"train_{trainer}", "nnUNetv2_train", *args)
         for log in sorted(fold_dir.glob("training_log_*.txt")):
-            for line in log.read_text().splitlines():
+            for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
                 if "Pretrained weights loaded" in line or "training from scratch" in line:
                     logger.info("    %s", line.split(": ", 1)[-1])
 
@@ -226,7 +226,7 @@ class Demo:
         with log_file.open("a") as log:
             result = subprocess.run(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if result.returncode != 0:
-            tail = "\n".join(log_file.read_text().splitlines()[-25:])
+            tail = "\n".join(log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
             raise DemoError(f"stage '{stage}' failed (exit {result.returncode}); see {log_file}:\n{tail}")
 
 

@@ -48,7 +48,7 @@ class NnUNet:
 
     def run(self, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
         command = [str(BIN / args[0]), *args[1:]]
-        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, env=self.env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result
@@ -58,7 +58,7 @@ class NnUNet:
 
     def training_log(self, trainer: str) -> str:
         logs = sorted(self.fold_dir(trainer).glob("training_log_*.txt"))
-        return "\n".join(p.read_text() for p in logs)
+        return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in logs)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_pretrained_trainer_without_weights_warns_loudly(nnunet: NnUNet) -> None
         trainer = TRAINERS[SMIT](plans, "3d_fullres", 2, dataset_json, torch.device("cpu"))
         trainer.initialize()
         trainer.log_weights_provenance()
-        log = Path(trainer.log_file).read_text()
+        log = Path(trainer.log_file).read_text(encoding="utf-8", errors="replace")
     finally:
         for key, value in previous.items():
             if value is None:

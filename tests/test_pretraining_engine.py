@@ -48,7 +48,7 @@ def pretrain_command(method: str, data: Path, out: Path, *extra: str) -> list[st
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, **kwargs)
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600, **kwargs)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
 
@@ -80,7 +80,7 @@ def test_short_run_writes_checkpoint_metrics_and_curves(volumes: Path, tmp_path:
     assert (out / "loss_curves.png").stat().st_size > 1000
     assert json.loads((out / "config.json").read_text())["method"] == "simmim"
     # a second run into the same folder without --resume is refused, nothing is lost
-    again = subprocess.run(pretrain_command("simmim", volumes, out, "--max-steps", "3"), capture_output=True, text=True)
+    again = subprocess.run(pretrain_command("simmim", volumes, out, "--max-steps", "3"), capture_output=True, encoding="utf-8", errors="replace")
     assert again.returncode == 1 and "--resume" in again.stderr
     assert load_checkpoint(out / "checkpoint_final.pt")["step"] == 3
 
