@@ -50,6 +50,8 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
+from benchmarks.tables import format_table
+
 logger = logging.getLogger(__name__)
 
 GB = 1024**3
@@ -349,17 +351,6 @@ def table_rows(results: dict[int, dict[str, Result]], args: argparse.Namespace) 
     return header, rows
 
 
-def format_table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def machine_description(args: argparse.Namespace) -> list[str]:
     """Lines that say where and how the numbers were taken."""
     if args.device.startswith("cuda"):
@@ -448,11 +439,11 @@ def main(argv: list[str] | None = None) -> None:
             failed.append(size)
             continue
         header, rows = table_rows({size: results[size]}, args)
-        logger.info("%d^3 done:\n%s", size, format_table(header, rows, markdown=False))
+        logger.info("%d^3 done:\n%s", size, format_table(header, rows, markdown=False, right_align=True))
     logger.info("done in %.1f min", (time.perf_counter() - started) / 60)
     if results:
         header, rows = table_rows(results, args)
-        sys.stdout.write("\n" + format_table(header, rows, markdown=False) + "\n\n")
+        sys.stdout.write("\n" + format_table(header, rows, markdown=False, right_align=True) + "\n\n")
         if args.markdown:
             description = "\n".join(machine_description(args))
             sys.stdout.write(description + "\n\n" + format_table(header, rows, markdown=True) + "\n")

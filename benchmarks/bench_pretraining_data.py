@@ -47,6 +47,8 @@ from nnunet_ssl.pretraining.data import (
 )
 from nnunet_ssl.pretraining.data.preprocess import resample_to_spacing, window_ct
 
+from benchmarks.tables import format_table
+
 logger = logging.getLogger(__name__)
 
 MB = 1024**2
@@ -136,17 +138,6 @@ def time_loader(manifest, config: DataConfig, batches: int, warmup: int, seed: i
         loader.close()
     views = batch["views"]
     return batches / elapsed, batches * views.shape[0] * views.shape[1] / elapsed
-
-
-def format_table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join(lines)
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def machine_description(args: argparse.Namespace) -> list[str]:

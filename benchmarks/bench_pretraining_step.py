@@ -16,11 +16,11 @@ import statistics
 import time
 
 import torch
+from nnunet_ssl.pretraining.methods import build_method
+from nnunet_ssl.pretraining.methods.base import StepContext
 
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.optim import decay_parameter_groups
-from nnunet_ssl.pretraining.methods import build_method
-from nnunet_ssl.pretraining.methods.base import StepContext
 
 logger = logging.getLogger("bench_pretraining_step")
 

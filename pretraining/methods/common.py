@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS
 from nnunet_ssl.pretraining.masking import validate_mask_settings
+from torch import Tensor
 
 from nnunet_ssl.networks.presets import ENCODER_STRIDE
 
@@ -20,3 +21,14 @@ def validate_masked_image_settings(
     validate_mask_settings((crop_size,) * 3, unit, mask_ratio)
     if drop_path_rate is not None and not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
+
+
+def checked_views(batch: dict[str, Tensor], num_views: int, crop_size: int) -> Tensor:
+    """``batch["views"] (B, V, C, D, H, W)`` -> ``(B * V, C, D, H, W)`` (sample-major) after shape checks."""
+    views = batch["views"]
+    crop = (crop_size,) * 3
+    if views.ndim != 6 or views.shape[1] != num_views or tuple(views.shape[3:]) != crop:
+        raise ValueError(
+            f"expected views (B, {num_views}, C, {crop[0]}, {crop[1]}, {crop[2]}), got {tuple(views.shape)}"
+        )
+    return views.flatten(0, 1)

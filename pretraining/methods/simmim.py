@@ -15,7 +15,7 @@ from nnunet_ssl.pretraining.heads import LinearPixelHead
 from nnunet_ssl.pretraining.losses import masked_pixel_loss
 from nnunet_ssl.pretraining.masking import random_unit_masks
 from nnunet_ssl.pretraining.methods.base import StepContext
-from nnunet_ssl.pretraining.methods.common import validate_masked_image_settings
+from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings
 from torch import Tensor, nn
 
 from nnunet_ssl.networks.presets import ENCODER_STRIDE, SwinPreset
@@ -70,14 +70,7 @@ class SimMIM(nn.Module):
 
     def _images(self, batch: dict[str, Tensor]) -> Tensor:
         """``batch["views"] (B, 1, C, D, H, W)`` -> ``(B, C, D, H, W)`` after shape checks."""
-        views = batch["views"]
-        crop = (self.config.crop_size,) * 3
-        if views.ndim != 6 or views.shape[1] != self.num_views or tuple(views.shape[3:]) != crop:
-            raise ValueError(
-                f"expected views (B, {self.num_views}, C, {crop[0]}, {crop[1]}, {crop[2]}), "
-                f"got {tuple(views.shape)}"
-            )
-        return views.flatten(0, 1)
+        return checked_views(batch, self.num_views, self.config.crop_size)
 
     def training_step(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:
         """Mask, encode, reconstruct, and score masked voxels.

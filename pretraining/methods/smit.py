@@ -41,7 +41,7 @@ from nnunet_ssl.pretraining.masking import (
     random_unit_masks,
 )
 from nnunet_ssl.pretraining.methods.base import StepContext
-from nnunet_ssl.pretraining.methods.common import validate_masked_image_settings
+from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings
 from nnunet_ssl.pretraining.schedules import linear_warmup
 from torch import Tensor, nn
 
@@ -172,14 +172,7 @@ class SMIT(nn.Module):
 
     def _images(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
         """``batch["views"] (B, V, C, D, H, W)`` -> ``((B * V, C, D, H, W), B)``, sample-major."""
-        views = batch["views"]
-        crop = (self.config.crop_size,) * 3
-        if views.ndim != 6 or views.shape[1] != self.num_views or tuple(views.shape[3:]) != crop:
-            raise ValueError(
-                f"expected views (B, {self.num_views}, C, {crop[0]}, {crop[1]}, {crop[2]}), "
-                f"got {tuple(views.shape)}"
-            )
-        return views.flatten(0, 1), views.shape[0]
+        return checked_views(batch, self.num_views, self.config.crop_size), batch["views"].shape[0]
 
     @staticmethod
     def _tokens(branch: nn.ModuleDict, features: list[Tensor]) -> tuple[Tensor, Tensor]:
