@@ -117,8 +117,7 @@ def run_config_from_args(args: argparse.Namespace):
     """Paper defaults, then the --config file, then explicit flags."""
     from dataclasses import replace
 
-    from nnunet_ssl.pretraining.config import EngineConfig, RunConfig, load_config_file
-    from nnunet_ssl.pretraining.data import DataConfig
+    from nnunet_ssl.pretraining.config import EngineConfig, RunConfig, data_config_from_dict, load_config_file
 
     file_values = load_config_file(args.config) if args.config else {}
     data_values = dict(file_values.get("data", {}))
@@ -131,7 +130,7 @@ def run_config_from_args(args: argparse.Namespace):
                       ("workers", "num_workers"), ("spacing", "spacing")):
         if getattr(args, flag) is not None:
             data_values[key] = getattr(args, flag)
-    data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data_values.items()})
+    data = data_config_from_dict(data_values)
     engine = EngineConfig(**file_values.get("engine", {}))
     engine_flags = {"epochs": args.epochs, "batch_size": args.batch_size, "max_steps": args.max_steps,
                     "base_lr": args.lr, "warmup_epochs": args.warmup_epochs, "seed": args.seed, "amp": args.amp,

@@ -83,14 +83,18 @@ class RunConfig:
         unknown = set(raw) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown run config keys {sorted(unknown)}")
-        data = dict(raw["data"])
-        data = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        data = data_config_from_dict(raw["data"])
         engine = EngineConfig(**raw.get("engine", {}))
         rest = {k: v for k, v in raw.items() if k not in ("data", "engine")}
         return cls(data=data, engine=engine, **rest)
 
     def with_engine(self, **changes: Any) -> RunConfig:
         return replace(self, engine=replace(self.engine, **changes))
+
+
+def data_config_from_dict(values: dict[str, Any]) -> DataConfig:
+    """A :class:`DataConfig` from JSON-style values (lists become the tuples the dataclass holds)."""
+    return DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -158,7 +158,6 @@ class Engine:
         self.progress = progress
         self.device = choose_device()
         self.dist = init_distributed(self.device.type)
-        self.steps_per_epoch = 1
 
     # ------------------------------------------------------------------ setup
     def _prepare_data(self) -> Manifest:
@@ -215,7 +214,6 @@ class Engine:
 
         num_volumes = len(manifest.usable())
         steps_per_epoch = volume_steps_per_epoch(num_volumes, engine.batch_size, self.dist.world_size)
-        self.steps_per_epoch = steps_per_epoch
         total_steps = engine.epochs * steps_per_epoch
         if engine.max_steps is not None:
             total_steps = min(total_steps, engine.max_steps)
@@ -245,7 +243,6 @@ class Engine:
             total=total_steps, initial=start_step, desc=config.method, unit="step", dynamic_ncols=True,
             disable=not (self.progress and self.dist.is_main and sys.stderr.isatty()),
         )
-        step = start_step
         for step in range(start_step, total_steps):
             context = StepContext(step=step, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
             lr = warmup_cosine(step, peak_lr, warmup_steps, total_steps, engine.min_lr)
@@ -261,11 +258,11 @@ class Engine:
             bar.update(1)
             bar.set_postfix(loss=f"{outputs['loss']:.4f}", lr=f"{lr:.2e}")
             if (step + 1) % engine.checkpoint_every == 0 and step + 1 < total_steps:
-                self._save(LATEST, method, optimizer, scaler, step + 1)
+                self._save(LATEST, method, optimizer, scaler, step + 1, steps_per_epoch)
         bar.close()
         loader.close()
         self._check_ranks_in_sync(method)
-        final = self._save(FINAL, method, optimizer, scaler, total_steps)
+        final = self._save(FINAL, method, optimizer, scaler, total_steps, steps_per_epoch)
         if self.dist.is_main:
             (self.run_dir / LATEST).unlink(missing_ok=True)
             plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png")
@@ -331,7 +328,13 @@ class Engine:
         logger.info("all %d ranks in sync (student digest %s)", self.dist.world_size, digest)
 
     def _save(
-        self, name: str, method: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int
+        self,
+        name: str,
+        method: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        step: int,
+        steps_per_epoch: int,
     ) -> Path:
         """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically."""
         states = [rng_state()]
@@ -348,7 +351,7 @@ class Engine:
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "step": step,
-                "epoch": step / self.steps_per_epoch,
+                "epoch": step / steps_per_epoch,
                 "rng": states,
                 "config": self.config.to_dict(),
             }

@@ -94,10 +94,6 @@ class SimMIM(nn.Module):
         loss = masked_pixel_loss(reconstruction, x, masks.voxel, self.config.pixel_loss)
         return {"loss": loss, "loss_mip": loss.detach()}
 
-    def forward(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:
-        """Same as :meth:`training_step` (lets a DDP wrapper drive the method)."""
-        return self.training_step(batch, context)
-
     def before_optimizer_step(self, context: StepContext) -> None:
         """Nothing to do."""
 

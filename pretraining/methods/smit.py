@@ -255,10 +255,6 @@ class SMIT(nn.Module):
             "teacher_entropy_patch": entropy_patch,
         }
 
-    def forward(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:
-        """Same as :meth:`training_step` (lets a DDP wrapper drive the method)."""
-        return self.training_step(batch, context)
-
     def before_optimizer_step(self, context: StepContext) -> None:
         """During the first ``freeze_last_layer_epochs``, drop the heads' last-layer gradients.
 
