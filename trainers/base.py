@@ -24,11 +24,21 @@ from torch.optim.lr_scheduler import _LRScheduler
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg
 from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
-from nnunet_ssl.trainers.recipe import FineTuneRecipe, fitted_batch_size, swin_compatible_patch_size
+from nnunet_ssl.splits import FoldEntry, manifest_entry_for_fold
+from nnunet_ssl.trainers.recipe import (
+    FineTuneRecipe,
+    fitted_batch_size,
+    should_stop_early,
+    swin_compatible_patch_size,
+)
 from nnunet_ssl.weights.format import check_weights_against_network, encoder_digest
 
 #: Output strides of the decoder's heads, highest resolution first (see SwinUNETRDecoder).
 HEAD_STRIDES = (1, 2, 4, 8, 16)
+
+
+class EarlyStop(Exception):
+    """Raised at the end of an epoch to leave nnU-Net's training loop early (caught in run_training)."""
 
 
 class WarmupCosineLRScheduler(_LRScheduler):
@@ -89,11 +99,32 @@ class SwinTrainerBase(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         for note in plan_notes:
             self.print_to_log_file(note)
-        self.initial_lr = self.recipe.initial_lr
-        self.weight_decay = self.recipe.weight_decay
-        self.num_epochs = self.recipe.num_epochs
-        self.num_iterations_per_epoch = self.recipe.iterations_per_epoch
-        self.num_val_iterations_per_epoch = self.recipe.val_iterations_per_epoch
+        self.split_entry: FoldEntry | None = manifest_entry_for_fold(self.preprocessed_dataset_folder_base, fold)
+        self.active_recipe = self.recipe_for_fold(self.split_entry)
+        self.initial_lr = self.active_recipe.initial_lr
+        self.weight_decay = self.active_recipe.weight_decay
+        self.num_epochs = self.active_recipe.num_epochs
+        self.num_iterations_per_epoch = self.active_recipe.iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.active_recipe.val_iterations_per_epoch
+
+    def recipe_for_fold(self, entry: FoldEntry | None) -> FineTuneRecipe:
+        """The few-shot schedule on folds ``nnunet-ssl split --shots`` made, the recipe otherwise."""
+        if entry is None or entry.kind != "few_shot":
+            if entry is not None:
+                self.print_to_log_file(
+                    f"fold {entry.fold}: data-limited fold of {entry.size} cases (seed {entry.seed}) from "
+                    "splits_manifest.json; standard schedule"
+                )
+            return self.recipe
+        recipe = self.recipe.for_few_shot()
+        patience = recipe.early_stopping_patience
+        stopping = ("no early stopping" if patience is None else
+                    f"early stopping after {patience} epochs without a better EMA pseudo-Dice")
+        self.print_to_log_file(
+            f"fold {entry.fold}: {entry.size}-shot fold (seed {entry.seed}) from splits_manifest.json; few-shot "
+            f"schedule: {recipe.num_epochs} epochs, {stopping}"
+        )
+        return recipe
 
     # ------------------------------------------------------------------ plans and network
     @classmethod
@@ -148,7 +179,40 @@ class SwinTrainerBase(nnUNetTrainer):
         optimizer = torch.optim.AdamW(
             decay_parameter_groups(self.network, self.weight_decay), lr=self.initial_lr
         )
-        return optimizer, WarmupCosineLRScheduler(optimizer, self.recipe)
+        return optimizer, WarmupCosineLRScheduler(optimizer, self.active_recipe)
+
+    # ------------------------------------------------------------------ splits and early stopping
+    def do_split(self) -> tuple[list[str], list[str]]:
+        """nnU-Net's split, plus a log of the exact cases of a fold made by ``nnunet-ssl split``."""
+        train_keys, val_keys = super().do_split()
+        entry = self.split_entry
+        if entry is not None:
+            matches = sorted(train_keys) == sorted(entry.train) and sorted(val_keys) == sorted(entry.val)
+            self.print_to_log_file(
+                f"fold {entry.fold} training cases ({len(train_keys)}): {', '.join(sorted(train_keys))}\n"
+                f"fold {entry.fold} validation cases ({len(val_keys)}): {', '.join(sorted(val_keys))}\n"
+                + ("(as listed in splits_manifest.json)" if matches else
+                   "WARNING: splits_final.json and splits_manifest.json disagree on this fold; training uses "
+                   "splits_final.json. Run `nnunet-ssl split --list` to check.")
+            )
+        return train_keys, val_keys
+
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        patience = self.active_recipe.early_stopping_patience
+        history = list(self.logger.my_fantastic_logging.get("ema_fg_dice", []))
+        if self.current_epoch < self.num_epochs and should_stop_early(history, patience):
+            self.print_to_log_file(
+                f"Early stopping after epoch {self.current_epoch - 1}: no better EMA pseudo-Dice for {patience} "
+                f"epochs (best {max(history):.4f}); checkpoint_best.pth holds the best weights."
+            )
+            raise EarlyStop
+
+    def run_training(self) -> None:
+        try:
+            super().run_training()
+        except EarlyStop:
+            self.on_train_end()
 
     # ------------------------------------------------------------------ pretrained weights
     def initialize(self) -> None:

@@ -11,12 +11,14 @@ from nnunet_ssl.trainers.recipe import FineTuneRecipe
 
 #: Recipe of the short variants: a few iterations, enough to exercise every nnU-Net stage on CPU.
 SHORT_RECIPE = FineTuneRecipe(
-    initial_lr=1e-3, warmup_epochs=0, num_epochs=2, iterations_per_epoch=4, val_iterations_per_epoch=2
+    initial_lr=1e-3, warmup_epochs=0, num_epochs=2, iterations_per_epoch=4, val_iterations_per_epoch=2,
+    few_shot_epochs=None,
 )
 
 #: Recipe of the demo variants: long enough on a 2-core CPU for the tiny network to learn something.
 DEMO_RECIPE = FineTuneRecipe(
-    initial_lr=1e-3, warmup_epochs=1, num_epochs=8, iterations_per_epoch=8, val_iterations_per_epoch=1
+    initial_lr=1e-3, warmup_epochs=1, num_epochs=8, iterations_per_epoch=8, val_iterations_per_epoch=1,
+    few_shot_epochs=None,
 )
 
 

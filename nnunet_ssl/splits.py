@@ -1,0 +1,327 @@
+"""Few-shot and data-limited folds appended to nnU-Net's ``splits_final.json``.
+
+nnU-Net trains on any fold index below the length of ``splits_final.json``, so extra folds can be
+appended after its five cross-validation folds. For each seed the training subsets are nested (the
+5 cases are inside the 10, which are inside the 20) and every fold of a request shares one fixed
+validation set. A manifest, ``splits_manifest.json`` beside the split file, maps each appended fold
+to (kind, size, seed, cases) for the trainers (few-shot schedule) and the report (grouping).
+
+Nothing is ever lost: existing folds are never rewritten or reordered, the split file is backed up
+before it changes, and asking again for a fold that exists returns its index.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nnunet_ssl.io import atomic_json_dump
+
+logger = logging.getLogger(__name__)
+
+SPLITS_FILE = "splits_final.json"
+MANIFEST_FILE = "splits_manifest.json"
+MANIFEST_FORMAT = "nnunet-ssl-splits"
+MANIFEST_VERSION = 1
+KINDS = ("few_shot", "data_limited")
+#: nnU-Net's seed and fold count for its default cross-validation split.
+NNUNET_SPLIT_SEED = 12345
+NNUNET_NUM_FOLDS = 5
+#: Seed of the random draw of ``--val-cases`` (fixed, so every request of a dataset gets the same set).
+VALIDATION_DRAW_SEED = 2024
+
+
+class SplitError(ValueError):
+    """A split request that cannot be honoured without losing or corrupting folds."""
+
+
+@dataclass(frozen=True)
+class FoldEntry:
+    """One appended fold, as listed in the manifest."""
+
+    fold: int
+    kind: str
+    size: int
+    seed: int
+    train: list[str]
+    val: list[str]
+
+    def key(self) -> tuple[str, int, int, tuple[str, ...]]:
+        return self.kind, self.size, self.seed, tuple(sorted(self.val))
+
+
+@dataclass(frozen=True)
+class SplitRequest:
+    """What ``nnunet-ssl split`` asks for.
+
+    Attributes:
+        kind: ``"few_shot"`` (``--shots``) or ``"data_limited"`` (``--sizes``).
+        sizes: Training-set sizes; nested per seed.
+        seeds: One nested family of subsets per seed.
+        val_cases: Draw a validation set of this many cases (fixed seed), or
+        val_from_fold: take the validation set of this existing fold (default: nnU-Net's fold 0).
+    """
+
+    kind: str
+    sizes: tuple[int, ...]
+    seeds: tuple[int, ...]
+    val_cases: int | None = None
+    val_from_fold: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise SplitError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.sizes or any(s < 1 for s in self.sizes):
+            raise SplitError(f"sizes must be positive case counts, got {list(self.sizes)}")
+        if not self.seeds:
+            raise SplitError("give at least one seed")
+        if self.val_cases is not None and self.val_from_fold is not None:
+            raise SplitError("use either --val-cases or --val-from-fold, not both")
+        if self.val_cases is not None and self.val_cases < 1:
+            raise SplitError(f"--val-cases must be >= 1, got {self.val_cases}")
+
+
+# ---------------------------------------------------------------------------- pure split logic
+def nnunet_default_splits(identifiers: list[str]) -> list[dict[str, list[str]]]:
+    """The 5-fold split nnU-Net creates when ``splits_final.json`` is missing (same code, same seed)."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    if len(identifiers) < NNUNET_NUM_FOLDS:
+        raise SplitError(f"nnU-Net's 5-fold split needs at least 5 training cases, found {len(identifiers)}")
+    splits = generate_crossval_split(sorted(identifiers), seed=NNUNET_SPLIT_SEED, n_splits=NNUNET_NUM_FOLDS)
+    return [{"train": [str(c) for c in s["train"]], "val": [str(c) for c in s["val"]]} for s in splits]
+
+
+def choose_validation(request: SplitRequest, identifiers: list[str], splits: list[dict[str, list[str]]]) -> list[str]:
+    """The fixed validation set of a request (sorted)."""
+    if request.val_cases is not None:
+        if request.val_cases >= len(identifiers):
+            raise SplitError(
+                f"--val-cases {request.val_cases} leaves no training cases: the dataset has {len(identifiers)}"
+            )
+        rng = np.random.default_rng(VALIDATION_DRAW_SEED)
+        chosen = rng.choice(sorted(identifiers), size=request.val_cases, replace=False)
+        return sorted(str(c) for c in chosen)
+    fold = 0 if request.val_from_fold is None else request.val_from_fold
+    if not 0 <= fold < len(splits):
+        raise SplitError(f"--val-from-fold {fold}: the split file has folds 0-{len(splits) - 1}")
+    return sorted(splits[fold]["val"])
+
+
+def nested_subsets(pool: list[str], sizes: tuple[int, ...], seed: int) -> dict[int, list[str]]:
+    """For one seed, training subsets of each size, each the first ``size`` cases of one permutation.
+
+    The permutation depends only on the seed and the sorted pool, so smaller sets are inside larger
+    ones and a re-run reproduces them.
+    """
+    largest = max(sizes)
+    if largest > len(pool):
+        raise SplitError(
+            f"asked for {largest} training cases but only {len(pool)} remain outside the validation set"
+        )
+    order = np.random.default_rng(seed).permutation(len(pool))
+    ranked = [sorted(pool)[i] for i in order]
+    return {size: sorted(ranked[:size]) for size in sorted(set(sizes))}
+
+
+def plan_folds(request: SplitRequest, identifiers: list[str], splits: list[dict[str, list[str]]]) -> list[FoldEntry]:
+    """Every fold a request describes, with fold index -1 (not yet placed)."""
+    val = choose_validation(request, identifiers, splits)
+    unknown = set(val) - set(identifiers)
+    if unknown:
+        raise SplitError(f"validation cases not in the dataset: {sorted(unknown)[:5]}")
+    pool = sorted(set(identifiers) - set(val))
+    entries = []
+    for seed in request.seeds:
+        for size, train in nested_subsets(pool, request.sizes, seed).items():
+            entries.append(FoldEntry(-1, request.kind, size, seed, train, val))
+    return entries
+
+
+def place_folds(
+    planned: list[FoldEntry], splits: list[dict[str, list[str]]], manifest: list[FoldEntry]
+) -> tuple[list[FoldEntry], list[FoldEntry]]:
+    """Reuse folds the manifest already has, append the others after the last existing fold.
+
+    Returns (all folds of the request with their indices, the newly appended ones).
+
+    Raises:
+        SplitError: when a matching manifest fold no longer holds the cases it should (the dataset
+            changed, or the split file was edited by hand).
+    """
+    existing = {entry.key(): entry for entry in manifest}
+    placed, new = [], []
+    next_index = len(splits)
+    for entry in planned:
+        old = existing.get(entry.key())
+        if old is not None:
+            if sorted(old.train) != entry.train:
+                raise SplitError(
+                    f"fold {old.fold} ({old.kind}, {old.size} cases, seed {old.seed}) was made from other cases "
+                    "than the dataset has now; it is left as it is. Use other --seeds for new folds."
+                )
+            placed.append(old)
+            continue
+        fresh = FoldEntry(next_index, entry.kind, entry.size, entry.seed, entry.train, entry.val)
+        next_index += 1
+        placed.append(fresh)
+        new.append(fresh)
+    return placed, new
+
+
+# ---------------------------------------------------------------------------- files
+def read_splits(path: Path) -> list[dict[str, list[str]]]:
+    """``splits_final.json`` checked for nnU-Net's shape (a list of {"train": [...], "val": [...]})."""
+    try:
+        splits = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise SplitError(f"{path} is not valid JSON ({error}); fix or move it, nothing was changed") from error
+    if not isinstance(splits, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("train"), list) and isinstance(s.get("val"), list) for s in splits
+    ):
+        raise SplitError(f"{path} is not an nnU-Net split file (a list of {{'train': [...], 'val': [...]}})")
+    return splits
+
+
+def read_manifest(path: Path) -> list[FoldEntry]:
+    """The folds listed in ``splits_manifest.json`` (empty when the file does not exist)."""
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != MANIFEST_FORMAT:
+            raise SplitError(f"{path} is not an nnunet-ssl split manifest (format {data.get('format')!r})")
+        return [FoldEntry(**entry) for entry in data["folds"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SplitError(f"{path} is unreadable ({error}); fix or move it, nothing was changed") from error
+
+
+def manifest_entry_for_fold(preprocessed_dataset_dir: Path, fold: int | str) -> FoldEntry | None:
+    """The manifest entry of ``fold`` (None for nnU-Net's own folds, ``all``, or no manifest)."""
+    if not isinstance(fold, int):
+        return None
+    for entry in read_manifest(Path(preprocessed_dataset_dir) / MANIFEST_FILE):
+        if entry.fold == fold:
+            return entry
+    return None
+
+
+def check_consistency(splits: list[dict[str, list[str]]], manifest: list[FoldEntry], splits_path: Path) -> None:
+    """Every manifest fold must still be in the split file with the same cases."""
+    for entry in manifest:
+        if entry.fold >= len(splits):
+            raise SplitError(
+                f"splits_manifest.json lists fold {entry.fold} but {splits_path} has only {len(splits)} folds; "
+                "was the split file replaced? Restore it from its backup (splits_final.json.bak-*)"
+            )
+        fold = splits[entry.fold]
+        if sorted(fold["train"]) != sorted(entry.train) or sorted(fold["val"]) != sorted(entry.val):
+            raise SplitError(
+                f"fold {entry.fold} in {splits_path} no longer matches splits_manifest.json; "
+                "restore the split file from its backup (splits_final.json.bak-*)"
+            )
+
+
+def dataset_identifiers(preprocessed_dataset_dir: Path) -> list[str]:
+    """Training case identifiers of a preprocessed dataset, read like nnU-Net's ``do_split`` does.
+
+    Raises:
+        SplitError: when the dataset has no preprocessed data yet.
+    """
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    for plans_file in sorted(Path(preprocessed_dataset_dir).glob("*.json")):
+        try:
+            plans = json.loads(plans_file.read_text())
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(plans, dict) or "configurations" not in plans:
+            continue
+        for config in plans["configurations"].values():
+            data_dir = Path(preprocessed_dataset_dir) / str(config.get("data_identifier", ""))
+            if config.get("data_identifier") and data_dir.is_dir() and any(data_dir.iterdir()):
+                identifiers = infer_dataset_class(str(data_dir)).get_identifiers(str(data_dir))
+                if identifiers:
+                    return sorted(str(i) for i in identifiers)
+    raise SplitError(
+        f"{preprocessed_dataset_dir} has no preprocessed data; run `nnUNetv2_plan_and_preprocess -d ID` "
+        "or `nnunet-ssl plan -d ID` first"
+    )
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    folds: list[FoldEntry]
+    new_folds: list[FoldEntry]
+    created_default: bool
+    backup: Path | None
+
+
+def write_manifest(path: Path, dataset: str, folds: list[FoldEntry]) -> None:
+    atomic_json_dump(
+        {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dataset": dataset,
+         "folds": [asdict(f) for f in sorted(folds, key=lambda f: f.fold)]},
+        path,
+    )
+
+
+def apply_split_request(preprocessed_dataset_dir: Path, request: SplitRequest) -> SplitResult:
+    """Create or extend the split file and manifest of a preprocessed dataset for ``request``."""
+    folder = Path(preprocessed_dataset_dir)
+    splits_path, manifest_path = folder / SPLITS_FILE, folder / MANIFEST_FILE
+    identifiers = dataset_identifiers(folder)
+    created_default = not splits_path.is_file()
+    splits = nnunet_default_splits(identifiers) if created_default else read_splits(splits_path)
+    manifest = read_manifest(manifest_path)
+    check_consistency(splits, manifest, splits_path)
+
+    placed, new = place_folds(plan_folds(request, identifiers, splits), splits, manifest)
+    if not new and not created_default:
+        return SplitResult(placed, [], False, None)
+
+    backup = None
+    if not created_default:
+        backup = splits_path.with_name(f"{SPLITS_FILE}.bak-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
+        shutil.copy2(splits_path, backup)
+    updated = splits + [{"train": f.train, "val": f.val} for f in new]
+    # the split file first: a manifest never names a fold the split file lacks
+    _atomic_json_list(updated, splits_path)
+    write_manifest(manifest_path, folder.name, manifest + new)
+    return SplitResult(placed, new, created_default, backup)
+
+
+def _atomic_json_list(splits: list[dict[str, Any]], path: Path) -> None:
+    """nnU-Net's split file layout (a list; key order train, val)."""
+    from nnunet_ssl.io import atomic_write
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(splits, indent=4) + "\n")
+
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------- table
+def fold_table(folds: list[FoldEntry]) -> str:
+    """Fold indices by (kind, size) rows and seed columns, for ``nnUNetv2_train ... FOLD``."""
+    if not folds:
+        return "no few-shot or data-limited folds yet (nnunet-ssl split -d ID --shots 5 10 20 --seeds 0 1 2)"
+    seeds = sorted({f.seed for f in folds})
+    rows = sorted({(f.kind, f.size) for f in folds})
+    by_key = {(f.kind, f.size, f.seed): f for f in folds}
+    header = f"{'kind':13s} {'cases':>5s} " + " ".join(f"{'seed ' + str(s):>7s}" for s in seeds) + "  validation"
+    lines = [header, "-" * len(header)]
+    for kind, size in rows:
+        cells = [by_key.get((kind, size, s)) for s in seeds]
+        val_sizes = {len(c.val) for c in cells if c is not None}
+        lines.append(
+            f"{kind:13s} {size:5d} "
+            + " ".join(f"{(str(c.fold) if c else '-'):>7s}" for c in cells)
+            + f"  {'/'.join(str(v) for v in sorted(val_sizes))} cases"
+        )
+    return "\n".join(lines)
