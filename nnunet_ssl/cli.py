@@ -87,6 +87,54 @@ def cmd_inspect_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from nnunet_ssl.plans.plan_command import plan_and_preprocess
+    from nnunet_ssl.plans.planner import SwinPlanSettings
+
+    settings = SwinPlanSettings(
+        preset=args.preset,
+        modality=args.modality,
+        hu_window=tuple(args.hu_window),
+        spacing_xyz=tuple(args.spacing),
+        patch_size=tuple(args.patch_size) if args.patch_size else None,
+        batch_size=args.batch_size,
+        plans_name=args.plans_name,
+    )
+    plan_and_preprocess(args.dataset, settings, num_processes=args.num_processes, verify=args.verify)
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from nnunet_ssl.nnunet_paths import preprocessed_dataset_folder
+    from nnunet_ssl.splits import MANIFEST_FILE, SplitRequest, apply_split_request, fold_table, read_manifest
+
+    folder = preprocessed_dataset_folder(args.dataset)
+    if args.list:
+        sys.stdout.write(f"{folder / MANIFEST_FILE}\n{fold_table(read_manifest(folder / MANIFEST_FILE))}\n")
+        return 0
+    if bool(args.shots) == bool(args.sizes):
+        raise ValueError("give --shots (few-shot folds) or --sizes (data-limited folds), or --list")
+    request = SplitRequest(
+        kind="few_shot" if args.shots else "data_limited",
+        sizes=tuple(args.shots or args.sizes),
+        seeds=tuple(args.seeds),
+        val_cases=args.val_cases,
+        val_from_fold=args.val_from_fold,
+    )
+    result = apply_split_request(folder, request)
+    if result.created_default:
+        logger.info("no splits_final.json yet: created nnU-Net's default 5 folds first (seed 12345)")
+    if result.backup is not None:
+        logger.info("backed up the previous split file to %s", result.backup)
+    logger.info(
+        "%d new fold(s), %d already present; validation set: %d cases", len(result.new_folds),
+        len(result.folds) - len(result.new_folds), len(result.folds[0].val),
+    )
+    sys.stdout.write(fold_table(result.folds) + "\n")
+    sys.stdout.write("train a fold with: nnUNetv2_train DATASET 3d_fullres FOLD -tr TRAINER [-p PLANS]\n")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nnunet_ssl.demo import Demo, DemoConfig, DemoError
 
@@ -179,6 +227,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cka(args: argparse.Namespace) -> int:
+    from nnunet_ssl.analysis.cka_run import (
+        CKASettings,
+        format_table,
+        run_cka,
+        write_outputs,
+    )
+
+    settings = CKASettings(
+        pretrained=args.pretrained, finetuned=args.finetuned, data=args.data, out=args.out, layers=args.layers,
+        checkpoint=args.checkpoint, patches_per_case=args.patches_per_case, batch_size=args.batch_size,
+        seed=args.seed, device=args.device,
+    )
+    result = run_cka(settings)
+    paths = write_outputs(result, settings)
+    logger.info("CKA pretrained vs fine-tuned, same layer (%d patches):\n%s", result.examples,
+                format_table(result.per_layer()))
+    logger.info("wrote %s", ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import os
+
+    from nnunet_ssl.analysis.report import ReportConfig, headline_markdown, make_report
+
+    results, preprocessed = os.environ.get("nnUNet_results"), os.environ.get("nnUNet_preprocessed")
+    if not results:
+        raise ValueError("nnUNet_results is not set; export it as for any nnU-Net command")
+    if not preprocessed:
+        logger.warning("nnUNet_preprocessed is not set: no few-shot manifest and no check against splits_final.json")
+    config = ReportConfig(
+        dataset=args.dataset, trainers=tuple(args.trainers), out_dir=Path(args.out), results_root=Path(results),
+        preprocessed_root=Path(preprocessed) if preprocessed else None, reference=args.reference, plans=args.plans,
+        configuration=args.configuration, folds=tuple(args.folds) if args.folds else None,
+        test_images=Path(args.test_images) if args.test_images else None,
+        test_labels=Path(args.test_labels) if args.test_labels else None,
+        checkpoint=args.checkpoint, device=args.device, hd95=args.hd95,
+    )
+    report = make_report(config)
+    sys.stdout.write(headline_markdown(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ssl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -233,6 +325,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which encoder: default = teacher for distillation methods, else the student")
     p.add_argument("--decoder-seed", type=int, default=0)
 
+    p = add("plan", cmd_plan, "plan and preprocess a dataset with the paper's setup (own plans file)")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name or id in nnUNet_raw")
+    p.add_argument("--preset", default="smit", help="architecture preset; its input size is the patch (default smit)")
+    p.add_argument("--modality", choices=["ct", "mr"], help="for every channel (default: dataset.json channel names)")
+    p.add_argument("--hu-window", type=float, nargs=2, default=[-175.0, 250.0], metavar=("LOW", "HIGH"),
+                   help="CT window in HU mapped to [0, 1] (default -175 250)")
+    p.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0], metavar=("X", "Y", "Z"),
+                   help="target spacing in mm along the image x, y, z axes (default 1.5 1.5 2)")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   help="patch size in nnU-Net's axis order (default: the preset's, cubic)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--plans-name", default="nnUNetSwinPlans", help="plans identifier for -p (default nnUNetSwinPlans)")
+    p.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
+    p.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
+
+    p = add("split", cmd_split, "append nested few-shot / data-limited folds to splits_final.json")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name or id (must be preprocessed)")
+    p.add_argument("--shots", type=int, nargs="+", help="few-shot training set sizes, e.g. 5 10 20")
+    p.add_argument("--sizes", type=int, nargs="+", help="data-limited training set sizes, e.g. 20 40 60")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one nested family of folds per seed")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--val-cases", type=int, help="draw a fixed validation set of N cases")
+    group.add_argument("--val-from-fold", type=int, help="use this fold's validation set (default: fold 0)")
+    p.add_argument("--list", action="store_true", help="show the folds made so far and exit")
+
     p = add("demo", cmd_demo, "run the whole story on generated phantoms (resumes when re-run)")
     p.add_argument("--out", default="demo_work", help="work folder (default: demo_work)")
 
@@ -242,6 +359,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", help="dataset name or id (needs nnUNet_preprocessed)")
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+
+    p = add("cka", cmd_cka, "layer-wise CKA between a pretrained encoder and its fine-tuned nnU-Net encoder")
+    p.add_argument("--pretrained", required=True, help="weights file from `nnunet-ssl export`, or a pretraining run")
+    p.add_argument("--finetuned", required=True, help="nnU-Net results fold: .../<Trainer>__<plans>__<config>/fold_N")
+    p.add_argument("--data", required=True, help="raw images in nnU-Net format (CASE_0000.nii.gz ...), e.g. imagesTs")
+    p.add_argument("--out", required=True, help="output folder (CSV tables, PNG figures, settings)")
+    p.add_argument("--layers", default="all", help="'all' or comma-separated names: embed,stage1.block1,...")
+    p.add_argument("--checkpoint", choices=["final", "best"], default="final", help="fold checkpoint to compare")
+    p.add_argument("--patches-per-case", type=int, default=4, help="seeded random crops per case (default 4)")
+    p.add_argument("--batch-size", type=int, default=8, help="patches per minibatch, at least 4 (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patch positions")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+
+    p = add("report", cmd_report, "transfer report: Dice, gap % and Wilcoxon p vs a reference, few-shot, curves")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
+    p.add_argument("--trainers", nargs="+", required=True, help="trainer class names to compare")
+    p.add_argument("--reference", help="trainer the others are compared with (default: the first of --trainers)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-f", "--folds", type=int, nargs="+", help="folds (default: all found, plus the few-shot manifest's)")
+    p.add_argument("--test-images", help="score on this test set (nnU-Net layout, CASE_0000.nii.gz ...) ...")
+    p.add_argument("--test-labels", help="... with these labels (CASE.nii.gz); default: nnU-Net's validation")
+    p.add_argument("--checkpoint", choices=["final", "best"], default="final", help="checkpoint to predict with")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="prediction device (default: cuda if available)")
+    p.add_argument("--hd95", action="store_true", help="also the 95th-percentile Hausdorff distance (needs MONAI)")
+    p.add_argument("--out", required=True, help="report folder (report.md, CSVs, PNGs, predictions/)")
     return parser
 
 
@@ -255,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (WeightsError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (WeightsError, FileNotFoundError, FileExistsError, ValueError) as error:  # SplitError is a ValueError
         logger.error("%s", error)
         return 1
 

@@ -200,7 +200,7 @@ class SwinTrainerBase(nnUNetTrainer):
     def on_epoch_end(self) -> None:
         super().on_epoch_end()
         patience = self.active_recipe.early_stopping_patience
-        history = list(self.logger.my_fantastic_logging.get("ema_fg_dice", []))
+        history = [float(v) for v in self.logger.get_value("ema_fg_dice", step=None)]
         if self.current_epoch < self.num_epochs and should_stop_early(history, patience):
             self.print_to_log_file(
                 f"Early stopping after epoch {self.current_epoch - 1}: no better EMA pseudo-Dice for {patience} "

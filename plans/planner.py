@@ -1,0 +1,201 @@
+"""The paper's planning setup as an nnU-Net experiment planner.
+
+nnU-Net cannot find a plugin planner by name (``-pl`` only searches the nnunetv2 package), so
+``nnunet-ssl plan`` runs this planner through nnU-Net's API (see :mod:`nnunet_ssl.plans.plan_command`).
+It plans nnU-Net's way and then applies the paper's settings to the ``3d_fullres`` configuration,
+in its own plans file, never touching nnU-Net's ``nnUNetPlans.json``:
+
+* target spacing 1.5 x 1.5 x 2 mm (x, y, z; nnU-Net stores spacings in reversed image-axis order);
+* patch 96^3 (128^3 for ``smit128``: the preset's ``input_size``), batch size 2;
+* CT: a fixed HU window [L, U] mapped to [0, 1] with the built-in ``CTNormalization`` (clip to
+  percentiles L and U, subtract mean = L, divide by std = U - L), so training and
+  ``nnUNetv2_predict`` apply exactly the same mapping; MR: nnU-Net's z-score.
+
+The plans keep nnU-Net's U-Net architecture entry, recomputed for the new patch size, so the file
+stays valid for nnU-Net's own trainers; the Swin trainers build their network from the preset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+from nnunet_ssl.networks.presets import get_preset
+
+#: Name of the plans file (and plans identifier) the plugin writes by default.
+DEFAULT_PLANS_NAME = "nnUNetSwinPlans"
+#: Only this configuration is planned: the Swin trainers are 3D only.
+CONFIGURATION = "3d_fullres"
+MODALITIES = ("ct", "mr")
+
+
+@dataclass(frozen=True)
+class SwinPlanSettings:
+    """What ``nnunet-ssl plan`` applies on top of nnU-Net's planning.
+
+    Attributes:
+        preset: Architecture preset; its ``input_size`` is the default patch edge.
+        modality: ``"ct"`` or ``"mr"`` for every channel, or None to read each channel's name from
+            dataset.json (``CT`` -> ct, anything else -> mr).
+        hu_window: CT window (lower, upper) in HU, mapped to [0, 1].
+        spacing_xyz: Target spacing in mm along the image's x, y, z axes.
+        patch_size: Patch edge lengths (z, y, x as nnU-Net stores them); None = the preset's ``input_size``, cubic.
+        batch_size: Patches per training step.
+        plans_name: Plans identifier and file name (``<plans_name>.json``).
+    """
+
+    preset: str = "smit"
+    modality: str | None = None
+    hu_window: tuple[float, float] = (-175.0, 250.0)
+    spacing_xyz: tuple[float, float, float] = (1.5, 1.5, 2.0)
+    patch_size: tuple[int, int, int] | None = None
+    batch_size: int = 2
+    plans_name: str = DEFAULT_PLANS_NAME
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)  # raises on unknown names
+        if self.modality is not None and self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES} or None, got {self.modality!r}")
+        low, high = self.hu_window
+        if not high > low:
+            raise ValueError(f"the HU window must have lower < upper, got {list(self.hu_window)}")
+        if len(self.spacing_xyz) != 3 or min(self.spacing_xyz) <= 0 or max(self.spacing_xyz) > 20:
+            raise ValueError(f"spacing must be three positive sizes in mm (<= 20), got {list(self.spacing_xyz)}")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 64
+                                            or any(p % 32 for p in self.patch_size)):
+            raise ValueError(
+                f"patch size must be three multiples of 32, each >= 64 (the encoder's stride), got {self.patch_size}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.plans_name == "nnUNetPlans":
+            raise ValueError("nnUNetPlans is nnU-Net's own plans file; choose another --plans-name")
+
+    @property
+    def spacing_nnunet(self) -> list[float]:
+        """The spacing in nnU-Net's axis order (z, y, x): its readers reverse the image axes."""
+        return [float(s) for s in reversed(self.spacing_xyz)]
+
+    @property
+    def patch(self) -> list[int]:
+        if self.patch_size is not None:
+            return [int(p) for p in self.patch_size]
+        return [get_preset(self.preset).input_size] * 3
+
+
+def window_properties(low: float, high: float, fingerprint_properties: dict[str, Any]) -> dict[str, Any]:
+    """CTNormalization properties mapping [low, high] HU affinely to [0, 1] (and clipping outside).
+
+    ``CTNormalization`` computes ``(clip(x, p00_5, p99_5) - mean) / std``; with p00_5 = mean = low and
+    p99_5 = high, std = high - low this is the window. The fingerprint's other statistics are kept.
+    """
+    return {**fingerprint_properties, "mean": float(low), "std": float(high - low),
+            "percentile_00_5": float(low), "percentile_99_5": float(high)}
+
+
+def channel_modalities(dataset_json: dict[str, Any], modality: str | None) -> list[str]:
+    """``ct``/``mr`` per input channel."""
+    names = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    ordered = [names[k] for k in sorted(names, key=int)]
+    if modality is not None:
+        return [modality] * len(ordered)
+    return ["ct" if str(n).strip().upper() == "CT" else "mr" for n in ordered]
+
+
+class SwinPlanner(ExperimentPlanner):
+    """nnU-Net's ExperimentPlanner with the paper's setup applied to ``3d_fullres`` (see module doc)."""
+
+    def __init__(self, dataset_name_or_id: str | int, settings: SwinPlanSettings) -> None:
+        super().__init__(
+            dataset_name_or_id,
+            plans_name=settings.plans_name,
+            overwrite_target_spacing=settings.spacing_nnunet,
+        )
+        self.settings = settings
+
+    def save_plans(self, plans: dict) -> None:
+        """nnU-Net calls this at the end of ``plan_experiment``: adapt, then save as usual."""
+        super().save_plans(self.adapt_plans(plans))
+
+    def adapt_plans(self, plans: dict) -> dict:
+        """Keep only ``3d_fullres`` and apply patch, batch and normalization settings."""
+        if CONFIGURATION not in plans["configurations"]:
+            raise ValueError(f"{self.dataset_name} is not a 3D dataset: nnU-Net planned no {CONFIGURATION}")
+        config = plans["configurations"][CONFIGURATION]
+        config.pop("next_stage", None)
+        plans["configurations"] = {CONFIGURATION: config}
+        self._set_patch_and_batch(config)
+        self._set_normalization(plans, config)
+        plans["nnunet_ssl"] = {
+            "planner": type(self).__name__,
+            "preset": self.settings.preset,
+            "spacing_xyz_mm": list(self.settings.spacing_xyz),
+            "hu_window": list(self.settings.hu_window),
+            "modalities": channel_modalities(self.dataset_json, self.settings.modality),
+        }
+        return plans
+
+    def _set_patch_and_batch(self, config: dict) -> None:
+        patch = self.settings.patch
+        spacing = config["spacing"]
+        _, pool_kernels, conv_kernels, fitted, _ = get_pool_and_conv_props(
+            spacing, patch, self.UNet_featuremap_min_edge_length, 999999
+        )
+        if list(fitted) != patch:
+            raise ValueError(f"nnU-Net's topology cannot use patch {patch} at spacing {spacing} (it wants {fitted})")
+        stages = len(pool_kernels)
+        arch = config["architecture"]["arch_kwargs"]
+        arch.update({
+            "n_stages": stages,
+            "kernel_sizes": conv_kernels,
+            "strides": pool_kernels,
+            "features_per_stage": [min(self.UNet_max_features_3d, self.UNet_base_num_features * 2**i)
+                                   for i in range(stages)],
+            "n_conv_per_stage": list(self.UNet_blocks_per_stage_encoder[:stages]),
+            "n_conv_per_stage_decoder": list(self.UNet_blocks_per_stage_decoder[:stages - 1]),
+        })
+        config["patch_size"] = patch
+        config["batch_size"] = self.settings.batch_size
+
+    def _set_normalization(self, plans: dict, config: dict) -> None:
+        modalities = channel_modalities(self.dataset_json, self.settings.modality)
+        properties = plans["foreground_intensity_properties_per_channel"]
+        low, high = self.settings.hu_window
+        schemes, masks = [], []
+        for channel, modality in enumerate(modalities):
+            if modality == "ct":
+                schemes.append("CTNormalization")
+                masks.append(False)
+                properties[str(channel)] = window_properties(low, high, properties.get(str(channel), {}))
+            else:
+                schemes.append("ZScoreNormalization")
+                masks.append(bool(config["use_mask_for_norm"][channel]))
+        config["normalization_schemes"] = schemes
+        config["use_mask_for_norm"] = masks
+
+
+def summarize_plans(plans: dict, settings: SwinPlanSettings) -> str:
+    """A short human summary of what was planned."""
+    config = plans["configurations"][CONFIGURATION]
+    props = plans["foreground_intensity_properties_per_channel"]
+    median = config.get("median_image_size_in_voxels")
+    lines = [
+        f"plans {plans['plans_name']} for {plans['dataset_name']} ({CONFIGURATION}, preset {settings.preset})",
+        f"  spacing      {' x '.join(f'{s:g}' for s in settings.spacing_xyz)} mm (x, y, z); "
+        f"nnU-Net order {[round(float(s), 4) for s in config['spacing']]}",
+        f"  patch        {config['patch_size']} (z, y, x), batch size {config['batch_size']}",
+    ]
+    if median is not None:
+        lines.append(f"  median image {[int(round(m)) for m in np.asarray(median).tolist()]} voxels after resampling")
+    for channel, scheme in enumerate(config["normalization_schemes"]):
+        p = props.get(str(channel), {})
+        if scheme == "CTNormalization":
+            lines.append(
+                f"  channel {channel}   CT window [{p['percentile_00_5']:g}, {p['percentile_99_5']:g}] HU -> [0, 1]"
+            )
+        else:
+            lines.append(f"  channel {channel}   {scheme} (per image)")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Run nnU-Net and nnunet-ssl commands in subprocesses with a test's own nnU-Net folders."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from nnunet_ssl.cli import ext_trainer_path
+
+BIN = Path(sys.executable).parent
+
+
+class NnUNet:
+    """nnU-Net's folders under ``root`` (raw data in ``raw``); every command gets them in its environment."""
+
+    def __init__(self, root: Path, raw: Path, dataset: str = "Dataset501_Phantom") -> None:
+        self.root = root
+        self.dataset = dataset
+        self.env = {
+            **os.environ,
+            "nnUNet_raw": str(raw),
+            "nnUNet_preprocessed": str(root / "preprocessed"),
+            "nnUNet_results": str(root / "results"),
+            "nnUNet_extTrainer": str(ext_trainer_path()),
+            "nnUNet_def_n_proc": "1",
+            "nnUNet_n_proc_DA": "1",
+            "OMP_NUM_THREADS": "2",
+        }
+
+    def run(self, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+        command = [str(BIN / args[0]), *args[1:]]
+        result = subprocess.run(
+            command, env=self.env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
+        return result
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / "preprocessed" / self.dataset
+
+    def fold_dir(self, trainer: str, fold: int = 0, plans: str = "nnUNetPlans") -> Path:
+        return self.root / "results" / self.dataset / f"{trainer}__{plans}__3d_fullres" / f"fold_{fold}"
+
+    def training_log(self, trainer: str, fold: int = 0, plans: str = "nnUNetPlans") -> str:
+        logs = sorted(self.fold_dir(trainer, fold, plans).glob("training_log_*.txt"))
+        return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in logs)
