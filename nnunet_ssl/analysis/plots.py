@@ -49,3 +49,83 @@ def plot_cka_heatmap(
         axes.set_title(title)
     figure.savefig(path, dpi=120)
     return Path(path)
+
+
+# --- transfer report (nnunet-ssl report) ---------------------------------------------------------------
+
+
+def _trainer_colors(trainers: Sequence[str]) -> dict[str, object]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    return {trainer: palette(i % 10) for i, trainer in enumerate(dict.fromkeys(trainers))}
+
+
+def plot_validation_dice(curves: Sequence, path: Path) -> Path:
+    """Validation pseudo-Dice (nnU-Net's EMA) vs epoch: one line per run, one colour per trainer.
+
+    Args:
+        curves: ``TrainingCurves`` (``nnunet_ssl.analysis.curves``) of the runs to show.
+    """
+    figure = _new_figure(7.0, 4.5)
+    axes = figure.add_subplot()
+    colors = _trainer_colors([c.trainer for c in curves])
+    for run in curves:
+        values = run.series["ema_fg_dice"]
+        axes.plot(np.arange(len(values)), values, color=colors[run.trainer], label=f"{run.trainer} fold {run.fold}")
+        raw = run.series["mean_fg_dice"]
+        axes.plot(np.arange(len(raw)), raw, color=colors[run.trainer], alpha=0.25, linewidth=0.8)
+    axes.set_xlabel("epoch")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_ylabel("validation pseudo-Dice (EMA; faint: per epoch)")
+    axes.grid(alpha=0.3)
+    if curves:
+        axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_losses(curves: Sequence, path: Path) -> Path:
+    """Training and validation loss vs epoch, side by side, one colour per trainer."""
+    figure = _new_figure(11.0, 4.5)
+    colors = _trainer_colors([c.trainer for c in curves])
+    for index, (key, title) in enumerate((("train_losses", "training loss"), ("val_losses", "validation loss"))):
+        axes = figure.add_subplot(1, 2, index + 1)
+        for run in curves:
+            values = run.series[key]
+            axes.plot(np.arange(len(values)), values, color=colors[run.trainer], label=f"{run.trainer} fold {run.fold}")
+        axes.set_xlabel("epoch")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+        if curves and index == 1:
+            axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_few_shot(rows: Sequence, path: Path) -> Path:
+    """Mean Dice over seeds (error bars: std) vs training-set size, one panel per kind.
+
+    Args:
+        rows: ``FewShotRow`` (``nnunet_ssl.analysis.fewshot``) with ``structure == "overall"``.
+    """
+    kinds = list(dict.fromkeys(r.kind for r in rows)) or ["few_shot"]
+    figure = _new_figure(5.5 * len(kinds), 4.5)
+    colors = _trainer_colors([r.trainer for r in rows])
+    for index, kind in enumerate(kinds):
+        axes = figure.add_subplot(1, len(kinds), index + 1)
+        for trainer in colors:
+            points = sorted((r.size, r.stats.mean, r.stats.std) for r in rows if r.kind == kind and r.trainer == trainer)
+            if points:
+                sizes, means, stds = zip(*points)
+                axes.errorbar(sizes, means, yerr=np.nan_to_num(stds), marker="o", capsize=3, color=colors[trainer],
+                              label=trainer)
+        axes.set_xticks(sorted({r.size for r in rows if r.kind == kind}))
+        axes.set_xlabel("training cases")
+        axes.set_ylabel("mean Dice over seeds")
+        axes.set_title(kind.replace("_", " "))
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+    return Path(path)

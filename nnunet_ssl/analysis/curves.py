@@ -1,0 +1,69 @@
+"""Training curves from nnU-Net checkpoints (the ``logging`` entry nnU-Net saves in every checkpoint)."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: nnU-Net's per-epoch lists in ``checkpoint["logging"]`` (``nnunetv2/training/logging/nnunet_logger.py``).
+SERIES = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "lrs")
+#: Checkpoints to read, finished run first; ``checkpoint_latest.pth`` covers a run still going.
+CHECKPOINT_FILES = ("checkpoint_final.pth", "checkpoint_latest.pth")
+
+
+@dataclass(frozen=True)
+class TrainingCurves:
+    """Per-epoch values of one run (epoch ``i`` at index ``i``; NaN where nnU-Net logged nothing).
+
+    Attributes:
+        source: The checkpoint file they were read from.
+        series: Name in :data:`SERIES` -> values per epoch.
+    """
+
+    trainer: str
+    fold: int
+    source: Path
+    series: dict[str, list[float]]
+
+    @property
+    def epochs(self) -> int:
+        return max((len(v) for v in self.series.values()), default=0)
+
+
+def load_curves(fold_dir: Path, trainer: str, fold: int) -> TrainingCurves | None:
+    """Curves from ``checkpoint_final.pth`` (else ``checkpoint_latest.pth``); None without a checkpoint."""
+    import torch
+
+    for name in CHECKPOINT_FILES:
+        path = fold_dir / name
+        if path.is_file():
+            # weights_only=False: nnU-Net's own checkpoints hold numpy objects (its logger keeps numpy
+            # floats and arrays) that the safe loader refuses; these are files nnU-Net wrote itself.
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            log = checkpoint.get("logging") or {}
+            series = {key: [_float(v) for v in log.get(key, [])] for key in SERIES}
+            return TrainingCurves(trainer, fold, path, series)
+    return None
+
+
+def _float(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def curve_rows(curves: list[TrainingCurves]) -> list[dict[str, object]]:
+    """Long table: one row per (trainer, fold, epoch) with every series."""
+    rows = []
+    for run in curves:
+        for epoch in range(run.epochs):
+            row: dict[str, object] = {"trainer": run.trainer, "fold": run.fold, "epoch": epoch}
+            for key in SERIES:
+                values = run.series[key]
+                row[key] = values[epoch] if epoch < len(values) else math.nan
+            rows.append(row)
+    return rows

@@ -1,0 +1,235 @@
+"""Find nnU-Net training runs and read their validation Dice.
+
+A run is one (trainer, fold) in ``$nnUNet_results/<Dataset>/<Trainer>__<plans>__<configuration>/fold_N/``.
+Every run asked for gets a :class:`RunResult`; runs that cannot be scored are ``missing`` or
+``incomplete`` with the reason, so reports can list them instead of dropping them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nnunet_ssl.analysis.stats import nan_mean
+
+logger = logging.getLogger(__name__)
+
+COMPLETE = "complete"
+INCOMPLETE = "incomplete"
+MISSING = "missing"
+
+#: ``--checkpoint`` choice -> nnU-Net's file name.
+CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
+
+
+@dataclass
+class RunResult:
+    """Per-case scores of one (trainer, fold), or why there are none.
+
+    Attributes:
+        status: ``complete``, ``incomplete`` or ``missing``.
+        reason: Why the run is not complete (empty when complete).
+        dice: ``{case_id: {structure: Dice}}`` (NaN: structure absent from prediction and reference).
+        hd95: Same layout for the 95th-percentile Hausdorff distance in mm, when computed.
+    """
+
+    trainer: str
+    fold: int
+    status: str
+    reason: str = ""
+    dice: dict[str, dict[str, float]] = field(default_factory=dict)
+    hd95: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == COMPLETE
+
+
+@dataclass(frozen=True)
+class ResultsLayout:
+    """Where one dataset's nnU-Net files are."""
+
+    results_root: Path
+    dataset_name: str
+    plans: str = "nnUNetPlans"
+    configuration: str = "3d_fullres"
+    preprocessed_root: Path | None = None
+
+    def model_dir(self, trainer: str) -> Path:
+        return self.results_root / self.dataset_name / f"{trainer}__{self.plans}__{self.configuration}"
+
+    def fold_dir(self, trainer: str, fold: int) -> Path:
+        return self.model_dir(trainer) / f"fold_{fold}"
+
+    @property
+    def preprocessed_dir(self) -> Path | None:
+        return None if self.preprocessed_root is None else self.preprocessed_root / self.dataset_name
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the report needs from ``dataset.json``.
+
+    Attributes:
+        structures: nnU-Net's summary key (``"1"``, or ``"(1, 2)"`` for a region) -> structure name,
+            foreground only, in label order.
+        label_values: Structure name -> integer label (plain labels only; empty for region datasets).
+    """
+
+    structures: dict[str, str]
+    label_values: dict[str, int]
+    file_ending: str
+    dataset_json: dict
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.structures.values())
+
+
+def dataset_info(dataset_json: dict) -> DatasetInfo:
+    """Structure names and keys from nnU-Net's ``dataset.json`` content."""
+    structures: dict[str, str] = {}
+    label_values: dict[str, int] = {}
+    for name, value in dataset_json["labels"].items():
+        if isinstance(value, int):
+            if value == 0:
+                continue
+            structures[str(value)] = name
+            label_values[name] = value
+        else:  # a region: nnU-Net keys it by str(tuple)
+            structures[str(tuple(int(v) for v in value))] = name
+    return DatasetInfo(structures, label_values, dataset_json["file_ending"], dataset_json)
+
+
+def load_dataset_info(layout: ResultsLayout, trainers: list[str]) -> DatasetInfo:
+    """``dataset.json`` from nnUNet_preprocessed, else from the first trainer's results folder that has one.
+
+    Raises:
+        FileNotFoundError: when neither exists.
+    """
+    candidates = [] if layout.preprocessed_dir is None else [layout.preprocessed_dir / "dataset.json"]
+    candidates += [layout.model_dir(t) / "dataset.json" for t in trainers]
+    for path in candidates:
+        if path.is_file():
+            return dataset_info(json.loads(path.read_text()))
+    raise FileNotFoundError(
+        f"no dataset.json for {layout.dataset_name}: looked in {', '.join(str(p) for p in candidates)}"
+    )
+
+
+def discover_folds(layout: ResultsLayout, trainers: list[str]) -> list[int]:
+    """Every ``fold_N`` folder of any of the trainers (so one trainer's fold shows as missing for the others)."""
+    folds: set[int] = set()
+    for trainer in trainers:
+        model_dir = layout.model_dir(trainer)
+        if model_dir.is_dir():
+            for path in model_dir.iterdir():
+                match = re.fullmatch(r"fold_(\d+)", path.name)
+                if match and path.is_dir():
+                    folds.add(int(match.group(1)))
+    return sorted(folds)
+
+
+def training_state(fold_dir: Path, checkpoint: str = "final") -> tuple[str, str]:
+    """(status, reason) of a training run from its files.
+
+    Complete needs ``checkpoint_final.pth`` (nnU-Net writes it when training ends) and, for
+    ``checkpoint="best"``, ``checkpoint_best.pth`` too.
+    """
+    if not fold_dir.parent.is_dir():
+        return MISSING, f"no results folder {fold_dir.parent}"
+    if not fold_dir.is_dir():
+        return MISSING, f"no {fold_dir.name} folder (not trained)"
+    if not (fold_dir / CHECKPOINTS["final"]).is_file():
+        if (fold_dir / "checkpoint_latest.pth").is_file():
+            return INCOMPLETE, "training not finished (checkpoint_latest.pth, no checkpoint_final.pth)"
+        return INCOMPLETE, "no checkpoint_final.pth (training not finished or failed)"
+    if not (fold_dir / CHECKPOINTS[checkpoint]).is_file():
+        return INCOMPLETE, f"no {CHECKPOINTS[checkpoint]}"
+    return COMPLETE, ""
+
+
+def case_id(path: str, file_ending: str) -> str:
+    """Case id from a file path: the base name without ``file_ending``."""
+    name = Path(path).name
+    return name[: -len(file_ending)] if file_ending and name.endswith(file_ending) else name
+
+
+def read_validation_summary(path: Path, info: DatasetInfo) -> dict[str, dict[str, float]]:
+    """Per-case Dice per structure from nnU-Net's ``validation/summary.json``.
+
+    The file (``nnunetv2/evaluation/evaluate_predictions.py``) holds ``metric_per_case``: a list of
+    ``{"reference_file", "prediction_file", "metrics": {"1": {"Dice": ..., "IoU": ..., ...}, ...}}``;
+    metric keys are labels (``"1"``) or regions (``"(1, 2)"``). JSON ``NaN`` is read as NaN.
+
+    Raises:
+        ValueError: when a structure of ``dataset.json`` is missing from a case's metrics.
+    """
+    summary = json.loads(path.read_text())
+    scores: dict[str, dict[str, float]] = {}
+    for entry in summary["metric_per_case"]:
+        case = case_id(entry["reference_file"], info.file_ending)
+        metrics = entry["metrics"]
+        missing = [key for key in info.structures if key not in metrics]
+        if missing:
+            raise ValueError(f"{path}: case {case} has no metrics for label(s) {missing}")
+        scores[case] = {
+            name: _as_float(metrics[key].get("Dice")) for key, name in info.structures.items()
+        }
+    return scores
+
+
+def _as_float(value: object) -> float:
+    return float("nan") if value is None else float(value)  # type: ignore[arg-type]
+
+
+def expected_validation_cases(layout: ResultsLayout, fold: int) -> list[str] | None:
+    """Validation cases of ``fold`` from ``splits_final.json``, or None when that file or fold is not there."""
+    if layout.preprocessed_dir is None:
+        return None
+    path = layout.preprocessed_dir / "splits_final.json"
+    if not path.is_file():
+        return None
+    splits = json.loads(path.read_text())
+    return list(splits[fold]["val"]) if fold < len(splits) else None
+
+
+def collect_validation_run(layout: ResultsLayout, info: DatasetInfo, trainer: str, fold: int) -> RunResult:
+    """A run scored by nnU-Net's own validation (``validation/summary.json``, final checkpoint)."""
+    fold_dir = layout.fold_dir(trainer, fold)
+    status, reason = training_state(fold_dir)
+    if status != COMPLETE:
+        return RunResult(trainer, fold, status, reason)
+    summary = fold_dir / "validation" / "summary.json"
+    if not summary.is_file():
+        return RunResult(trainer, fold, INCOMPLETE, "no validation/summary.json (run nnUNetv2_train ... --val)")
+    dice = read_validation_summary(summary, info)
+    expected = expected_validation_cases(layout, fold)
+    if expected is not None:
+        absent = sorted(set(expected) - set(dice))
+        if absent:
+            return RunResult(
+                trainer, fold, INCOMPLETE,
+                f"validation summary lacks {len(absent)} of {len(expected)} cases ({', '.join(absent[:5])})", dice,
+            )
+    if not dice:
+        return RunResult(trainer, fold, INCOMPLETE, "validation summary has no cases")
+    return RunResult(trainer, fold, COMPLETE, "", dice)
+
+
+def mean_over_runs(runs: list[RunResult], attribute: str = "dice") -> dict[str, dict[str, float]]:
+    """Per case and structure, the mean over the runs that scored it (NaN skipped).
+
+    With nnU-Net's cross-validation each case is scored by exactly one fold, so this is that score;
+    on a shared test set it is the mean over folds.
+    """
+    collected: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for case, scores in getattr(run, attribute).items():
+            for structure, value in scores.items():
+                collected.setdefault(case, {}).setdefault(structure, []).append(value)
+    return {
+        case: {s: nan_mean(values) for s, values in scores.items()} for case, scores in collected.items()
+    }
