@@ -217,3 +217,69 @@ def test_multichannel_dataset_trains_from_scratch(tmp_path: Path) -> None:
     assert checkpoint["network_weights"]["encoder.patch_embed.weight"].shape[1] == 2
     assert checkpoint["network_weights"]["decoder.skip_blocks.0.conv1.conv.weight"].shape[1] == 2
     assert (fold / "validation" / "summary.json").is_file()
+
+
+def test_report_scores_validation_and_test_set_and_reuses_predictions(nnunet: NnUNet, trained_scratch: Path) -> None:
+    """`nnunet-ssl report` on a real nnU-Net run: validation summary, then the phantom test set (in-process
+    prediction, nnUNet_extTrainer set by the report itself), then a re-run that predicts nothing."""
+    import csv
+
+    untrained = "SwinSimMIMTrainer_tiny_2epochs"
+    raw = Path(nnunet.env["nnUNet_raw"]) / "Dataset501_Phantom"
+    env = {k: v for k, v in nnunet.env.items() if k != "nnUNet_extTrainer"}
+
+    def report(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        command = [str(BIN / "nnunet-ssl"), "report", "-d", "501", "--trainers", SCRATCH, untrained, "-f", "0",
+                   "--out", str(out), *extra]
+        result = subprocess.run(command, check=False, env=env, capture_output=True, encoding="utf-8", errors="replace",
+                                timeout=900)
+        assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    def rows(path: Path) -> list[dict[str, str]]:
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    # nnU-Net's own validation (real validation/summary.json)
+    validation = report(nnunet.root / "report_val")
+    summary = json.loads((trained_scratch / "validation" / "summary.json").read_text())
+    pooled = {r["structure"]: r for r in rows(nnunet.root / "report_val" / "summary.csv")
+              if r["trainer"] == SCRATCH and r["scope"] == "pooled"}
+    labels = json.loads((raw / "dataset.json").read_text())["labels"]
+    for name in ("liver", "spleen", "kidney", "lesion"):
+        expected_mean = summary["mean"][str(labels[name])]["Dice"]
+        assert pooled[name]["mean_dice"] == "" if np.isnan(expected_mean) else \
+            float(pooled[name]["mean_dice"]) == pytest.approx(expected_mean)
+    assert f"| {untrained} | 0 | ordinary | missing |" in (nnunet.root / "report_val" / "report.md").read_text()
+    assert f"| {SCRATCH} (reference) | 0 |" in validation.stdout
+
+    # the labelled test set, predicted in-process
+    out = nnunet.root / "report_test"
+    test_args = ("--test-images", str(raw / "imagesTs"), "--test-labels", str(raw / "labelsTs"), "--device", "cpu")
+    first = report(out, *test_args, "--hd95")
+    predictions = out / "predictions" / SCRATCH / "fold_0"
+    cases = sorted(p.name for p in (raw / "labelsTs").glob("*.nii.gz"))
+    assert sorted(p.name for p in predictions.glob("*.nii.gz")) == cases
+    per_case = [r for r in rows(out / "dice_per_case.csv") if r["trainer"] == SCRATCH]
+    assert len(per_case) == len(cases) * 4 and {r["structure"] for r in per_case} == {"liver", "spleen", "kidney", "lesion"}
+    case = cases[0].removesuffix(".nii.gz")
+    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / cases[0])))
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / cases[0])))
+    from nnunet_ssl.analysis.metrics import dice_per_label
+
+    expected = dice_per_label(predicted, reference, [labels[n] for n in ("liver", "spleen", "kidney", "lesion")])
+    for row in (r for r in per_case if r["case"] == case):
+        value = expected[labels[row["structure"]]]
+        assert (row["dice"] == "" and np.isnan(value)) or float(row["dice"]) == pytest.approx(value)
+        assert "hd95" in row
+    assert any(r["dice"] and 0.0 <= float(r["dice"]) <= 1.0 for r in per_case)
+    pooled = {r["structure"]: r for r in rows(out / "summary.csv") if r["trainer"] == SCRATCH and r["scope"] == "pooled"}
+    assert pooled["overall"]["status"] == "complete" and 0.0 <= float(pooled["overall"]["mean_dice"]) <= 1.0
+    assert f"{SCRATCH} (reference)" in first.stdout and "test set: 2 cases" in (out / "report.md").read_text()
+    assert "2 test case(s) predicted now, 0 reused" in first.stderr
+
+    # a re-run reuses every prediction
+    before = {p.name: p.stat().st_mtime_ns for p in predictions.glob("*.nii.gz")}
+    second = report(out, *test_args)
+    assert "0 test case(s) predicted now, 2 reused" in second.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in predictions.glob("*.nii.gz")} == before
