@@ -33,7 +33,7 @@ def test_ema_update_is_exact_and_copies_buffers() -> None:
     s = dict(student.named_parameters())
     for name, p in teacher.named_parameters():
         expected = old[name] * m + s[name].detach() * (1 - m)
-        torch.testing.assert_close(p, expected, rtol=0, atol=1e-7)
+        torch.testing.assert_close(p, expected, rtol=0, atol=1e-6)  # lerp vs mul+add: 1 ulp
         assert not torch.equal(p, old[name])
     t_buffers = dict(teacher.named_buffers())
     for name, b in student.named_buffers():

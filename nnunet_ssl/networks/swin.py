@@ -184,9 +184,10 @@ class WindowAttention(nn.Module):
         if mask is not None:
             bias = bias[None] + mask[:, None]  # (nW, heads, N, N)
         bias = bias.to(q.dtype)
-        if q.device.type == "cpu" and bias.requires_grad:
-            # A grad-requiring mask (the learned bias) sends CPU SDPA to its math path, which adds
-            # extra passes over the logits for a "safe" softmax; plain attention is faster there.
+        if q.device.type == "cpu":
+            # With a float mask (the position bias) CPU SDPA takes its math path, which adds extra
+            # passes over the logits for a "safe" softmax: plain attention is faster there, 1.3x with
+            # gradients and 1.5-2x without (teacher forwards, inference), measured on 2 cores.
             logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
             out = torch.softmax(logits + bias, dim=-1) @ v
         else:
