@@ -265,6 +265,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         test_images=Path(args.test_images) if args.test_images else None,
         test_labels=Path(args.test_labels) if args.test_labels else None,
         checkpoint=args.checkpoint, device=args.device, hd95=args.hd95,
+        predictions=Path(args.predictions) if args.predictions else None,
     )
     report = make_report(config)
     sys.stdout.write(headline_markdown(report))
@@ -384,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["final", "best"], default="final", help="checkpoint to predict with")
     p.add_argument("--device", choices=["cpu", "cuda"], help="prediction device (default: cuda if available)")
     p.add_argument("--hd95", action="store_true", help="also the 95th-percentile Hausdorff distance (needs MONAI)")
+    p.add_argument("--predictions", help="score existing test predictions in DIR/<trainer>/fold_N/ "
+                   "(e.g. from nnUNetv2_predict) instead of predicting")
     p.add_argument("--out", required=True, help="report folder (report.md, CSVs, PNGs, predictions/)")
     return parser
 

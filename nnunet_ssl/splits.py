@@ -195,8 +195,11 @@ def read_manifest(path: Path) -> list[FoldEntry]:
         return []
     try:
         data = json.loads(path.read_text())
-        if data.get("format") != MANIFEST_FORMAT:
-            raise SplitError(f"{path} is not an nnunet-ssl split manifest (format {data.get('format')!r})")
+        if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
+            raise SplitError(
+                f"{path}: expected an nnunet-ssl split manifest ({MANIFEST_FORMAT!r} version {MANIFEST_VERSION}), "
+                f"got {data.get('format')!r} version {data.get('version')!r}"
+            )
         return [FoldEntry(**entry) for entry in data["folds"]]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise SplitError(f"{path} is unreadable ({error}); fix or move it, nothing was changed") from error

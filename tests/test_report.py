@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_ssl.analysis import stats
-from nnunet_ssl.analysis.fewshot import ManifestFold, few_shot_rows, read_manifest
+from nnunet_ssl.analysis.fewshot import few_shot_rows, manifest_by_fold
 from nnunet_ssl.analysis.report import (
     ReportConfig,
     build_report,
@@ -319,8 +319,8 @@ def test_few_shot_grouping_mean_std_over_seeds(nnunet_tree: tuple[Path, Path], t
 def test_few_shot_rows_from_hand_written_manifest(tmp_path: Path) -> None:
     path = tmp_path / "splits_manifest.json"
     path.write_text(json.dumps(MANIFEST))
-    manifest = read_manifest(path)
-    assert manifest[6] == ManifestFold(6, "few_shot", 2, 1)
+    manifest = manifest_by_fold(path)
+    assert (manifest[6].kind, manifest[6].size, manifest[6].seed) == ("few_shot", 2, 1)
     runs = [RunResult("A", 5, COMPLETE, "", {"c1": {"liver": 0.4}}), RunResult("A", 6, COMPLETE, "", {"c1": {"liver": 0.6}})]
     rows = few_shot_rows(runs, manifest, ["A"], "A", ["liver"])
     liver = next(r for r in rows if r.size == 2 and r.structure == "liver")
@@ -328,7 +328,7 @@ def test_few_shot_rows_from_hand_written_manifest(tmp_path: Path) -> None:
     assert next(r for r in rows if r.size == 4).missing == {7: "not run"}
     path.write_text(json.dumps({**MANIFEST, "version": 2}))
     with pytest.raises(ValueError, match="version 2"):
-        read_manifest(path)
+        manifest_by_fold(path)
 
 
 def test_report_without_any_complete_run_marks_everything_missing(tmp_path: Path) -> None:
@@ -407,6 +407,32 @@ def test_existing_predictions_are_reused_not_predicted_again(
     failed = collect_test_run(layout, dataset_info(DATASET_JSON), "Scratch", 0, settings)
     assert failed.status == INCOMPLETE and failed.reason.startswith("prediction failed")
 
+
+
+def test_external_predictions_are_scored_as_they_are(nnunet_tree: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--predictions DIR``: nnUNetv2_predict outputs are scored, never deleted or re-made."""
+    results, preprocessed = nnunet_tree
+    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    images.mkdir()
+    labels.mkdir()
+    reference = np.zeros((4, 8, 8), np.uint8)
+    reference[1:3, 2:6, 2:6] = 1
+    for case in ("t1", "t2"):
+        write_volume(np.zeros((4, 8, 8), np.float32), images / f"{case}_0000.nii.gz")
+        write_volume(reference, labels / f"{case}.nii.gz")
+    test_set = find_test_set(images, labels, ".nii.gz")
+    layout = ResultsLayout(results, DATASET, preprocessed_root=preprocessed)
+    external = tmp_path / "nnunet_predict_outputs"
+    out = external / "Scratch" / "fold_0"
+    out.mkdir(parents=True)
+    write_volume(reference, out / "t1.nii.gz")  # no prediction_source.json, as nnUNetv2_predict leaves it
+    settings = RunSettings(test_set, external, device="cpu", predict=False)
+    run = collect_test_run(layout, dataset_info(DATASET_JSON), "Scratch", 0, settings)
+    assert run.status == INCOMPLETE and "no prediction for 1 of 2" in run.reason
+    assert run.dice["t1"]["liver"] == pytest.approx(1.0)
+    assert (out / "t1.nii.gz").is_file() and not (out / SOURCE_FILE).exists()
+    write_volume(reference, out / "t2.nii.gz")
+    assert collect_test_run(layout, dataset_info(DATASET_JSON), "Scratch", 0, settings).status == COMPLETE
 
 def test_hd95_per_label_uses_spacing() -> None:
     pytest.importorskip("monai")

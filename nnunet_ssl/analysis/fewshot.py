@@ -7,12 +7,12 @@ folds are not listed.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_ssl.analysis.results import RunResult
+from nnunet_ssl.splits import FoldEntry, read_manifest
 from nnunet_ssl.analysis.stats import (
     OVERALL,
     Spread,
@@ -21,34 +21,13 @@ from nnunet_ssl.analysis.stats import (
     structure_means,
 )
 
-MANIFEST_FORMAT = "nnunet-ssl-splits"
-MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ManifestFold:
-    fold: int
-    kind: str
-    size: int
-    seed: int
-
-
-def read_manifest(path: Path) -> dict[int, ManifestFold]:
-    """fold -> :class:`ManifestFold`; empty when the file does not exist.
+def manifest_by_fold(path: Path) -> dict[int, FoldEntry]:
+    """fold -> manifest entry (see :mod:`nnunet_ssl.splits`); empty when the file does not exist.
 
     Raises:
-        ValueError: for another format or version.
+        ValueError: for an unreadable file or another format or version.
     """
-    if not path.is_file():
-        return {}
-    content = json.loads(path.read_text())
-    if content.get("format") != MANIFEST_FORMAT or content.get("version") != MANIFEST_VERSION:
-        raise ValueError(
-            f"{path}: expected format {MANIFEST_FORMAT!r} version {MANIFEST_VERSION}, "
-            f"got {content.get('format')!r} version {content.get('version')!r}"
-        )
-    folds = [ManifestFold(int(f["fold"]), str(f["kind"]), int(f["size"]), int(f["seed"])) for f in content["folds"]]
-    return {f.fold: f for f in folds}
+    return {entry.fold: entry for entry in read_manifest(path)}
 
 
 @dataclass(frozen=True)
@@ -82,7 +61,7 @@ def fold_means(run: RunResult, structures: list[str]) -> dict[str, float]:
 
 def few_shot_rows(
     runs: list[RunResult],
-    manifest: Mapping[int, ManifestFold],
+    manifest: Mapping[int, FoldEntry],
     trainers: list[str],
     reference: str,
     structures: list[str],
@@ -93,7 +72,7 @@ def few_shot_rows(
     Only complete runs count; a listed fold that is not complete appears in ``missing``.
     """
     by_key = {(r.trainer, r.fold): r for r in runs}
-    groups: dict[tuple[str, int], list[ManifestFold]] = {}
+    groups: dict[tuple[str, int], list[FoldEntry]] = {}
     for entry in sorted(manifest.values(), key=lambda f: (f.kind, f.size, f.seed, f.fold)):
         groups.setdefault((entry.kind, entry.size), []).append(entry)
     rows: list[FewShotRow] = []

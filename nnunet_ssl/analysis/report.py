@@ -22,9 +22,8 @@ from nnunet_ssl.analysis import plots
 from nnunet_ssl.analysis.curves import TrainingCurves, curve_rows, load_curves
 from nnunet_ssl.analysis.fewshot import (
     FewShotRow,
-    ManifestFold,
     few_shot_rows,
-    read_manifest,
+    manifest_by_fold,
 )
 from nnunet_ssl.analysis.results import (
     CHECKPOINTS,
@@ -46,10 +45,10 @@ from nnunet_ssl.analysis.stats import (
     with_overall,
 )
 from nnunet_ssl.analysis.testset import TestRunSettings, collect_test_run, find_test_set
+from nnunet_ssl.splits import MANIFEST_FILE, FoldEntry
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "splits_manifest.json"
 NEVER_AVERAGED = "incomplete and missing runs are listed below and never averaged in"
 
 
@@ -69,6 +68,9 @@ class ReportConfig:
         checkpoint: ``final`` or ``best`` (``best`` only with a test set: nnU-Net validates the final one).
         device: Prediction device (default: CUDA when available, else CPU).
         hd95: Also compute the 95th-percentile Hausdorff distance (test set; needs MONAI).
+        predictions: Score existing test-set predictions (e.g. from ``nnUNetv2_predict``) laid out as
+            ``predictions/<trainer>/fold_N/<case><ending>`` instead of predicting; a missing case
+            makes the run incomplete.
     """
 
     dataset: str
@@ -85,8 +87,13 @@ class ReportConfig:
     checkpoint: str = "final"
     device: str | None = None
     hd95: bool = False
+    predictions: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.predictions is not None and self.test_images is None:
+            raise ValueError("--predictions needs --test-labels and --test-images (to pair cases with labels)")
+        if self.predictions is not None and self.checkpoint != "final":
+            raise ValueError("--predictions scores files as they are; --checkpoint does not apply")
         if not self.trainers:
             raise ValueError("name at least one trainer")
         if (self.test_images is None) != (self.test_labels is None):
@@ -148,7 +155,7 @@ class Report:
     structures: list[str]
     evaluation: str
     runs: list[RunResult]
-    manifest: dict[int, ManifestFold]
+    manifest: dict[int, FoldEntry]
     methods: list[MethodSummary]
     few_shot: list[FewShotRow]
     curves: list[TrainingCurves]
@@ -175,7 +182,7 @@ def resolve_dataset_name(dataset: str) -> str:
         raise FileNotFoundError(f"dataset {dataset!r}: {error}") from error
 
 
-def collect_runs(config: ReportConfig, layout: ResultsLayout, manifest: dict[int, ManifestFold]) -> tuple[
+def collect_runs(config: ReportConfig, layout: ResultsLayout, manifest: dict[int, FoldEntry]) -> tuple[
     list[RunResult], list[str], str
 ]:
     """Score every (trainer, fold) asked for. Returns (runs, structure names, evaluation description)."""
@@ -190,7 +197,10 @@ def collect_runs(config: ReportConfig, layout: ResultsLayout, manifest: dict[int
     settings = None
     if config.test_images is not None and config.test_labels is not None:
         test_set = find_test_set(config.test_images, config.test_labels, info.file_ending)
-        settings = TestRunSettings(test_set, config.out_dir / "predictions", config.checkpoint, config.device, config.hd95)
+        settings = TestRunSettings(
+            test_set, config.predictions or config.out_dir / "predictions", config.checkpoint, config.device,
+            config.hd95, predict=config.predictions is None,
+        )
         evaluation = (
             f"test set: {len(test_set.cases)} cases ({config.test_images}), predicted with nnU-Net's "
             f"predictor from {CHECKPOINTS[config.checkpoint]} of each fold"
@@ -211,7 +221,7 @@ def collect_runs(config: ReportConfig, layout: ResultsLayout, manifest: dict[int
 
 
 def summarise_method(
-    trainer: str, runs: list[RunResult], manifest: dict[int, ManifestFold], structures: list[str]
+    trainer: str, runs: list[RunResult], manifest: dict[int, FoldEntry], structures: list[str]
 ) -> MethodSummary:
     """Headline numbers of one trainer over its complete ordinary folds."""
     ordinary = [r for r in runs if r.trainer == trainer and r.fold not in manifest]
@@ -235,9 +245,9 @@ def build_report(config: ReportConfig) -> Report:
     """Collect runs and compute every table (writes predictions when scoring a test set)."""
     dataset_name = resolve_dataset_name(config.dataset)
     layout = ResultsLayout(config.results_root, dataset_name, config.plans, config.configuration, config.preprocessed_root)
-    manifest: dict[int, ManifestFold] = {}
+    manifest: dict[int, FoldEntry] = {}
     if layout.preprocessed_dir is not None:
-        manifest = read_manifest(layout.preprocessed_dir / MANIFEST_FILE)
+        manifest = manifest_by_fold(layout.preprocessed_dir / MANIFEST_FILE)
         if manifest:
             logger.info("few-shot manifest: %d fold(s) (%s)", len(manifest), layout.preprocessed_dir / MANIFEST_FILE)
     runs, structures, evaluation = collect_runs(config, layout, manifest)

@@ -221,6 +221,7 @@ class TestRunSettings:
     checkpoint: str = "final"
     device: str | None = None
     hd95: bool = False
+    predict: bool = True  # False: score the files in predictions_root as they are (nnUNetv2_predict outputs)
 
 
 def collect_test_run(
@@ -232,6 +233,8 @@ def collect_test_run(
     if status != COMPLETE:
         return RunResult(trainer, fold, status, reason)
     out_dir = settings.predictions_root / trainer / f"fold_{fold}"
+    if not settings.predict:
+        return score_existing_predictions(out_dir, info, trainer, fold, settings)
     source = checkpoint_source(fold_dir / CHECKPOINTS[settings.checkpoint])
     todo = cases_to_predict(out_dir, settings.test_set.cases, info.file_ending, source)
     reused = len(settings.test_set.cases) - len(todo)
@@ -250,6 +253,13 @@ def collect_test_run(
     logger.info(
         "%s fold %d: %d test case(s) predicted now, %d reused from %s", trainer, fold, len(todo), reused, out_dir
     )
+    return score_existing_predictions(out_dir, info, trainer, fold, settings)
+
+
+def score_existing_predictions(
+    out_dir: Path, info: DatasetInfo, trainer: str, fold: int, settings: TestRunSettings
+) -> RunResult:
+    """Score the predictions in ``out_dir``; a case without one makes the run incomplete."""
     dice, distances, missing = score_predictions(out_dir, settings.test_set, info, settings.hd95)
     if missing:
         return RunResult(
