@@ -278,7 +278,7 @@ def test_report_from_fake_results_tree(nnunet_tree: tuple[Path, Path], tmp_path:
     assert float(pooled[("Scratch", "liver")]["mean_dice"]) == pytest.approx(scratch_liver)
 
     # gap and test on the 4 cases both scored (c1, c2, c5, c6)
-    stat_rows = {r["structure"]: r for r in read_csv(out / "stats.csv")}
+    stat_rows = {r["structure"]: r for r in read_csv(out / "stats.csv") if r["setting"] == "ordinary"}
     paired_scratch_liver = np.mean([0.80, 0.70, 0.75, 0.65])
     assert float(stat_rows["liver"]["gap_pct"]) == pytest.approx(100 * (smit_liver - paired_scratch_liver)
                                                                    / paired_scratch_liver)
@@ -312,8 +312,16 @@ def test_few_shot_grouping_mean_std_over_seeds(nnunet_tree: tuple[Path, Path], t
     assert smit.gap_pct == pytest.approx(100 * (0.475 - 0.40) / 0.40)
     assert rows[(4, "SMIT", "overall")].stats.n == 0
     assert rows[(4, "SMIT", "overall")].missing == {7: "missing: no fold_7 folder (not trained)"}
-    # few-shot folds never enter the headline
+    # few-shot folds never enter the ordinary headline; each size gets its own table
     assert report.method("Scratch").folds == [0, 1, 2]
+    titles = [setting.title for setting in report.settings]
+    assert titles == ["nnU-Net folds", "few-shot, 2 training cases (folds 5, 6)",
+                      "few-shot, 4 training cases (folds 7)"]
+    two_shot = report.settings[1]
+    # a case's Dice is its mean over the seeds: Scratch liver c1 (0.5+0.6)/2, c2 (0.4+0.5)/2; SMIT fold 5 only
+    assert two_shot.method("Scratch").dice["c1"]["liver"] == pytest.approx(0.55)
+    assert two_shot.method("SMIT").comparison.gaps["liver"] == pytest.approx(100 * (0.575 - 0.50) / 0.50)
+    assert "### few-shot, 2 training cases" in headline_markdown(report)
 
 
 def test_few_shot_rows_from_hand_written_manifest(tmp_path: Path) -> None:

@@ -147,6 +147,23 @@ class MethodSummary:
 
 
 @dataclass
+class Setting:
+    """One headline table: nnU-Net's ordinary folds, or one (kind, size) of the split manifest.
+
+    In a few-shot setting each case's Dice is the mean over the seeds' folds that scored it, so the
+    paired test compares methods on the same cases.
+    """
+
+    title: str
+    kind: str
+    size: int | None
+    methods: list[MethodSummary]
+
+    def method(self, trainer: str) -> MethodSummary:
+        return next(m for m in self.methods if m.trainer == trainer)
+
+
+@dataclass
 class Report:
     """Everything the written report shows."""
 
@@ -159,6 +176,7 @@ class Report:
     methods: list[MethodSummary]
     few_shot: list[FewShotRow]
     curves: list[TrainingCurves]
+    settings: list[Setting] = field(default_factory=list)
 
     @property
     def ordinary_folds(self) -> list[int]:
@@ -221,12 +239,17 @@ def collect_runs(config: ReportConfig, layout: ResultsLayout, manifest: dict[int
 
 
 def summarise_method(
-    trainer: str, runs: list[RunResult], manifest: dict[int, FoldEntry], structures: list[str]
+    trainer: str, runs: list[RunResult], manifest: dict[int, FoldEntry], structures: list[str],
+    folds: set[int] | None = None,
 ) -> MethodSummary:
-    """Headline numbers of one trainer over its complete ordinary folds."""
-    ordinary = [r for r in runs if r.trainer == trainer and r.fold not in manifest]
-    used = [r for r in ordinary if r.complete]
-    not_used = {r.fold: f"{r.status}: {r.reason}" for r in ordinary if not r.complete}
+    """Headline numbers of one trainer over its complete folds of one setting.
+
+    ``folds`` None means nnU-Net's ordinary folds (every fold the manifest does not list).
+    """
+    selected = [r for r in runs if r.trainer == trainer
+                and (r.fold not in manifest if folds is None else r.fold in folds)]
+    used = [r for r in selected if r.complete]
+    not_used = {r.fold: f"{r.status}: {r.reason}" for r in selected if not r.complete}
     dice = with_overall(mean_over_runs(used), structures) if used else {}
     hd95 = mean_over_runs(used, "hd95") if used else {}
     hd95_means = structure_means(_finite_only(hd95), structures) if hd95 else {}
@@ -252,11 +275,12 @@ def build_report(config: ReportConfig) -> Report:
             logger.info("few-shot manifest: %d fold(s) (%s)", len(manifest), layout.preprocessed_dir / MANIFEST_FILE)
     runs, structures, evaluation = collect_runs(config, layout, manifest)
     trainers = config.all_trainers
-    methods = [summarise_method(t, runs, manifest, structures) for t in trainers]
-    reference = next(m for m in methods if m.trainer == config.reference_trainer)
-    for method in methods:
-        if method is not reference and method.available and reference.available:
-            method.comparison = compare_to_reference(method.dice, reference.dice, structures)
+    methods = compare_methods([summarise_method(t, runs, manifest, structures) for t in trainers], config, structures)
+    settings = [Setting("nnU-Net folds", "ordinary", None, methods)] if any(r.fold not in manifest for r in runs) else []
+    for (kind, size), group in manifest_groups(manifest, {r.fold for r in runs}).items():
+        group_methods = [summarise_method(t, runs, manifest, structures, group) for t in trainers]
+        title = f"{kind.replace('_', '-')}, {size} training cases (folds {', '.join(map(str, sorted(group)))})"
+        settings.append(Setting(title, kind, size, compare_methods(group_methods, config, structures)))
     best_full = {
         key: max((m.means[key] for m in methods if m.available and not math.isnan(m.means[key])), default=math.nan)
         for key in [*structures, OVERALL]
@@ -266,7 +290,25 @@ def build_report(config: ReportConfig) -> Report:
         c for r in runs if layout.fold_dir(r.trainer, r.fold).is_dir()
         for c in [load_curves(layout.fold_dir(r.trainer, r.fold), r.trainer, r.fold)] if c is not None
     ]
-    return Report(config, dataset_name, structures, evaluation, runs, manifest, methods, few_shot, curves)
+    return Report(config, dataset_name, structures, evaluation, runs, manifest, methods, few_shot, curves, settings)
+
+
+def compare_methods(methods: list[MethodSummary], config: ReportConfig, structures: list[str]) -> list[MethodSummary]:
+    """Attach each method's comparison with the reference (same setting)."""
+    reference = next(m for m in methods if m.trainer == config.reference_trainer)
+    for method in methods:
+        if method is not reference and method.available and reference.available:
+            method.comparison = compare_to_reference(method.dice, reference.dice, structures)
+    return methods
+
+
+def manifest_groups(manifest: dict[int, FoldEntry], collected: set[int]) -> dict[tuple[str, int], set[int]]:
+    """(kind, size) -> the manifest folds that were collected, in manifest order."""
+    groups: dict[tuple[str, int], set[int]] = {}
+    for entry in sorted(manifest.values(), key=lambda e: (e.kind, e.size, e.fold)):
+        if entry.fold in collected:
+            groups.setdefault((entry.kind, entry.size), set()).add(entry.fold)
+    return groups
 
 
 # --- Markdown ------------------------------------------------------------------------------------------
@@ -287,12 +329,24 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def headline_markdown(report: Report) -> str:
-    """Methods x structures mean Dice, with gap % and Wilcoxon p vs the reference, as Markdown."""
+    """Methods x structures mean Dice, with gap % and Wilcoxon p vs the reference, per setting, as Markdown.
+
+    One table for nnU-Net's ordinary folds and one per few-shot / data-limited size that was run.
+    """
+    if not report.settings:
+        return setting_markdown(report, Setting("nnU-Net folds", "ordinary", None, report.methods))
+    if len(report.settings) == 1:
+        return setting_markdown(report, report.settings[0])
+    return "\n".join(f"### {s.title}\n\n{setting_markdown(report, s)}" for s in report.settings)
+
+
+def setting_markdown(report: Report, setting: Setting) -> str:
+    """The headline table of one setting."""
     keys = [*report.structures, OVERALL]
     reference = report.config.reference_trainer
     header = ["method", "folds", "cases", *keys]
     rows, notes = [], []
-    for method in report.methods:
+    for method in setting.methods:
         label = f"{method.trainer} (reference)" if method.trainer == reference else method.trainer
         if not method.available:
             reasons = "; ".join(f"fold {f}: {why}" for f, why in sorted(method.not_used.items())) or "no runs"
@@ -322,11 +376,13 @@ def headline_markdown(report: Report) -> str:
                 f"{method.comparison.shared_cases} cases both scored"
             )
         rows.append([label, folds, str(method.counts[OVERALL]), *cells])
-    if not report.method(reference).available:
+    if not setting.method(reference).available:
         notes.append(f"the reference {reference} has no complete run: no gaps or tests")
     text = markdown_table(header, rows)
     text += (
-        f"\n\nMean Dice over cases ({OVERALL}: mean over structures). In brackets: performance gap "
+        f"\n\n{setting.title}. Mean Dice over cases ({OVERALL}: mean over structures"
+        + ("" if setting.kind == "ordinary" else "; a case's Dice is its mean over the seeds")
+        + "). In brackets: performance gap "
         f"100*(acc - acc_ref)/acc_ref vs {reference}, and the two-sided paired Wilcoxon signed-rank p "
         "on the per-case Dice (pairs by case id)."
     )
@@ -460,18 +516,20 @@ def write_csvs(report: Report, out_dir: Path) -> None:
                                          "n_cases", "mean_dice", "mean_hd95"], rows)
 
     rows = []
-    for method in report.methods:
-        if method.comparison is None:
-            continue
-        c = method.comparison
-        for key in keys:
-            t = c.tests[key]
-            rows.append([method.trainer, report.config.reference_trainer, key, c.means[key], c.reference_means[key],
-                         c.gaps[key], t.n_pairs, t.n_nonzero, "" if t.statistic is None else t.statistic,
-                         "" if t.p_value is None else t.p_value, t.reason, t.note])
-    _write_csv(out_dir / "stats.csv", ["trainer", "reference", "structure", "mean_dice", "reference_mean_dice",
-                                       "gap_pct", "n_pairs", "n_nonzero", "wilcoxon_statistic", "p_value",
-                                       "reason", "note"], rows)
+    for setting in report.settings or [Setting("nnU-Net folds", "ordinary", None, report.methods)]:
+        for method in setting.methods:
+            if method.comparison is None:
+                continue
+            c = method.comparison
+            for key in keys:
+                t = c.tests[key]
+                rows.append([setting.kind, "" if setting.size is None else setting.size, method.trainer,
+                             report.config.reference_trainer, key, c.means[key], c.reference_means[key],
+                             c.gaps[key], t.n_pairs, t.n_nonzero, "" if t.statistic is None else t.statistic,
+                             "" if t.p_value is None else t.p_value, t.reason, t.note])
+    _write_csv(out_dir / "stats.csv", ["setting", "size", "trainer", "reference", "structure", "mean_dice",
+                                       "reference_mean_dice", "gap_pct", "n_pairs", "n_nonzero",
+                                       "wilcoxon_statistic", "p_value", "reason", "note"], rows)
 
     rows = [[r.kind, r.size, r.trainer, r.structure, r.stats.n, len(r.seeds) + len(r.missing), r.stats.mean,
              r.stats.std, r.stats.minimum, r.stats.maximum, r.gap_pct, r.gap_vs_best_full_pct,
