@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,48 +16,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_ssl.cli import ext_trainer_path
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 from nnunet_ssl.networks import PRESETS, SwinEncoder
 from nnunet_ssl.weights import encoder_digest, load_weights_file
 from nnunet_ssl.weights.export import load_run_encoder
+from nnunet_runner import BIN, NnUNet
 
 pytestmark = pytest.mark.e2e
 
 SCRATCH = "SwinScratchTrainer_tiny_2epochs"
 SMIT = "SwinSMITTrainer_tiny_2epochs"
-BIN = Path(sys.executable).parent
-
-
-class NnUNet:
-    """Runs nnU-Net / nnunet-ssl commands with this test's nnU-Net folders."""
-
-    def __init__(self, root: Path, raw: Path) -> None:
-        self.root = root
-        self.env = {
-            **os.environ,
-            "nnUNet_raw": str(raw),
-            "nnUNet_preprocessed": str(root / "preprocessed"),
-            "nnUNet_results": str(root / "results"),
-            "nnUNet_extTrainer": str(ext_trainer_path()),
-            "nnUNet_def_n_proc": "1",
-            "nnUNet_n_proc_DA": "1",
-            "OMP_NUM_THREADS": "2",
-        }
-
-    def run(self, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-        command = [str(BIN / args[0]), *args[1:]]
-        result = subprocess.run(command, env=self.env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        return result
-
-    def fold_dir(self, trainer: str, fold: int = 0) -> Path:
-        return self.root / "results" / "Dataset501_Phantom" / f"{trainer}__nnUNetPlans__3d_fullres" / f"fold_{fold}"
-
-    def training_log(self, trainer: str) -> str:
-        logs = sorted(self.fold_dir(trainer).glob("training_log_*.txt"))
-        return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in logs)
 
 
 @pytest.fixture(scope="module")

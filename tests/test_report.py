@@ -368,6 +368,17 @@ def write_volume(array: np.ndarray, path: Path) -> None:
     sitk.WriteImage(image, str(path))
 
 
+def write_test_cases(root: Path, reference: np.ndarray, cases: tuple[str, ...] = ("t1", "t2")) -> tuple[Path, Path]:
+    """imagesTs/labelsTs with blank images and ``reference`` as every case's label."""
+    images, labels = root / "imagesTs", root / "labelsTs"
+    images.mkdir()
+    labels.mkdir()
+    for case in cases:
+        write_volume(np.zeros(reference.shape, np.float32), images / f"{case}_0000.nii.gz")
+        write_volume(reference, labels / f"{case}.nii.gz")
+    return images, labels
+
+
 def test_existing_predictions_are_reused_not_predicted_again(
     nnunet_tree: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -375,15 +386,10 @@ def test_existing_predictions_are_reused_not_predicted_again(
 
     monkeypatch.setenv("nnUNet_extTrainer", str(ext_trainer_path()))  # what the report would set
     results, preprocessed = nnunet_tree
-    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
-    images.mkdir()
-    labels.mkdir()
     reference = np.zeros((4, 8, 8), np.uint8)
     reference[1:3, 2:6, 2:6] = 1
     reference[1:3, 6:8, 6:8] = 2
-    for case in ("t1", "t2"):
-        write_volume(np.zeros((4, 8, 8), np.float32), images / f"{case}_0000.nii.gz")
-        write_volume(reference, labels / f"{case}.nii.gz")
+    images, labels = write_test_cases(tmp_path, reference)
     write_volume(reference, labels / "orphan.nii.gz")  # no image: left out
     test_set = find_test_set(images, labels, ".nii.gz")
     assert test_set.cases == ["t1", "t2"]
@@ -420,15 +426,9 @@ def test_existing_predictions_are_reused_not_predicted_again(
 def test_external_predictions_are_scored_as_they_are(nnunet_tree: tuple[Path, Path], tmp_path: Path) -> None:
     """``--predictions DIR``: nnUNetv2_predict outputs are scored, never deleted or re-made."""
     results, preprocessed = nnunet_tree
-    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
-    images.mkdir()
-    labels.mkdir()
     reference = np.zeros((4, 8, 8), np.uint8)
     reference[1:3, 2:6, 2:6] = 1
-    for case in ("t1", "t2"):
-        write_volume(np.zeros((4, 8, 8), np.float32), images / f"{case}_0000.nii.gz")
-        write_volume(reference, labels / f"{case}.nii.gz")
-    test_set = find_test_set(images, labels, ".nii.gz")
+    test_set = find_test_set(*write_test_cases(tmp_path, reference), ".nii.gz")
     layout = ResultsLayout(results, DATASET, preprocessed_root=preprocessed)
     external = tmp_path / "nnunet_predict_outputs"
     out = external / "Scratch" / "fold_0"
