@@ -2,7 +2,7 @@
 
 The name fixes the preset and the results folder, so studies of different methods stay apart.
 ``*_tiny_2epochs`` variants (tiny preset, 2 epochs of 4 iterations) exercise every nnU-Net stage in tests;
-the two ``*_tiny_8epochs`` variants run the demo.
+the two ``*_tiny_16epochs`` variants run the demo.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ SHORT_RECIPE = FineTuneRecipe(
 
 #: Recipe of the demo variants: long enough on a 2-core CPU for the tiny network to learn something.
 DEMO_RECIPE = FineTuneRecipe(
-    initial_lr=1e-3, warmup_epochs=1, num_epochs=8, iterations_per_epoch=8, val_iterations_per_epoch=1,
+    initial_lr=1e-3, warmup_epochs=1, num_epochs=16, iterations_per_epoch=8, val_iterations_per_epoch=2,
     few_shot_epochs=None,
 )
 
@@ -119,11 +119,11 @@ class SwinUNETRTrainer_tiny_2epochs(SwinUNETRTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
 
-class SwinScratchTrainer_tiny_8epochs(SwinScratchTrainer):
+class SwinScratchTrainer_tiny_16epochs(SwinScratchTrainer):
     preset_name, recipe = "tiny", DEMO_RECIPE
 
 
-class SwinSMITTrainer_tiny_8epochs(SwinSMITTrainer):
+class SwinSMITTrainer_tiny_16epochs(SwinSMITTrainer):
     preset_name, recipe = "tiny", DEMO_RECIPE
 
 
@@ -138,7 +138,7 @@ TRAINERS: dict[str, type[SwinTrainerBase]] = {
         SwinInpaintingTrainer_tiny_2epochs, SwinReconstructionTrainer_tiny_2epochs,
         SwinContrastiveTrainer_tiny_2epochs, SwinRotationTrainer_tiny_2epochs, SwinDINOTrainer_tiny_2epochs,
         SwiniBOTTrainer_tiny_2epochs, SwinUNETRTrainer_tiny_2epochs,
-        SwinScratchTrainer_tiny_8epochs, SwinSMITTrainer_tiny_8epochs,
+        SwinScratchTrainer_tiny_16epochs, SwinSMITTrainer_tiny_16epochs,
     )
 }
 

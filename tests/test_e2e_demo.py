@@ -1,0 +1,78 @@
+"""The main job, shortened: every stage of `nnunet-ssl demo` on tiny phantoms, then a resumed re-run.
+
+Marked ``e2e``: real nnU-Net planning, training, prediction, report and CKA (a few minutes).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from nnunet_ssl.data.phantoms import PhantomConfig
+from nnunet_ssl.demo import Demo, DemoConfig
+
+pytestmark = pytest.mark.e2e
+
+SCRATCH = "SwinScratchTrainer_tiny_2epochs"
+SMIT = "SwinSMITTrainer_tiny_2epochs"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Demo, Path]:
+    config = DemoConfig(
+        work_dir=tmp_path_factory.mktemp("demo"),
+        scratch_trainer=SCRATCH,
+        pretrained_trainer=SMIT,
+        pretrain_steps=2,
+        shots=3,
+        phantoms=PhantomConfig(num_train=7, num_test=2, num_unlabeled=2, shape=(40, 64, 64)),
+        processes=1,
+    )
+    runner = Demo(config)
+    return runner, runner.run()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_demo_runs_every_stage_and_writes_report_and_cka(demo: tuple[Demo, Path]) -> None:
+    runner, report = demo
+    assert report == runner.root / "report" / "report.md" and report.is_file()
+    text = report.read_text(encoding="utf-8")
+    assert f"{SCRATCH} (reference)" in text and SMIT in text
+    assert "few-shot, 3 training cases" in text
+    manifest = json.loads((runner.preprocessed / runner.dataset_name / "splits_manifest.json").read_text())
+    assert [(f["fold"], f["size"]) for f in manifest["folds"]] == [(5, 3)] and runner.fold == 5
+
+    rows = read_csv(runner.root / "report" / "dice_per_case.csv")
+    assert {(r["trainer"], r["fold"]) for r in rows} == {(SCRATCH, "5"), (SMIT, "5")}
+    assert len({r["case"] for r in rows}) == 2
+    assert all(r["run_status"] == "complete" for r in rows)
+    for name in ("curves.png", "losses.png", "stats.csv", "few_shot.csv"):
+        assert (runner.root / "report" / name).is_file(), name
+
+    layers = read_csv(runner.root / "cka" / "cka_per_layer.csv")
+    assert [r["layer"] for r in layers][0] == "embed" and len(layers) == 1 + 8  # tiny preset: 2-2-2-2 blocks
+    assert all(-1.0 <= float(r["cka"]) <= 1.0 + 1e-6 for r in layers)
+    assert (runner.root / "cka" / "cka_heatmap.png").is_file()
+
+    smit_log = "\n".join(p.read_text(encoding="utf-8") for p in runner.fold_dir(SMIT).glob("training_log_*.txt"))
+    assert "Pretrained weights loaded: method=smit preset=tiny" in smit_log and "(verified)" in smit_log
+    assert "fold 5: 3-shot fold (seed 0)" in smit_log
+
+
+def test_rerun_resumes_instead_of_starting_over(demo: tuple[Demo, Path], caplog: pytest.LogCaptureFixture) -> None:
+    runner, report = demo
+    checkpoints = {t: (runner.fold_dir(t) / "checkpoint_final.pth").stat().st_mtime_ns for t in (SCRATCH, SMIT)}
+    with caplog.at_level(logging.INFO, logger="nnunet_ssl.demo"):
+        assert runner.run() == report
+    log = caplog.text
+    for skipped in ("already pretrained", "already planned", "already exported", "already trained",
+                    "predictions exist", "CKA exists"):
+        assert skipped in log, skipped
+    assert {t: (runner.fold_dir(t) / "checkpoint_final.pth").stat().st_mtime_ns for t in (SCRATCH, SMIT)} == checkpoints
