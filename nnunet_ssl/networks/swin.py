@@ -187,7 +187,7 @@ class WindowAttention(nn.Module):
         if q.device.type == "cpu":
             # With a float mask (the position bias) CPU SDPA takes its math path, which adds extra
             # passes over the logits for a "safe" softmax: plain attention is faster there, 1.3x with
-            # gradients and 1.5-2x without (teacher forwards, inference), measured on 2 cores.
+            # gradients and 1.4-2.4x without (teacher forwards, inference): benchmarks/bench_cpu_attention.py.
             logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
             out = torch.softmax(logits + bias, dim=-1) @ v
         else:
