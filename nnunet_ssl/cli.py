@@ -48,10 +48,11 @@ def cmd_trainers(args: argparse.Namespace) -> int:
     from nnunet_ssl.trainers.named import TRAINERS
 
     rows = [describe(cls) for cls in TRAINERS.values()]
-    header = f"{'trainer':42s} {'preset':8s} {'method':15s} {'epochs':>6s} {'it/epoch':>8s}"
+    header = f"{'trainer':42s} {'preset':8s} {'method':15s} {'epochs':>6s} {'few-shot':>8s} {'it/epoch':>8s}"
     lines = [header, "-" * len(header)]
     lines += [
-        f"{r['trainer']:42s} {r['preset']:8s} {r['method']:15s} {r['epochs']:6d} {r['iterations_per_epoch']:8d}"
+        f"{r['trainer']:42s} {r['preset']:8s} {r['method']:15s} {r['epochs']:6d} {r['few_shot_epochs']:8d} "
+        f"{r['iterations_per_epoch']:8d}"
         for r in rows
     ]
     sys.stdout.write("\n".join(lines) + "\n")

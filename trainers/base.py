@@ -280,5 +280,6 @@ def describe(trainer_class: type[SwinTrainerBase]) -> dict[str, Any]:
         "preset": trainer_class.preset_name,
         "method": trainer_class.method or "scratch",
         "epochs": trainer_class.recipe.num_epochs,
+        "few_shot_epochs": trainer_class.recipe.for_few_shot().num_epochs,
         "iterations_per_epoch": trainer_class.recipe.iterations_per_epoch,
     }
