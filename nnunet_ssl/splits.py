@@ -179,7 +179,7 @@ def place_folds(
 def read_splits(path: Path) -> list[dict[str, list[str]]]:
     """``splits_final.json`` checked for nnU-Net's shape (a list of {"train": [...], "val": [...]})."""
     try:
-        splits = json.loads(path.read_text())
+        splits = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise SplitError(f"{path} is not valid JSON ({error}); fix or move it, nothing was changed") from error
     if not isinstance(splits, list) or not all(
@@ -194,7 +194,7 @@ def read_manifest(path: Path) -> list[FoldEntry]:
     if not path.is_file():
         return []
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
             raise SplitError(
                 f"{path}: expected an nnunet-ssl split manifest ({MANIFEST_FORMAT!r} version {MANIFEST_VERSION}), "
@@ -241,7 +241,7 @@ def dataset_identifiers(preprocessed_dataset_dir: Path) -> list[str]:
 
     for plans_file in sorted(Path(preprocessed_dataset_dir).glob("*.json")):
         try:
-            plans = json.loads(plans_file.read_text())
+            plans = json.loads(plans_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             continue
         if not isinstance(plans, dict) or "configurations" not in plans:

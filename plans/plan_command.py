@@ -20,7 +20,7 @@ def check_plans_file_is_ours(plans_file: Path) -> None:
     if not plans_file.is_file():
         return
     try:
-        plans = json.loads(plans_file.read_text())
+        plans = json.loads(plans_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{plans_file} exists and is not valid JSON ({error}); move it away first") from error
     if plans.get("experiment_planner_used") != SwinPlanner.__name__:
@@ -56,7 +56,7 @@ def plan_and_preprocess(dataset: str, settings: SwinPlanSettings, num_processes:
     planner.plan_experiment()
     logger.info("preprocessing %s (%s) into %s", name, CONFIGURATION, folder)
     preprocess_dataset(dataset_id, settings.plans_name, [CONFIGURATION], [num_processes])
-    plans = json.loads(plans_file.read_text())
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
     logger.info("%s", summarize_plans(plans, settings))
     logger.info(
         "train with: nnUNetv2_train %d %s FOLD -tr SwinSMITTrainer -p %s", dataset_id, CONFIGURATION,

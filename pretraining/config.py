@@ -100,7 +100,7 @@ def data_config_from_dict(values: dict[str, Any]) -> DataConfig:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML file of overrides: ``{"engine": {...}, "method_overrides": {...}, ...}``."""
     path = Path(path)
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 

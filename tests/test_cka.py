@@ -290,7 +290,7 @@ def test_cka_command_writes_tables_and_figures_and_identical_encoders_score_one(
     with open(out / "cka_matrix.csv") as handle:
         matrix = list(csv.reader(handle))
     assert len(matrix) == 1 + 9 and all(len(row) == 1 + 9 for row in matrix)
-    summary = json.loads((out / "cka_settings.json").read_text())
+    summary = json.loads((out / "cka_settings.json").read_text(encoding="utf-8"))
     assert summary["examples"] == 9 and summary["minibatches"] == 2 and summary["preset"] == "tiny"
 
 

@@ -45,11 +45,11 @@ def trained_scratch(nnunet: NnUNet) -> Path:
 
 def test_train_writes_nnunet_outputs_with_fitted_patch(nnunet: NnUNet, trained_scratch: Path) -> None:
     assert (trained_scratch / "checkpoint_final.pth").is_file()
-    summary = json.loads((trained_scratch / "validation" / "summary.json").read_text())
+    summary = json.loads((trained_scratch / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["mean"]) == {"1", "2", "3", "4"}
     log = nnunet.training_log(SCRATCH)
     assert "training from scratch" in log
-    plans = json.loads((trained_scratch.parent / "plans.json").read_text())
+    plans = json.loads((trained_scratch.parent / "plans.json").read_text(encoding="utf-8"))
     patch = plans["configurations"]["3d_fullres"]["patch_size"]
     assert all(n % 32 == 0 and n >= 64 for n in patch)
     checkpoint = torch.load(trained_scratch / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -136,8 +136,8 @@ def test_pretrained_trainer_without_weights_warns_loudly(nnunet: NnUNet) -> None
     from nnunet_ssl.trainers.named import TRAINERS
 
     preprocessed = Path(nnunet.env["nnUNet_preprocessed"]) / "Dataset501_Phantom"
-    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
-    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
     plans["continue_training"] = False
     previous = {k: os.environ.get(k) for k in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw")}
     os.environ.update({k: nnunet.env[k] for k in previous})
@@ -158,7 +158,7 @@ def test_pretrained_trainer_without_weights_warns_loudly(nnunet: NnUNet) -> None
 
 def add_second_channel(dataset_dir: Path) -> None:
     """Turn a phantom CT dataset into a 2-channel one (CT + a synthetic 'T2' with other contrast)."""
-    dataset_json = json.loads((dataset_dir / "dataset.json").read_text())
+    dataset_json = json.loads((dataset_dir / "dataset.json").read_text(encoding="utf-8"))
     dataset_json["channel_names"] = {"0": "CT", "1": "T2"}
     (dataset_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     rng = np.random.default_rng(5)
@@ -209,15 +209,15 @@ def test_report_scores_validation_and_test_set_and_reuses_predictions(nnunet: Nn
 
     # nnU-Net's own validation (real validation/summary.json)
     validation = report(nnunet.root / "report_val")
-    summary = json.loads((trained_scratch / "validation" / "summary.json").read_text())
+    summary = json.loads((trained_scratch / "validation" / "summary.json").read_text(encoding="utf-8"))
     pooled = {r["structure"]: r for r in rows(nnunet.root / "report_val" / "summary.csv")
               if r["trainer"] == SCRATCH and r["scope"] == "pooled"}
-    labels = json.loads((raw / "dataset.json").read_text())["labels"]
+    labels = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))["labels"]
     for name in ("liver", "spleen", "kidney", "lesion"):
         expected_mean = summary["mean"][str(labels[name])]["Dice"]
         assert pooled[name]["mean_dice"] == "" if np.isnan(expected_mean) else \
             float(pooled[name]["mean_dice"]) == pytest.approx(expected_mean)
-    assert f"| {untrained} | 0 | ordinary | missing |" in (nnunet.root / "report_val" / "report.md").read_text()
+    assert f"| {untrained} | 0 | ordinary | missing |" in (nnunet.root / "report_val" / "report.md").read_text(encoding="utf-8")
     assert f"| {SCRATCH} (reference) | 0 |" in validation.stdout
 
     # the labelled test set, predicted in-process
@@ -242,7 +242,7 @@ def test_report_scores_validation_and_test_set_and_reuses_predictions(nnunet: Nn
     assert any(r["dice"] and 0.0 <= float(r["dice"]) <= 1.0 for r in per_case)
     pooled = {r["structure"]: r for r in rows(out / "summary.csv") if r["trainer"] == SCRATCH and r["scope"] == "pooled"}
     assert pooled["overall"]["status"] == "complete" and 0.0 <= float(pooled["overall"]["mean_dice"]) <= 1.0
-    assert f"{SCRATCH} (reference)" in first.stdout and "test set: 2 cases" in (out / "report.md").read_text()
+    assert f"{SCRATCH} (reference)" in first.stdout and "test set: 2 cases" in (out / "report.md").read_text(encoding="utf-8")
     assert "2 test case(s) predicted now, 0 reused" in first.stderr
 
     # a re-run reuses every prediction

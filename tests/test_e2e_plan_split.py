@@ -63,7 +63,7 @@ def window_ct(tmp_path_factory: pytest.TempPathFactory) -> NnUNet:
 
 
 def test_plans_hold_the_paper_setup(window_ct: NnUNet) -> None:
-    plans = json.loads((window_ct.preprocessed / f"{PLANS}.json").read_text())
+    plans = json.loads((window_ct.preprocessed / f"{PLANS}.json").read_text(encoding="utf-8"))
     config = plans["configurations"]["3d_fullres"]
     assert list(plans["configurations"]) == ["3d_fullres"]
     assert config["spacing"] == [2.0, 1.5, 1.5]  # nnU-Net order z, y, x
@@ -101,7 +101,7 @@ def test_refuses_nnunets_own_and_foreign_plans_files(window_ct: NnUNet) -> None:
     foreign.write_text(json.dumps({"experiment_planner_used": "ExperimentPlanner", "configurations": {}}))
     result = window_ct.run("nnunet-ssl", "plan", "-d", "601", "--plans-name", "MyPlans", check=False)
     assert result.returncode == 1 and "not `nnunet-ssl plan`" in result.stderr
-    assert json.loads(foreign.read_text())["experiment_planner_used"] == "ExperimentPlanner"
+    assert json.loads(foreign.read_text(encoding="utf-8"))["experiment_planner_used"] == "ExperimentPlanner"
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_training_on_an_appended_fold_uses_exactly_its_cases(phantoms: NnUNet) -
     phantoms.run("nnunet-ssl", "plan", "-d", "501", "--preset", "tiny", "-np", "1")
     out = phantoms.run("nnunet-ssl", "split", "-d", "501", "--shots", "2", "3", "--seeds", "0", "1").stdout
     assert "few_shot" in out
-    manifest = json.loads((phantoms.preprocessed / "splits_manifest.json").read_text())
+    manifest = json.loads((phantoms.preprocessed / "splits_manifest.json").read_text(encoding="utf-8"))
     entry = next(f for f in manifest["folds"] if f["size"] == 3 and f["seed"] == 1)
     assert entry["fold"] == 8  # after nnU-Net's five: (2, s0)=5, (3, s0)=6, (2, s1)=7, (3, s1)=8
 
@@ -134,5 +134,5 @@ def test_training_on_an_appended_fold_uses_exactly_its_cases(phantoms: NnUNet) -
     validated = sorted(p.name.replace(".nii.gz", "")
                        for p in (phantoms.fold_dir(TRAINER, entry["fold"], PLANS) / "validation").glob("*.nii.gz"))
     assert validated == sorted(entry["val"])
-    used_plans = json.loads((phantoms.fold_dir(TRAINER, entry["fold"], PLANS).parent / "plans.json").read_text())
+    used_plans = json.loads((phantoms.fold_dir(TRAINER, entry["fold"], PLANS).parent / "plans.json").read_text(encoding="utf-8"))
     assert used_plans["plans_name"] == PLANS

@@ -239,7 +239,7 @@ def test_validation_summary_is_read_per_case_and_checked_against_the_split(nnune
     assert run.dice["c1"] == {"liver": 0.85, "spleen": 0.60}
     assert math.isnan(run.dice["c2"]["spleen"])  # nnU-Net's NaN survives the JSON round trip
     # a summary lacking a validation case of the split is incomplete
-    splits = json.loads((preprocessed / DATASET / "splits_final.json").read_text())
+    splits = json.loads((preprocessed / DATASET / "splits_final.json").read_text(encoding="utf-8"))
     splits[0]["val"].append("c9")
     (preprocessed / DATASET / "splits_final.json").write_text(json.dumps(splits))
     run = collect_validation_run(layout, info, "SMIT", 0)
@@ -262,7 +262,7 @@ def test_report_from_fake_results_tree(nnunet_tree: tuple[Path, Path], tmp_path:
     runs = {(r.trainer, r.fold): r for r in report.runs}
     assert runs[("SMIT", 1)].status == MISSING and runs[("SMIT", 7)].status == MISSING
     assert runs[("SMIT", 6)].status == INCOMPLETE
-    text = (out / "report.md").read_text()
+    text = (out / "report.md").read_text(encoding="utf-8")
     assert "| SMIT | 1 | ordinary | missing | 0 |" in text and "no fold_1 folder (not trained)" in text
     assert "![Validation pseudo-Dice (EMA) vs epoch](curves.png)" in text
 
@@ -346,7 +346,7 @@ def test_report_without_any_complete_run_marks_everything_missing(tmp_path: Path
     report = make_report(ReportConfig(dataset=DATASET, trainers=("A", "B"), out_dir=tmp_path / "r",
                                       results_root=results, preprocessed_root=preprocessed))
     assert [r.status for r in report.runs] == [MISSING, MISSING]
-    text = (tmp_path / "r" / "report.md").read_text()
+    text = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
     assert "A: no complete run" in text and "No checkpoint with training logs" in text
 
 

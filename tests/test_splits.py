@@ -46,7 +46,7 @@ def test_default_folds_are_nnunets(tmp_path):
 
     folder = fake_preprocessed_dataset(tmp_path)
     result = apply_split_request(folder, few_shot())
-    splits = json.loads((folder / SPLITS_FILE).read_text())
+    splits = json.loads((folder / SPLITS_FILE).read_text(encoding="utf-8"))
     expected = generate_crossval_split(sorted(CASES), seed=12345, n_splits=5)
     assert result.created_default and result.backup is None
     assert [sorted(s["val"]) for s in splits[:5]] == [sorted(map(str, s["val"])) for s in expected]
@@ -56,7 +56,7 @@ def test_default_folds_are_nnunets(tmp_path):
 def test_nested_per_seed_fixed_validation_no_overlap(tmp_path):
     folder = fake_preprocessed_dataset(tmp_path)
     result = apply_split_request(folder, few_shot())
-    splits = json.loads((folder / SPLITS_FILE).read_text())
+    splits = json.loads((folder / SPLITS_FILE).read_text(encoding="utf-8"))
     fold0_val = sorted(splits[0]["val"])
     for seed in (0, 1, 2):
         folds = sorted((f for f in result.folds if f.seed == seed), key=lambda f: f.size)
@@ -78,11 +78,11 @@ def test_subsets_are_deterministic_per_seed():
 def test_rerun_is_idempotent_and_extensions_reuse_folds(tmp_path):
     folder = fake_preprocessed_dataset(tmp_path)
     first = apply_split_request(folder, few_shot())
-    before = (folder / SPLITS_FILE).read_text()
+    before = (folder / SPLITS_FILE).read_text(encoding="utf-8")
     again = apply_split_request(folder, few_shot())
     assert [f.fold for f in again.folds] == [f.fold for f in first.folds]
     assert again.new_folds == [] and again.backup is None
-    assert (folder / SPLITS_FILE).read_text() == before
+    assert (folder / SPLITS_FILE).read_text(encoding="utf-8") == before
     assert not list(folder.glob(f"{SPLITS_FILE}.bak-*"))
 
     # a new size and seed: old folds keep their index, new ones are appended and still nested
@@ -95,8 +95,8 @@ def test_rerun_is_idempotent_and_extensions_reuse_folds(tmp_path):
     seed0 = {f.size: set(f.train) for f in more.folds if f.seed == 0}
     assert seed0[10] < seed0[15] < seed0[20]
     backups = list(folder.glob(f"{SPLITS_FILE}.bak-*"))
-    assert len(backups) == 1 and backups[0].read_text() == before
-    assert json.loads((folder / SPLITS_FILE).read_text())[:14] == json.loads(before)
+    assert len(backups) == 1 and backups[0].read_text(encoding="utf-8") == before
+    assert json.loads((folder / SPLITS_FILE).read_text(encoding="utf-8"))[:14] == json.loads(before)
 
 
 def test_existing_user_folds_are_kept_and_validation_from_another_fold(tmp_path):
@@ -104,7 +104,7 @@ def test_existing_user_folds_are_kept_and_validation_from_another_fold(tmp_path)
     own = [{"train": CASES[:25], "val": CASES[25:]}, {"train": CASES[5:], "val": CASES[:5]}]
     (folder / SPLITS_FILE).write_text(json.dumps(own))
     result = apply_split_request(folder, few_shot(shots=(3,), seeds=(0,), val_from_fold=1))
-    splits = json.loads((folder / SPLITS_FILE).read_text())
+    splits = json.loads((folder / SPLITS_FILE).read_text(encoding="utf-8"))
     assert splits[:2] == own and len(splits) == 3
     assert result.folds[0].fold == 2 and sorted(result.folds[0].val) == CASES[:5]
 
@@ -131,10 +131,10 @@ def test_val_cases_draw_fixed_set(tmp_path):
 def test_refusals_change_nothing(tmp_path, request_, message):
     folder = fake_preprocessed_dataset(tmp_path)
     apply_split_request(folder, few_shot(shots=(5,), seeds=(0,)))
-    before = {p.name: p.read_text() for p in folder.glob("*.json")}
+    before = {p.name: p.read_text(encoding="utf-8") for p in folder.glob("*.json")}
     with pytest.raises(SplitError, match=message):
         apply_split_request(folder, request_)
-    assert {p.name: p.read_text() for p in folder.glob("*.json")} == before
+    assert {p.name: p.read_text(encoding="utf-8") for p in folder.glob("*.json")} == before
 
 
 def test_refuses_unpreprocessed_corrupt_and_tampered(tmp_path):
@@ -150,7 +150,7 @@ def test_refuses_unpreprocessed_corrupt_and_tampered(tmp_path):
 
     (folder / SPLITS_FILE).unlink()
     apply_split_request(folder, few_shot(shots=(5,), seeds=(0,)))
-    splits = json.loads((folder / SPLITS_FILE).read_text())
+    splits = json.loads((folder / SPLITS_FILE).read_text(encoding="utf-8"))
     (folder / SPLITS_FILE).write_text(json.dumps(splits[:5]))  # someone dropped the appended fold
     with pytest.raises(SplitError, match="lists fold 5"):
         apply_split_request(folder, few_shot(shots=(5,), seeds=(0,)))

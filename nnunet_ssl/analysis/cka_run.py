@@ -163,7 +163,7 @@ def format_table(per_layer: list[tuple[str, float]]) -> str:
 
 
 def _write_rows(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)

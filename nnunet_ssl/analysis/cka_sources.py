@@ -166,4 +166,4 @@ def check_same_architecture(pretrained: PretrainedEncoder, finetuned: FinetunedF
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (nnU-Net writes it beside the fold_N folders)")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -113,7 +113,7 @@ def load_dataset_info(layout: ResultsLayout, trainers: list[str]) -> DatasetInfo
     candidates += [layout.model_dir(t) / "dataset.json" for t in trainers]
     for path in candidates:
         if path.is_file():
-            return dataset_info(json.loads(path.read_text()))
+            return dataset_info(json.loads(path.read_text(encoding="utf-8")))
     raise FileNotFoundError(
         f"no dataset.json for {layout.dataset_name}: looked in {', '.join(str(p) for p in candidates)}"
     )
@@ -167,7 +167,7 @@ def read_validation_summary(path: Path, info: DatasetInfo) -> dict[str, dict[str
     Raises:
         ValueError: when a structure of ``dataset.json`` is missing from a case's metrics.
     """
-    summary = json.loads(path.read_text())
+    summary = json.loads(path.read_text(encoding="utf-8"))
     scores: dict[str, dict[str, float]] = {}
     for entry in summary["metric_per_case"]:
         case = case_id(entry["reference_file"], info.file_ending)
@@ -192,7 +192,7 @@ def expected_validation_cases(layout: ResultsLayout, fold: int) -> list[str] | N
     path = layout.preprocessed_dir / "splits_final.json"
     if not path.is_file():
         return None
-    splits = json.loads(path.read_text())
+    splits = json.loads(path.read_text(encoding="utf-8"))
     return list(splits[fold]["val"]) if fold < len(splits) else None
 
 

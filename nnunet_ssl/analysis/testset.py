@@ -123,7 +123,7 @@ def cases_to_predict(out_dir: Path, cases: list[str], file_ending: str, source: 
     """Cases without a usable prediction in ``out_dir``; stale predictions (other checkpoint) are removed."""
     marker = out_dir / SOURCE_FILE
     if out_dir.is_dir():
-        recorded = json.loads(marker.read_text()) if marker.is_file() else None
+        recorded = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
         if recorded != source:
             stale = [p for p in out_dir.iterdir() if p.is_file() and p.name.endswith(file_ending)]
             if stale:

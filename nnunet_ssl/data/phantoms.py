@@ -628,7 +628,7 @@ def _is_complete(folder: Path, marker: Path, key: str | None, config: PhantomCon
     if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
         return False
     try:
-        stored = json.loads(marker.read_text())
+        stored = json.loads(marker.read_text(encoding="utf-8"))
         stored = stored[key] if key is not None else stored
     except (OSError, ValueError, KeyError, TypeError):
         stored = None

@@ -55,8 +55,8 @@ def target_from_plans_file(plans_file: Path, configuration: str = "3d_fullres") 
     for required in (plans_file, dataset_json_file):
         if not required.is_file():
             raise FileNotFoundError(f"{required} does not exist (a plans file needs its dataset.json beside it)")
-    plans = json.loads(plans_file.read_text())
-    dataset_json = json.loads(dataset_json_file.read_text())
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    dataset_json = json.loads(dataset_json_file.read_text(encoding="utf-8"))
     if configuration not in plans.get("configurations", {}):
         raise ValueError(f"{plans_file} has no configuration {configuration!r}; it has {sorted(plans['configurations'])}")
     manager = PlansManager(plans)
