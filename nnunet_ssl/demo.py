@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
@@ -79,9 +80,9 @@ class Demo:
     def dataset_name(self) -> str:
         return f"Dataset{self.config.dataset_id:03d}_{self.config.phantoms.dataset_name}"
 
-    @property
+    @cached_property
     def fold(self) -> int:
-        """The 5-shot fold's index, from the split manifest (after the split stage)."""
+        """The 5-shot fold's index, read once from the split manifest (after the split stage)."""
         from nnunet_ssl.splits import MANIFEST_FILE, read_manifest
 
         c = self.config

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_ssl.io import atomic_json_dump
+from nnunet_ssl.io import atomic_json_dump, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,6 @@ def apply_split_request(preprocessed_dataset_dir: Path, request: SplitRequest) -
 
 def _atomic_json_list(splits: list[dict[str, Any]], path: Path) -> None:
     """nnU-Net's split file layout (a list; key order train, val)."""
-    from nnunet_ssl.io import atomic_write
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(splits, indent=4) + "\n")

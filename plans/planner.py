@@ -127,14 +127,15 @@ class SwinPlanner(ExperimentPlanner):
         config = plans["configurations"][CONFIGURATION]
         config.pop("next_stage", None)
         plans["configurations"] = {CONFIGURATION: config}
+        modalities = channel_modalities(self.dataset_json, self.settings.modality)
         self._set_patch_and_batch(config)
-        self._set_normalization(plans, config)
+        self._set_normalization(plans, config, modalities)
         plans["nnunet_ssl"] = {
             "planner": type(self).__name__,
             "preset": self.settings.preset,
             "spacing_xyz_mm": list(self.settings.spacing_xyz),
             "hu_window": list(self.settings.hu_window),
-            "modalities": channel_modalities(self.dataset_json, self.settings.modality),
+            "modalities": modalities,
         }
         return plans
 
@@ -160,8 +161,7 @@ class SwinPlanner(ExperimentPlanner):
         config["patch_size"] = patch
         config["batch_size"] = self.settings.batch_size
 
-    def _set_normalization(self, plans: dict, config: dict) -> None:
-        modalities = channel_modalities(self.dataset_json, self.settings.modality)
+    def _set_normalization(self, plans: dict, config: dict, modalities: list[str]) -> None:
         properties = plans["foreground_intensity_properties_per_channel"]
         low, high = self.settings.hu_window
         schemes, masks = [], []

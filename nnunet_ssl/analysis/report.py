@@ -45,6 +45,7 @@ from nnunet_ssl.analysis.stats import (
     with_overall,
 )
 from nnunet_ssl.analysis.testset import TestRunSettings, collect_test_run, find_test_set
+from nnunet_ssl.nnunet_paths import dataset_name as nnunet_dataset_name
 from nnunet_ssl.splits import MANIFEST_FILE, FoldEntry
 
 logger = logging.getLogger(__name__)
@@ -186,20 +187,6 @@ class Report:
         return next(m for m in self.methods if m.trainer == trainer)
 
 
-def resolve_dataset_name(dataset: str) -> str:
-    """``Dataset501_Phantom`` for ``"501"`` (nnU-Net's lookup in its folders) or the name itself."""
-    if dataset.startswith("Dataset"):
-        return dataset
-    from nnunetv2.utilities.dataset_name_id_conversion import (
-        maybe_convert_to_dataset_name,
-    )
-
-    try:
-        return maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as error:  # nnU-Net raises RuntimeError for an unknown id
-        raise FileNotFoundError(f"dataset {dataset!r}: {error}") from error
-
-
 def collect_runs(config: ReportConfig, layout: ResultsLayout, manifest: dict[int, FoldEntry]) -> tuple[
     list[RunResult], list[str], str
 ]:
@@ -266,7 +253,7 @@ def _finite_only(table: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
 
 def build_report(config: ReportConfig) -> Report:
     """Collect runs and compute every table (writes predictions when scoring a test set)."""
-    dataset_name = resolve_dataset_name(config.dataset)
+    dataset_name = nnunet_dataset_name(config.dataset)
     layout = ResultsLayout(config.results_root, dataset_name, config.plans, config.configuration, config.preprocessed_root)
     manifest: dict[int, FoldEntry] = {}
     if layout.preprocessed_dir is not None:

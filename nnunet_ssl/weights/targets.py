@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg
+from nnunet_ssl.nnunet_paths import preprocessed_dataset_folder
 from nnunet_ssl.weights.format import build_weights_file
 
 
@@ -31,12 +31,7 @@ def resolve_target(dataset: str, configuration: str = "3d_fullres", plans_name: 
     Raises:
         FileNotFoundError: naming the missing file and the command that creates it.
     """
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    preprocessed = os.environ.get("nnUNet_preprocessed")
-    if not preprocessed:
-        raise FileNotFoundError("nnUNet_preprocessed is not set; export it as for any nnU-Net command")
-    folder = Path(preprocessed) / maybe_convert_to_dataset_name(dataset)
+    folder = preprocessed_dataset_folder(dataset)
     plans_file = folder / f"{plans_name}.json"
     if not plans_file.is_file():
         raise FileNotFoundError(
