@@ -27,6 +27,7 @@ from nnunet_ssl.io import atomic_json_dump, atomic_torch_save
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
 from nnunet_ssl.pretraining.config import RunConfig
+from nnunet_ssl.pretraining.distributed import Collectives
 from nnunet_ssl.pretraining.data import Manifest, build_cache, make_loader, summarize
 from nnunet_ssl.pretraining.data import steps_per_epoch as volume_steps_per_epoch
 from nnunet_ssl.pretraining.methods import METHODS, build_method
@@ -229,6 +230,7 @@ class Engine:
             logger.info("resumed from step %d of %d", start_step, total_steps)
         if self.dist.is_main:
             atomic_json_dump(config.to_dict(), self.run_dir / "config.json")
+        collectives = Collectives(self.dist.rank, self.dist.world_size)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.dist.is_main, truncate_from=start_step)
         logger.info(
             "%s on %d volumes, %d steps (%d per epoch), global batch %d, peak lr %.2e, device %s%s",
@@ -244,7 +246,10 @@ class Engine:
             disable=not (self.progress and self.dist.is_main and sys.stderr.isatty()),
         )
         for step in range(start_step, total_steps):
-            context = StepContext(step=step, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+            context = StepContext(
+                step=step, steps_per_epoch=steps_per_epoch, total_steps=total_steps, seed=engine.seed,
+                collectives=collectives,
+            )
             lr = warmup_cosine(step, peak_lr, warmup_steps, total_steps, engine.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -75,7 +75,7 @@ class SimMIM(nn.Module):
     def training_step(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:
         """Mask, encode, reconstruct, and score masked voxels.
 
-        Masks come from the global CPU RNG (the engine seeds and checkpoints it).
+        Masks come from ``context.generator`` (keyed by seed, rank and step).
 
         Args:
             batch: ``{"views": (B, 1, C, D, H, W)}`` in [0, 1].
@@ -87,7 +87,7 @@ class SimMIM(nn.Module):
         x = self._images(batch)
         masks = random_unit_masks(
             x.shape[0], tuple(x.shape[2:]), self.config.unit, self.preset.patch_size, self.config.mask_ratio,
-            device=x.device,
+            generator=context.generator, device=x.device,
         )
         features = self.encoder(x, masks.token)
         reconstruction = self.pixel_head(features[4])

@@ -200,7 +200,7 @@ class SMIT(nn.Module):
     def training_step(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:
         """Student on masked views, teacher on clean views, three losses; then update the centres.
 
-        Masks come from the global CPU RNG (the engine seeds and checkpoints it).
+        Masks come from ``context.generator`` (keyed by seed, rank and step).
 
         Args:
             batch: ``{"views": (B, 2, C, D, H, W)}`` in [0, 1].
@@ -214,7 +214,8 @@ class SMIT(nn.Module):
         cfg = self.config
         x, b = self._images(batch)
         masks = random_unit_masks(
-            x.shape[0], tuple(x.shape[2:]), cfg.unit, self.preset.patch_size, cfg.mask_ratio, device=x.device
+            x.shape[0], tuple(x.shape[2:]), cfg.unit, self.preset.patch_size, cfg.mask_ratio,
+            generator=context.generator, device=x.device,
         )
 
         features = self.student["encoder"](x, masks.token)
