@@ -46,6 +46,23 @@ class StepContext:
         return self.step / self.steps_per_epoch
 
 
+@dataclass(frozen=True)
+class MethodInfo:
+    """One line per method for ``nnunet-ssl pretrain --list-methods`` (each method class sets ``info``).
+
+    Attributes:
+        family: e.g. ``"masked image modelling"``, ``"self-distillation"``, ``"contrastive"``.
+        views: What the student and teacher see, e.g. ``"2 crops, masked 0.75 (student)"``.
+        heads: Heads and the features they read, e.g. ``"x4 -> LinearPixelHead"``.
+        losses: Loss terms with their default weights, e.g. ``"MIP (L1) + 0.1 MPD + 0.1 ITD"``.
+    """
+
+    family: str
+    views: str
+    heads: str
+    losses: str
+
+
 class PretrainingMethod(Protocol):
     """The engine's view of a method (see ``methods/smit.py`` for a full example).
 
@@ -55,6 +72,7 @@ class PretrainingMethod(Protocol):
 
     name: ClassVar[str]
     num_views: ClassVar[int]
+    info: ClassVar[MethodInfo]
 
     def training_step(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:
         """Forward pass and loss. Returns scalars to log; ``"loss"`` is what the engine back-propagates."""
