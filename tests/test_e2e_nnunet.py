@@ -49,12 +49,14 @@ def test_train_writes_nnunet_outputs_with_fitted_patch(nnunet: NnUNet, trained_s
     assert set(summary["mean"]) == {"1", "2", "3", "4"}
     log = nnunet.training_log(SCRATCH)
     assert "training from scratch" in log
+    assert "test-time mirroring is off" in log
     plans = json.loads((trained_scratch.parent / "plans.json").read_text(encoding="utf-8"))
     patch = plans["configurations"]["3d_fullres"]["patch_size"]
     assert all(n % 32 == 0 and n >= 64 for n in patch)
     checkpoint = torch.load(trained_scratch / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == SCRATCH
     assert checkpoint["current_epoch"] == 2
+    assert checkpoint["inference_allowed_mirroring_axes"] is None  # nnUNetv2_predict does not mirror either
     lrs = checkpoint["logging"]["lrs"]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < lrs[0]  # warm-up then cosine
 

@@ -94,3 +94,9 @@ def test_trainers_are_found_by_nnunet_through_the_shim(monkeypatch) -> None:
     monkeypatch.setattr(find_objects.nnUNet_extTrainer, "is_set", lambda: True)
     found = find_objects.recursive_find_trainer_class_by_name("SwinSMITTrainer_tiny_2epochs")
     assert found is TRAINERS["SwinSMITTrainer_tiny_2epochs"]
+
+
+def test_short_variants_predict_without_mirroring_and_full_trainers_with() -> None:
+    for name, cls in TRAINERS.items():
+        short = name.endswith(("_tiny_2epochs", "_tiny_16epochs"))
+        assert cls.recipe.test_time_mirroring is not short, name

@@ -174,6 +174,21 @@ class SwinTrainerBase(nnUNetTrainer):
             return None
         return [[1.0 / s] * 3 for s in HEAD_STRIDES]
 
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):  # noqa: N802 - nnU-Net's name
+        """nnU-Net's augmentation settings; test-time mirroring only if the recipe asks for it.
+
+        Training still mirrors as augmentation. ``inference_allowed_mirroring_axes`` is saved in the
+        checkpoints, so the final validation, ``--val`` and ``nnUNetv2_predict`` all follow the recipe.
+        """
+        settings = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.active_recipe.test_time_mirroring:
+            self.inference_allowed_mirroring_axes = None
+            self.print_to_log_file(
+                f"{self.__class__.__name__}: test-time mirroring is off (short variant): the final validation and "
+                "nnUNetv2_predict predict each case once, without mirrored copies"
+            )
+        return settings
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, _LRScheduler]:
         optimizer = torch.optim.AdamW(

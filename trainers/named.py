@@ -2,7 +2,7 @@
 
 The name fixes the preset and the results folder, so studies of different methods stay apart.
 ``*_tiny_2epochs`` variants (tiny preset, 2 epochs of 4 iterations) exercise every nnU-Net stage in tests;
-the two ``*_tiny_16epochs`` variants run the demo.
+the two ``*_tiny_16epochs`` variants run the demo. Both validate and predict without test-time mirroring.
 """
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from nnunet_ssl.trainers.recipe import FineTuneRecipe
 #: Recipe of the short variants: a few iterations, enough to exercise every nnU-Net stage on CPU.
 SHORT_RECIPE = FineTuneRecipe(
     initial_lr=1e-3, warmup_epochs=0, num_epochs=2, iterations_per_epoch=4, val_iterations_per_epoch=2,
-    few_shot_epochs=None,
+    few_shot_epochs=None, test_time_mirroring=False,
 )
 
 #: Recipe of the demo variants: long enough on a 2-core CPU for the tiny network to learn something.
 DEMO_RECIPE = FineTuneRecipe(
     initial_lr=1e-3, warmup_epochs=1, num_epochs=16, iterations_per_epoch=8, val_iterations_per_epoch=2,
-    few_shot_epochs=None,
+    few_shot_epochs=None, test_time_mirroring=False,
 )
 
 

@@ -21,6 +21,9 @@ class FineTuneRecipe:
         early_stopping_patience: Stop when the EMA validation pseudo-Dice has not improved for this
             many epochs (every fold); None = off, nnU-Net's behaviour.
         few_shot_early_stopping_patience: The same for few-shot folds.
+        test_time_mirroring: Mirror along every axis when predicting (nnU-Net's default). Off in
+            the short test and demo variants: on CPU the mirrored final validation costs minutes
+            per case. Saved in the checkpoint, so ``nnUNetv2_predict`` follows it too.
     """
 
     initial_lr: float = 2e-4
@@ -33,6 +36,7 @@ class FineTuneRecipe:
     few_shot_epochs: int | None = 3000
     early_stopping_patience: int | None = None
     few_shot_early_stopping_patience: int | None = 300
+    test_time_mirroring: bool = True
 
     def __post_init__(self) -> None:
         if self.num_epochs < 1 or self.iterations_per_epoch < 1 or self.val_iterations_per_epoch < 1:
