@@ -5,6 +5,8 @@ All through nnU-Net's API, so the preprocessed data and the plans file are nnU-N
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -53,13 +55,31 @@ def plan_and_preprocess(dataset: str, settings: SwinPlanSettings, num_processes:
                                     clean=False, verbose=False)
     logger.info("planning %s with %s", name, SwinPlanner.__name__)
     planner = SwinPlanner(name, settings)
-    planner.plan_experiment()
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        planner.plan_experiment()  # nnU-Net prints its own intermediate configurations, before our patch and batch
+    logger.debug("nnU-Net's planner printed (before the Swin settings were applied):\n%s", printed.getvalue())
     logger.info("preprocessing %s (%s) into %s", name, CONFIGURATION, folder)
     preprocess_dataset(dataset_id, settings.plans_name, [CONFIGURATION], [num_processes])
     plans = json.loads(plans_file.read_text(encoding="utf-8"))
     logger.info("%s", summarize_plans(plans, settings))
-    logger.info(
-        "train with: nnUNetv2_train %d %s FOLD -tr SwinSMITTrainer -p %s", dataset_id, CONFIGURATION,
-        settings.plans_name,
-    )
+    logger.info("%s", training_hint(dataset_id, settings))
     return plans
+
+
+def trainers_of_preset(preset: str) -> list[str]:
+    """Named trainers that build ``preset``, the SMIT trainer first."""
+    from nnunet_ssl.trainers.named import TRAINERS
+
+    names = [name for name, cls in TRAINERS.items() if cls.preset_name == preset]
+    return sorted(names, key=lambda n: (TRAINERS[n].method != "smit", n.endswith("_2epochs"), n))
+
+
+def training_hint(dataset_id: int, settings: SwinPlanSettings) -> str:
+    """The closing line of ``nnunet-ssl plan``: the nnUNetv2_train command with a trainer of the planned preset."""
+    trainers = trainers_of_preset(settings.preset)
+    if not trainers:
+        return (f"no named trainer builds preset {settings.preset!r}; `nnunet-ssl trainers` lists the trainers "
+                "and their presets")
+    others = f" (other trainers of preset {settings.preset}: `nnunet-ssl trainers`)" if len(trainers) > 1 else ""
+    return (f"train with: `nnUNetv2_train {dataset_id} {CONFIGURATION} FOLD -tr {trainers[0]} -p {settings.plans_name}`"
+            f"{others}")

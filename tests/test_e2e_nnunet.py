@@ -111,7 +111,7 @@ def test_pretrained_weights_are_loaded_and_logged(nnunet: NnUNet, weights_file: 
     fresh = SwinEncoder(PRESETS["tiny"], in_channels=1)
     assert encoder_digest(fresh.state_dict()) != digest
     # and the default z-scoring plans trigger the intensity warning
-    assert "do not map intensities with a fixed window" in log
+    assert "but pretraining mapped intensities to [0, 1]" in log
 
 
 def test_inspect_weights_checks_against_trainer(nnunet: NnUNet, weights_file: tuple[Path, str]) -> None:
@@ -124,14 +124,22 @@ def test_inspect_weights_checks_against_trainer(nnunet: NnUNet, weights_file: tu
 
 
 def test_mismatched_weights_fail_fast_with_a_clear_error(nnunet: NnUNet, weights_file: tuple[Path, str]) -> None:
+    """Refused from the file's metadata and the plans, before nnU-Net creates the results folder: no traceback."""
+    import time
+
     path, _ = weights_file
+    start = time.monotonic()
     result = nnunet.run(
         "nnUNetv2_train", "501", "3d_fullres", "1", "-tr", "SwinSMITTrainer", "-device", "cpu",
         "-pretrained_weights", str(path), check=False, timeout=300,
     )
-    assert result.returncode != 0
+    seconds = time.monotonic() - start
+    assert result.returncode == 1
     assert "does not fit SwinSMITTrainer" in result.stderr and "preset 'tiny'" in result.stderr
-    assert not (nnunet.fold_dir("SwinSMITTrainer", 1) / "checkpoint_final.pth").exists()
+    assert "nothing was written" in result.stderr and "Traceback" not in result.stderr + result.stdout
+    assert "Using device" not in result.stdout  # nnU-Net's trainer constructor never ran
+    assert not nnunet.fold_dir("SwinSMITTrainer", 1).parent.exists()
+    print(f"refused in {seconds:.1f} s")
 
 
 def test_pretrained_trainer_without_weights_warns_loudly(nnunet: NnUNet) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -31,7 +30,9 @@ from nnunet_ssl.trainers.recipe import (
     should_stop_early,
     swin_compatible_patch_size,
 )
-from nnunet_ssl.weights.format import check_weights_against_network, encoder_digest
+from nnunet_ssl.weights.format import WeightsError, encoder_digest
+from nnunet_ssl.weights.intensity import intensity_warnings, plans_channel_mappings
+from nnunet_ssl.weights.preflight import preflight_weights
 
 #: Output strides of the decoder's heads, highest resolution first (see SwinUNETRDecoder).
 HEAD_STRIDES = (1, 2, 4, 8, 16)
@@ -66,20 +67,6 @@ def unwrap(network: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)
 
 
-def fixed_window_of(plans_manager: PlansManager, configuration_manager: ConfigurationManager) -> bool:
-    """True when every channel is CT-normalised with a fixed window that maps to [0, 1]."""
-    properties = plans_manager.foreground_intensity_properties_per_channel
-    schemes = configuration_manager.normalization_schemes
-    for channel, scheme in enumerate(schemes):
-        p = properties.get(str(channel), {})
-        low, high = p.get("percentile_00_5"), p.get("percentile_99_5")
-        if scheme != "CTNormalization" or low is None or high is None:
-            return False
-        if not (np.isclose(p.get("mean"), low) and np.isclose(p.get("std"), high - low)):
-            return False
-    return True
-
-
 class SwinTrainerBase(nnUNetTrainer):
     """nnU-Net trainer for the Swin encoder + SwinUNETR decoder."""
 
@@ -96,6 +83,7 @@ class SwinTrainerBase(nnUNetTrainer):
         device: torch.device = torch.device("cuda"),
     ) -> None:
         plan_notes = self.fit_plans_to_swin(plans, configuration)
+        self.weights_metadata = self.check_pretrained_weights_early(plans, configuration, dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
         for note in plan_notes:
             self.print_to_log_file(note)
@@ -230,14 +218,21 @@ class SwinTrainerBase(nnUNetTrainer):
             self.on_train_end()
 
     # ------------------------------------------------------------------ pretrained weights
-    def initialize(self) -> None:
-        was_initialized = self.was_initialized
-        super().initialize()
+    @classmethod
+    def check_pretrained_weights_early(cls, plans: dict, configuration: str, dataset_json: dict) -> dict | None:
+        """Check ``-pretrained_weights`` before nnU-Net creates the results folder; exit cleanly if it does not fit.
+
+        nnU-Net builds the trainer, initialises it and only then loads the file with bare assertions,
+        after the fold folder and its log exist. Returns the file's metadata (None without the option).
+        """
         path = pretrained_weights_argument(sys.argv)
-        if path is not None and not was_initialized:
-            # nnU-Net loads the file right after initialize() with terse assertions; check it first
-            # so a mismatch names the file, the keys and the fix.
-            check_weights_against_network(path, unwrap(self.network), self.__class__.__name__)
+        if path is None or "--val" in sys.argv:  # --val ignores -pretrained_weights
+            return None
+        try:
+            return preflight_weights(path, cls, plans, configuration, dataset_json,
+                                     continue_training=bool(plans.get("continue_training")))
+        except WeightsError as error:
+            raise SystemExit(f"nnunet-ssl: refusing -pretrained_weights, nothing was written.\n{error}") from None
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -271,11 +266,10 @@ class SwinTrainerBase(nnUNetTrainer):
                 f"WARNING: {self.__class__.__name__} is the {self.method} trainer but the weights come from "
                 f"{tag.get('method')}; results will be filed under the wrong method."
             )
-        if not fixed_window_of(self.plans_manager, self.configuration_manager):
-            self.print_to_log_file(
-                "WARNING: these plans do not map intensities with a fixed window to [0, 1] as pretraining did "
-                "(e.g. nnU-Net's default z-scoring). Plan with `nnunet-ssl plan` for matching intensities."
-            )
+        mappings = plans_channel_mappings(self.plans_manager.plans, self.configuration_name)
+        intensity = (self.weights_metadata or {}).get("intensity")
+        for warning in intensity_warnings(intensity, mappings):
+            self.print_to_log_file(f"WARNING: {warning}")
 
 
 def pretrained_weights_argument(argv: list[str]) -> str | None:

@@ -212,17 +212,20 @@ def check_weights_against_network(
     if not problems:
         return metadata
     hints = []
+    export = "`nnunet-ssl export RUN_DIR -d DATASET -p PLANS --out FILE`"
     if metadata.get("preset") and metadata["preset"] != network.preset.name:
         hints.append(
-            f"the file was exported for preset {metadata['preset']!r} but {trainer_name} uses "
-            f"{network.preset.name!r}: use the trainer of that preset or export with --preset {network.preset.name}"
+            f"the file holds an encoder of preset {metadata['preset']!r} but {trainer_name} builds preset {network.preset.name!r}: "
+            f"train with a trainer of preset {metadata['preset']!r} (`nnunet-ssl trainers` lists each trainer's "
+            f"preset), or pretrain with `nnunet-ssl pretrain --preset {network.preset.name} --method METHOD "
+            f"--data DATA --out RUN_DIR` and export that run with {export}"
         )
     if metadata.get("in_channels") and metadata["in_channels"] != network.in_channels:
         hints.append(
             f"the file has {metadata['in_channels']} input channel(s), the dataset {network.in_channels}: "
-            "re-export for this dataset (`nnunet-ssl export ... --dataset`)"
+            f"re-export the pretraining run for this dataset with {export}"
         )
     if not hints:
-        hints.append("re-export the weights for this dataset, plans and trainer with `nnunet-ssl export`")
+        hints.append(f"re-export the weights for this dataset, plans and trainer with {export}")
     shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
     raise WeightsError(f"{path}: does not fit {trainer_name}: {shown}. Fix: " + " ".join(hints))

@@ -34,10 +34,29 @@ def resolve_target(dataset: str, configuration: str = "3d_fullres", plans_name: 
     folder = preprocessed_dataset_folder(dataset)
     plans_file = folder / f"{plans_name}.json"
     if not plans_file.is_file():
+        others = sorted((p.stem for p in folder.glob("*.json") if _is_plans_file(p)), key=lambda n: (n != "nnUNetSwinPlans", n))
+        if others:
+            raise FileNotFoundError(
+                f"{plans_file} does not exist, but {folder} has plans {', '.join(f'{o}.json' for o in others)}: "
+                f"pass `-p {others[0]}` (the plans you will train with, e.g. "
+                f"`nnunet-ssl export RUN_DIR -d {dataset} -p {others[0]} --out FILE`)"
+            )
         raise FileNotFoundError(
-            f"{plans_file} does not exist; run `nnUNetv2_plan_and_preprocess -d {dataset}` (or `nnunet-ssl plan`) first"
+            f"{plans_file} does not exist; run `nnunet-ssl plan -d {dataset}` (or `nnUNetv2_plan_and_preprocess -d "
+            f"{dataset}`) first"
         )
     return target_from_plans_file(plans_file, configuration)
+
+
+def _is_plans_file(path: Path) -> bool:
+    """A JSON file in a preprocessed folder that holds nnU-Net plans (not dataset.json, splits or fingerprints)."""
+    if path.name in ("dataset.json", "dataset_fingerprint.json", "splits_final.json", "splits_manifest.json"):
+        return False
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and "configurations" in content and content.get("plans_name") == path.stem
 
 
 def target_from_plans_file(plans_file: Path, configuration: str = "3d_fullres") -> DatasetTarget:

@@ -1,0 +1,111 @@
+"""How a plans file maps each channel's intensities, and whether that matches a weights file's pretraining.
+
+Pretraining maps every volume to ``[0, 1]`` (CT: a fixed HU window; MR: per-image percentiles).
+Fine-tuning should feed the encoder the same range; a different window or a per-image approximation
+of the same mapping is expected, a different range (nnU-Net's z-scoring) or another modality is not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: nnU-Net's built-in schemes that produce values in [0, 1] whatever the properties.
+UNIT_RANGE_SCHEMES = ("RescaleTo01Normalization", "RGBTo01Normalization")
+
+
+@dataclass(frozen=True)
+class ChannelMapping:
+    """One input channel's intensity mapping as the plans define it.
+
+    Attributes:
+        scheme: nnU-Net normalization class name.
+        modality: ``"ct"``, ``"mr"`` or None when the plans do not say (nnU-Net's own planner).
+        unit_range: Whether the result lies in [0, 1] (clipped window or min-max rescale).
+        description: Short human text, e.g. ``"CT window [-175, 250] -> [0, 1]"``.
+    """
+
+    scheme: str
+    modality: str | None
+    unit_range: bool
+    description: str
+
+
+def _is_unit_window(properties: dict[str, Any]) -> bool:
+    low, high = properties.get("percentile_00_5"), properties.get("percentile_99_5")
+    mean, std = properties.get("mean"), properties.get("std")
+    if None in (low, high, mean, std):
+        return False
+    return bool(np.isclose(mean, low) and np.isclose(std, high - low))
+
+
+def plans_channel_mappings(plans: dict[str, Any], configuration: str) -> list[ChannelMapping]:
+    """The mapping of every input channel of ``configuration`` (follows ``inherits_from``)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans)
+    schemes = manager.get_configuration(configuration).normalization_schemes
+    properties = manager.foreground_intensity_properties_per_channel
+    ours = plans.get("nnunet_ssl", {})
+    modalities = ours.get("modalities") or [None] * len(schemes)
+    mr_notes = ours.get("mr_normalization", {})
+    mappings = []
+    for channel, scheme in enumerate(schemes):
+        modality = modalities[channel] if channel < len(modalities) else None
+        p = properties.get(str(channel), {})
+        if scheme == "CTNormalization" and _is_unit_window(p):
+            name = (modality or "ct").upper()
+            text = f"{name} window [{p['percentile_00_5']:g}, {p['percentile_99_5']:g}] -> [0, 1]"
+            unit = True
+        elif scheme in UNIT_RANGE_SCHEMES:
+            text, unit = f"{scheme} (per image, [0, 1])", True
+        elif scheme == "CTNormalization":
+            text, unit = "CTNormalization (nnU-Net's dataset percentiles, then z-score)", False
+        else:
+            text, unit = f"{scheme} (not mapped to [0, 1])", False
+        note = mr_notes.get(str(channel))
+        if note:
+            text += f"; {note}"
+        mappings.append(ChannelMapping(scheme, modality, unit, text))
+    return mappings
+
+
+def intensity_warnings(pretraining: dict[str, Any] | None, mappings: list[ChannelMapping]) -> list[str]:
+    """Real mismatches between a weights file's pretraining intensities and the plans' mapping.
+
+    A different window, or a per-image approximation of the percentile mapping, is not a mismatch:
+    the encoder still sees [0, 1]. A channel not mapped to [0, 1], or another modality, is.
+
+    Args:
+        pretraining: The weights metadata's ``intensity`` entry (``{"modality": "CT"|"MR"|"mixed", ...}``),
+            or None / empty for files without it.
+        mappings: :func:`plans_channel_mappings` of the plans used for fine-tuning.
+    """
+    warnings = []
+    pretrained_modality = str((pretraining or {}).get("modality", "")).lower() or None
+    described = _describe_pretraining(pretraining)
+    for channel, mapping in enumerate(mappings):
+        if not mapping.unit_range:
+            warnings.append(
+                f"channel {channel} is mapped by {mapping.description}, but pretraining mapped intensities to [0, 1] "
+                f"({described}); plan with `nnunet-ssl plan -d DATASET` for matching intensities"
+            )
+        elif (pretrained_modality in ("ct", "mr") and mapping.modality is not None
+              and mapping.modality != pretrained_modality):
+            warnings.append(
+                f"channel {channel} is {mapping.modality.upper()} ({mapping.description}) but the encoder was pretrained "
+                f"on {pretrained_modality.upper()} ({described}): a cross-modality transfer"
+            )
+    return warnings
+
+
+def _describe_pretraining(pretraining: dict[str, Any] | None) -> str:
+    if not pretraining:
+        return "no intensity record in the weights file"
+    parts = [str(pretraining.get("modality", "?"))]
+    if "window" in pretraining:
+        parts.append(f"window {pretraining['window']}")
+    if "percentiles" in pretraining:
+        parts.append(f"per-image percentiles {pretraining['percentiles']}")
+    return " ".join(parts)
