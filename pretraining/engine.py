@@ -30,7 +30,7 @@ from nnunet_ssl.pretraining.config import RunConfig
 from nnunet_ssl.pretraining.distributed import Collectives
 from nnunet_ssl.pretraining.data import Manifest, build_cache, make_loader, summarize
 from nnunet_ssl.pretraining.data import steps_per_epoch as volume_steps_per_epoch
-from nnunet_ssl.pretraining.methods import METHODS, build_method
+from nnunet_ssl.pretraining.methods import METHODS, build_config, build_method
 from nnunet_ssl.pretraining.methods.base import StepContext
 from nnunet_ssl.pretraining.metrics_log import MetricsLog, plot_loss_curves
 
@@ -68,15 +68,26 @@ def init_distributed(device_type: str) -> DistributedContext:
     return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def build_run_method(config: RunConfig) -> nn.Module:
-    """The method of a run, with the crop size taken from the data settings (one source of truth)."""
+def run_method_overrides(config: RunConfig) -> dict[str, Any]:
+    """The method settings of a run, with the crop size taken from the data settings (one source of truth)."""
     from dataclasses import fields
 
     _, config_class = METHODS[config.method] if config.method in METHODS else (None, None)
     overrides = dict(config.method_overrides)
     if config_class is not None and "crop_size" in {f.name for f in fields(config_class)}:
         overrides.setdefault("crop_size", config.data.crop_size)
-    return build_method(config.method, get_preset(config.preset), config.in_channels, overrides)
+    return overrides
+
+
+def validate_run_config(config: RunConfig) -> None:
+    """Raise ValueError for an unknown method, preset or method setting, before any data is touched."""
+    build_config(config.method, run_method_overrides(config))
+    get_preset(config.preset)
+
+
+def build_run_method(config: RunConfig) -> nn.Module:
+    """The method of a run (see :func:`run_method_overrides`)."""
+    return build_method(config.method, get_preset(config.preset), config.in_channels, run_method_overrides(config))
 
 
 class _StepModule(nn.Module):
@@ -178,8 +189,10 @@ class Engine:
         if self.resume:
             source = latest if latest.is_file() else final if final.is_file() else None
             if source is None:
-                logger.warning("--resume: no checkpoint in %s, starting a new run", self.run_dir)
-                return None
+                raise FileNotFoundError(
+                    f"--resume: {self.run_dir} holds no {LATEST} or {FINAL} to continue from; leave out --resume "
+                    "to start a new run there"
+                )
             checkpoint = load_checkpoint(source)
             saved = RunConfig.from_dict(checkpoint["config"])
             if saved.method != self.config.method or saved.preset != self.config.preset:
@@ -195,8 +208,9 @@ class Engine:
     def run(self) -> Path:
         """Train to the end (or continue a killed run); returns the final checkpoint path."""
         config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        validate_run_config(config)  # argument errors before anything is created or cached
         checkpoint = self._check_run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.engine.seed)
         manifest = self._prepare_data()
         method = build_run_method(config)

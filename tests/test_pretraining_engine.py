@@ -159,3 +159,23 @@ def test_export_builds_nnunet_weights(volumes: Path, tmp_path: Path) -> None:
     net = SwinUNETRSeg(PRESETS["tiny"], 2, 4)
     net.load_state_dict(payload["network_weights"])
     torch.testing.assert_close(net.encoder.stages[2].blocks[0].attn.qkv.weight, teacher["stages.2.blocks.0.attn.qkv.weight"])
+
+
+def test_argument_errors_and_resume_without_checkpoint_leave_nothing_behind(
+    volumes: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from nnunet_ssl.cli import main
+
+    out = tmp_path / "run"
+    with caplog.at_level("ERROR"):
+        assert main(["pretrain", "--method", "nosuch", "--data", str(volumes), "--out", str(out), *SMALL]) == 1
+        assert main(["pretrain", "--method", "smit", "--data", str(volumes), "--out", str(out), *SMALL,
+                     "--set", "no_such_setting=1"]) == 1
+    assert "nosuch" in caplog.text and "no_such_setting" in caplog.text
+    assert not out.exists()  # neither the run folder nor its cache was created
+    caplog.clear()
+    out.mkdir()
+    with caplog.at_level("ERROR"):
+        assert main(["pretrain", "--method", "smit", "--data", str(volumes), "--out", str(out), *SMALL, "--resume"]) == 1
+    assert "no checkpoint_latest.pt or checkpoint_final.pt" in caplog.text and "leave out --resume" in caplog.text
+    assert list(out.iterdir()) == []

@@ -50,6 +50,8 @@ class DataConfig:
             target spacing) are skipped as "too small"; larger ones that are still smaller than
             a crop are zero-padded when sampled.
         max_spacing: Spacings above this (mm) are rejected as absurd.
+        min_spacing: Spacings below this (mm) are rejected as "spacing too fine" (a header error
+            far more often than a real voxel size).
     """
 
     inputs: tuple[str, ...]
@@ -66,6 +68,7 @@ class DataConfig:
     body_margin: int = 4
     min_size: int = 16
     max_spacing: float = 20.0
+    min_spacing: float = 0.05
 
     def __post_init__(self) -> None:
         inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(str(p) for p in self.inputs)
@@ -108,6 +111,8 @@ class DataConfig:
             raise ValueError(f"min_size must be a positive integer, got {self.min_size!r}")
         if not math.isfinite(self.max_spacing) or self.max_spacing <= 0:
             raise ValueError(f"max_spacing must be a positive finite mm value, got {self.max_spacing!r}")
+        if not math.isfinite(self.min_spacing) or not 0 < self.min_spacing < self.max_spacing:
+            raise ValueError(f"min_spacing must be in (0, max_spacing) mm, got {self.min_spacing!r}")
         for name in ("crop_size", "region_size", "num_workers", "body_margin", "min_size"):
             object.__setattr__(self, name, int(getattr(self, name)))
 
@@ -120,6 +125,7 @@ class DataConfig:
             "body_margin": self.body_margin,
             "min_size": self.min_size,
             "max_spacing": self.max_spacing,
+            "min_spacing": self.min_spacing,
         }
         if modality == "ct":
             params.update(ct_window=list(self.ct_window), ct_body_hu=self.ct_body_hu)

@@ -4,7 +4,7 @@ The steps, in order (:func:`preprocess_source`):
 
 1. read the file or DICOM series with SimpleITK (:func:`read_source`);
 2. validate it (:func:`validate_image`): scalar, 3-D without singleton axes, spacings in
-   ``(0, max_spacing]``, finite voxels, not constant;
+   ``[min_spacing, max_spacing]``, finite voxels (no NaN, no Inf), not constant;
 3. reorient to LPS (array axes ``(z, y, x)`` = inferior->superior, anterior->posterior,
    right->left) and resample with linear interpolation to the target spacing, keeping the centre of
    the field of view (:func:`resample_to_spacing`);
@@ -46,6 +46,7 @@ UNREADABLE = "unreadable"
 NOT_3D = "not 3-D"
 NOT_SCALAR = "not a scalar image"
 ABSURD_SPACING = "absurd spacing"
+SPACING_TOO_FINE = "spacing too fine"
 NON_FINITE = "non-finite voxels"
 CONSTANT = "constant image"
 NO_BODY = "no body found"
@@ -162,11 +163,11 @@ def _gzip_length(path: str) -> tuple[int, bool]:
     return total, complete
 
 
-def _scan_nifti_floats(path: str, header: _NiftiHeader, count: int) -> tuple[int, int]:
-    """``(voxels present, NaN voxels)`` in the float data of a NIfTI file (stops at ``count`` voxels)."""
+def _scan_nifti_floats(path: str, header: _NiftiHeader, count: int) -> tuple[int, int, int]:
+    """``(voxels present, NaN voxels, infinite voxels)`` in the float data of a NIfTI file (stops at ``count``)."""
     dtype = np.dtype(header.endian + _NIFTI_FLOATS[header.datatype])
     opener = gzip.open if path.lower().endswith(".gz") else open
-    present = nans = 0
+    present = nans = infs = 0
     step = (1 << 22) * dtype.itemsize
     try:
         with opener(path, "rb") as fh:
@@ -179,16 +180,17 @@ def _scan_nifti_floats(path: str, header: _NiftiHeader, count: int) -> tuple[int
                     break
                 values = np.frombuffer(chunk[:usable], dtype=dtype)[: count - present]
                 nans += int(np.count_nonzero(np.isnan(values)))
+                infs += int(np.count_nonzero(np.isinf(values)))
                 present += values.size
                 tail = chunk[usable:]
     except (EOFError, zlib.error, OSError):
         pass  # Truncated stream: ``present`` says how far it got.
-    return present, nans
+    return present, nans, infs
 
 
 def check_nifti(path: str) -> None:
-    """Catch what ITK's NIfTI reader lets through silently: truncated data (read as zeros), NaN
-    voxels (read as zeros) and zero/NaN ``pixdim`` (read as 1 mm).
+    """Catch what ITK's NIfTI reader lets through silently: truncated data (read as zeros), NaN and
+    infinite voxels (read as zeros) and zero/NaN ``pixdim`` (read as 1 mm).
 
     Integer data costs one header read and a look at the gzip trailer; float data is scanned once.
 
@@ -207,11 +209,13 @@ def check_nifti(path: str) -> None:
     count = math.prod(max(d, 1) for d in header.dim[1 : ndim + 1])
     expected = max(header.vox_offset, 348) + count * header.bitpix // 8
     if header.datatype in _NIFTI_FLOATS:
-        present, nans = _scan_nifti_floats(path, header, count)
+        present, nans, infs = _scan_nifti_floats(path, header, count)
         if present < count:
             raise SkipVolume(UNREADABLE, f"truncated NIfTI: {present} of {count} voxels present")
-        if nans:
-            raise SkipVolume(NON_FINITE, f"{nans} NaN voxel(s) (a reader would silently make them 0)")
+        if nans or infs:
+            raise SkipVolume(
+                NON_FINITE, f"{nans} NaN and {infs} infinite voxel(s) (a reader would silently make them 0)"
+            )
         return
     if path.lower().endswith(".gz"):
         with open(path, "rb") as fh:
@@ -254,19 +258,21 @@ def read_source(source: Source) -> sitk.Image:
         raise SkipVolume(reason, message) from exc
 
 
-def validate_image(image: sitk.Image, max_spacing: float = 20.0) -> np.ndarray:
+def validate_image(image: sitk.Image, max_spacing: float = 20.0, min_spacing: float = 0.05) -> np.ndarray:
     """Check that ``image`` is a usable 3-D scalar volume.
 
     Args:
         image: The image as read.
         max_spacing: Largest acceptable spacing in mm.
+        min_spacing: Smallest acceptable spacing in mm (below it, a header error is far likelier than
+            a real voxel size; resampling would shrink the volume to a few voxels).
 
     Returns:
         A ``(z, y, x)`` view of the voxels (no copy).
 
     Raises:
         SkipVolume: with reason ``"not a scalar image"``, ``"not 3-D"``, ``"absurd spacing"``,
-            ``"non-finite voxels"`` or ``"constant image"``.
+            ``"spacing too fine"``, ``"non-finite voxels"`` or ``"constant image"``.
     """
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise SkipVolume(NOT_SCALAR, f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
@@ -277,12 +283,21 @@ def validate_image(image: sitk.Image, max_spacing: float = 20.0) -> np.ndarray:
         raise SkipVolume(NOT_3D, f"2-D image stored as 3-D (size {size})")
     spacing = image.GetSpacing()
     if not all(math.isfinite(s) and 0.0 < s <= max_spacing for s in spacing):
-        raise SkipVolume(ABSURD_SPACING, f"spacing {tuple(round(s, 4) for s in spacing)} mm is not in (0, {max_spacing}]")
+        raise SkipVolume(ABSURD_SPACING, f"spacing {tuple(float(f'{s:.4g}') for s in spacing)} mm is not in (0, {max_spacing}]")
+    if min(spacing) < min_spacing:
+        raise SkipVolume(
+            SPACING_TOO_FINE,
+            f"spacing {tuple(float(f'{s:.4g}') for s in spacing)} mm is below min_spacing {min_spacing:g} mm "
+            f"(the volume would span {tuple(float(f'{n * s:.3g}') for n, s in zip(size, spacing, strict=True))} mm); "
+            "check the file's header",
+        )
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating):
         finite = np.isfinite(array)
         if not finite.all():
-            raise SkipVolume(NON_FINITE, f"{int(finite.size - np.count_nonzero(finite))} NaN/Inf voxel(s)")
+            nans = int(np.count_nonzero(np.isnan(array)))
+            infs = int(finite.size - np.count_nonzero(finite)) - nans
+            raise SkipVolume(NON_FINITE, f"{nans} NaN and {infs} infinite voxel(s)")
     lo, hi = array.min(), array.max()
     if lo == hi:
         raise SkipVolume(CONSTANT, f"every voxel is {float(lo):g}")
@@ -403,7 +418,7 @@ def preprocess_image(image: sitk.Image, modality: str, config: DataConfig) -> Pr
     Raises:
         SkipVolume: if the volume cannot be used.
     """
-    source_array = validate_image(image, config.max_spacing)
+    source_array = validate_image(image, config.max_spacing, config.min_spacing)
     stats: dict[str, float] = {
         "source_min": float(source_array.min()),
         "source_max": float(source_array.max()),
@@ -413,6 +428,12 @@ def preprocess_image(image: sitk.Image, modality: str, config: DataConfig) -> Pr
     source_spacing = tuple(float(s) for s in image.GetSpacing())
     del source_array
     resampled = sitk.GetArrayFromImage(resample_to_spacing(image, config.spacing))
+    if min(resampled.shape) < config.min_size:
+        raise SkipVolume(
+            TOO_SMALL,
+            f"the whole volume is {tuple(resampled.shape)} voxels (z, y, x) at the target spacing "
+            f"{tuple(config.spacing)} mm, below min_size {config.min_size} on some axis",
+        )
     if modality == "ct":
         low, high = config.ct_window
         mask = resampled > config.ct_body_hu

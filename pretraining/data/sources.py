@@ -37,6 +37,9 @@ IMAGE_SUFFIXES: dict[str, str] = {
 #: Suffixes of files that may be DICOM; files without a suffix are checked for the DICM magic.
 DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
 
+#: Ignored non-image files named in the log (the rest are counted).
+IGNORED_SHOWN = 10
+
 _DIGEST_BYTES = 1 << 20
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -88,7 +91,7 @@ class _Scan:
     config: DataConfig
     sources: dict[str, Source] = field(default_factory=dict)
     problems: dict[str, ScanProblem] = field(default_factory=dict)
-    ignored: int = 0
+    ignored: list[str] = field(default_factory=list)
     duplicates: int = 0
     assumed_ct: int = 0
     visiting: set[str] = field(default_factory=set)
@@ -198,7 +201,7 @@ def _scan_nnunet_dataset(scan: _Scan, folder: str, override: str | None, origin:
             elif image_kind(name) is not None:
                 stem = _strip_image_suffix(name)
             else:
-                scan.ignored += 1
+                scan.ignored.append(path)
                 continue
             match = _CHANNEL_RE.match(stem)
             channel = int(match.group("channel")) if match else None
@@ -260,8 +263,7 @@ def _scan_folder(scan: _Scan, folder: str, override: str | None, origin: str) ->
             elif _looks_like_dicom(path):
                 dicom_candidates.append(path)
             else:
-                scan.ignored += 1
-                logger.debug("ignoring %s (not an image file)", path)
+                scan.ignored.append(os.path.abspath(path))
         if dicom_candidates:
             _scan_dicom_dir(scan, root, dicom_candidates, override, origin)
 
@@ -360,7 +362,9 @@ def scan_inputs(config: DataConfig) -> tuple[list[Source], list[ScanProblem]]:
     for path in config.inputs:
         _scan_path(scan, path, None, "")
     if scan.ignored:
-        logger.info("ignored %d file(s) that are neither images nor DICOM", scan.ignored)
+        shown = ", ".join(scan.ignored[:IGNORED_SHOWN])
+        more = f" and {len(scan.ignored) - IGNORED_SHOWN} more" if len(scan.ignored) > IGNORED_SHOWN else ""
+        logger.info("ignored %d file(s) that are neither images nor DICOM: %s%s", len(scan.ignored), shown, more)
     if scan.assumed_ct:
         logger.info("%d volume(s) carry no modality information: treated as CT (set modality to change)", scan.assumed_ct)
     if scan.duplicates:

@@ -48,12 +48,18 @@ def bad_manifest(tmp_path_factory):
     write(image_from_array(arr), d / "nan.nii.gz")
     arr[3, 4, 5] = np.inf
     write(image_from_array(arr), d / "inf.nrrd")
+    ct_float = sitk.GetArrayFromImage(ct_volume(seed=5)).astype(np.float32)
+    ct_float[2, 3, 4] = np.inf  # ITK's NIfTI reader would make it 0
+    ct_float[5, 6, 7] = -np.inf
+    write(image_from_array(ct_float), d / "inf.nii.gz")
     write(image_from_array(np.full((48, 48, 40), 7, dtype=np.int16)), d / "constant.nii.gz")
     # No body (CT of air), too small, and small but usable (padded).
     air = np.random.default_rng(0).integers(-1000, -900, size=(48, 48, 40)).astype(np.int16)
     write(image_from_array(air), d / "air.nii.gz")
     write(ct_volume(size_xyz=(8, 8, 4), air_margin=0), d / "tiny.nii.gz")
     write(ct_volume(size_xyz=(30, 30, 14), air_margin=0), d / "small.nii.gz")
+    write(image_from_array(np.full((3, 3, 3), 40, dtype=np.int16) + np.eye(3, dtype=np.int16)), d / "three.nii.gz")
+    write(ct_volume(spacing_xyz=(1e-6, 1e-6, 1e-6)), d / "micro_spacing.nii.gz")
     # Absurd spacings: too coarse, zero and NaN pixdim (ITK would read 1 mm), zero in NRRD.
     write(ct_volume(spacing_xyz=(1.0, 1.0, 25.0)), d / "coarse.nii.gz")
     raw = write(ct_volume(), root / "raw.nii")
@@ -83,6 +89,9 @@ EXPECTED = {
     "rgb.mha": ("skipped", "not a scalar image"),
     "nan.nii.gz": ("skipped", "non-finite voxels"),
     "inf.nrrd": ("skipped", "non-finite voxels"),
+    "inf.nii.gz": ("skipped", "non-finite voxels"),
+    "three.nii.gz": ("skipped", "too small"),
+    "micro_spacing.nii.gz": ("skipped", "spacing too fine"),
     "constant.nii.gz": ("skipped", "constant image"),
     "air.nii.gz": ("skipped", "no body found"),
     "tiny.nii.gz": ("skipped", "too small"),
@@ -104,6 +113,10 @@ def test_every_bad_input_is_listed_with_its_reason(bad_manifest):
         assert entry.detail, entry  # every skip says why
     assert "4-D" in entries["series4d.nii.gz"].detail
     assert "truncated" in entries["trunc.nii.gz"].detail
+    assert "0 NaN and 2 infinite voxel(s)" in entries["inf.nii.gz"].detail
+    assert "1 NaN and 0 infinite" in entries["nan.nii.gz"].detail
+    assert "whole volume" in entries["three.nii.gz"].detail  # too small, not "no body"
+    assert "below min_spacing" in entries["micro_spacing.nii.gz"].detail
 
 
 def test_small_volume_is_padded_not_skipped(bad_manifest):
@@ -115,9 +128,10 @@ def test_small_volume_is_padded_not_skipped(bad_manifest):
 
 def test_summary_counts_per_reason(bad_manifest):
     text = summarize(bad_manifest)
-    assert text.splitlines()[0] == "23 source(s): 2 usable (2 CT; 1 padded), 21 skipped"
+    assert text.splitlines()[0] == "26 source(s): 2 usable (2 CT; 1 padded), 24 skipped"
     assert "  unreadable: 6" in text and "  absurd spacing: 4" in text and "  not 3-D: 3" in text
-    assert "  not found: 2" in text and "  too small: 1" in text
+    assert "  not found: 2" in text and "  too small: 2" in text and "  spacing too fine: 1" in text
+    assert "  non-finite voxels: 3" in text
     # The manifest on disk tells the same story.
     assert summarize(Manifest.load(bad_manifest.path)) == text
 
@@ -148,3 +162,17 @@ def test_unexpected_failure_is_recorded_and_retried(tmp_path, monkeypatch):
     assert b.status == "skipped" and b.reason == "error" and "KeyError" in b.detail
     monkeypatch.setattr(cache_module, "preprocess_source", real)
     assert by_name(build_cache(cfg))["b.nii.gz"].status == "ok"  # errors are not cached
+
+
+def test_ignored_files_are_named(tmp_path, caplog):
+    from nnunet_ssl.pretraining.data import scan_inputs
+
+    write(ct_volume(seed=1), tmp_path / "in" / "a.nii.gz")
+    (tmp_path / "in" / "notes.csv").write_text("x")
+    (tmp_path / "in" / "sub").mkdir()
+    (tmp_path / "in" / "sub" / "protocol.pdf").write_bytes(b"%PDF")
+    with caplog.at_level("INFO"):
+        sources, _ = scan_inputs(config([tmp_path / "in"], tmp_path / "cache"))
+    assert len(sources) == 1
+    message = next(r.getMessage() for r in caplog.records if "ignored" in r.getMessage())
+    assert "ignored 2 file(s)" in message and "notes.csv" in message and "protocol.pdf" in message
