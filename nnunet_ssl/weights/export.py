@@ -37,12 +37,30 @@ def load_run_encoder(run_dir: Path, source: str = "default") -> tuple[dict[str, 
 
 
 def intensity_of(config: Any) -> dict[str, Any]:
-    """The intensity mapping pretraining used, recorded in the export's metadata."""
+    """The intensity mapping pretraining used, recorded in the export's metadata.
+
+    Without a ``modality`` setting, the modalities the cache manifest records (given or decided from
+    the intensities) say it: ``"CT"``, ``"MR"``, or ``"mixed"``.
+    """
     data = config.data
-    modality = data.modality or "ct"
-    if modality == "ct":
-        return {"modality": "CT", "window": list(data.ct_window), "range": [0.0, 1.0]}
-    return {"modality": "MR", "percentiles": list(data.mr_percentiles), "range": [0.0, 1.0]}
+    modalities = {data.modality} if data.modality else _cached_modalities(data.cache_dir) or {"ct"}
+    ct = {"window": list(data.ct_window)}
+    mr = {"percentiles": list(data.mr_percentiles), "per_image": True}
+    if modalities == {"ct"}:
+        return {"modality": "CT", **ct, "range": [0.0, 1.0]}
+    if modalities == {"mr"}:
+        return {"modality": "MR", **mr, "range": [0.0, 1.0]}
+    return {"modality": "mixed", **ct, **mr, "range": [0.0, 1.0]}
+
+
+def _cached_modalities(cache_dir: str) -> set[str]:
+    from nnunet_ssl.pretraining.data import Manifest
+
+    try:
+        manifest = Manifest.load(cache_dir)
+    except (OSError, ValueError):
+        return set()
+    return {e.modality for e in manifest.usable() if e.modality in ("ct", "mr")}
 
 
 def export_run(run_dir: Path, target: DatasetTarget, source: str = "default", decoder_seed: int = 0) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import DataConfig
+from .modality import AUTO
 from .preprocess import UNREADABLE, SkipVolume, preprocess_source
 from .sources import ScanProblem, Source, cache_name, scan_inputs, source_digest
 
@@ -66,7 +67,8 @@ class ManifestEntry:
         key: Unique source identifier (absolute path, ``#series=<UID>`` appended for DICOM).
         source: The file, or the DICOM series folder.
         kind: ``"nifti"``, ``"nrrd"``, ``"mha"``, ``"dicom"``, ``"image"`` or ``"input"``.
-        modality: ``"ct"`` or ``"mr"`` (empty for inputs that yielded no volume).
+        modality: ``"ct"`` or ``"mr"`` (``"auto"`` for a volume without modality information that
+            was skipped before a decision; empty for inputs that yielded no volume).
         status: ``"ok"`` or ``"skipped"``.
         reason: Why it was skipped (a short category, see :func:`summarize`).
         detail: Specifics of the reason.
@@ -84,6 +86,8 @@ class ManifestEntry:
         source_spacing: ``(x, y, z)`` mm of the source.
         bbox: ``[[z0, z1], [y0, y1], [x0, x1]]`` of the body crop in the resampled grid.
         stats: Intensity statistics (see :class:`~.preprocess.Preprocessed`).
+        modality_decision: How the modality was decided from the intensities, for sources without
+            modality information (``modality`` is then the decision; ``"auto"`` if undecided).
     """
 
     key: str
@@ -107,6 +111,7 @@ class ManifestEntry:
     source_spacing: tuple[float, float, float] | None = None
     bbox: list[list[int]] | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    modality_decision: str | None = None
 
     @property
     def usable(self) -> bool:
@@ -302,6 +307,8 @@ def process_source(source: Source, config: DataConfig, cache_dir: str, digest: s
     entry.source_spacing = result.source_spacing
     entry.bbox = [list(b) for b in result.bbox]
     entry.stats = {k: round(v, 6) for k, v in result.stats.items()}
+    entry.modality = result.modality
+    entry.modality_decision = result.modality_decision
     return entry
 
 
@@ -388,7 +395,7 @@ def _problem_entry(problem: ScanProblem) -> ManifestEntry:
 def _reusable(old: ManifestEntry | None, source: Source, digest: str, config: DataConfig, cache_dir: str) -> bool:
     if old is None or old.digest != digest or old.params_key != config.params_key(source.modality):
         return False
-    if old.modality != source.modality or old.reason == ERROR:
+    if (old.modality != source.modality and source.modality != AUTO) or old.reason == ERROR:
         return False
     if old.status != OK:
         return True
@@ -403,6 +410,21 @@ def _set_note(entry: ManifestEntry, config: DataConfig) -> None:
         entry.note = f"{PADDED}: shape {tuple(entry.shape)} is smaller than the {config.crop_size}^3 crop"
     else:
         entry.note = None
+
+
+def _log_modality_decisions(manifest: Manifest) -> None:
+    """Say loudly which modality was decided from the intensities, volume by volume."""
+    decided = [e for e in manifest.entries if e.modality_decision and e.usable]
+    if not decided:
+        return
+    counts = Counter(e.modality.upper() for e in decided)
+    lines = [f"  {os.path.basename(e.source)}: {e.modality_decision}" for e in decided[:20]]
+    more = [f"  ... and {len(decided) - 20} more (manifest.json: modality_decision)"] if len(decided) > 20 else []
+    logger.warning(
+        "modality decided from the intensities for %d volume(s) without modality information: %s; give --modality "
+        "to override\n%s", len(decided), ", ".join(f"{n} {m}" for m, n in sorted(counts.items())),
+        "\n".join(lines + more),
+    )
 
 
 def _load_previous(path: str) -> Manifest | None:
@@ -505,6 +527,7 @@ def build_cache(config: DataConfig, progress: bool = True) -> Manifest:
     if dropped:
         logger.info("%d source(s) no longer among the inputs: dropped (%d array(s) deleted)", dropped, removed)
     manifest.save()
+    _log_modality_decisions(manifest)
     if not manifest.usable():
         raise ValueError(
             f"no usable pretraining volume in {list(config.inputs)} (manifest: {manifest_path}):\n" + summarize(manifest)

@@ -20,6 +20,9 @@ MODALITIES = ("ct", "mr")
 #: Bumped whenever the preprocessing changes so that existing caches are rebuilt.
 PREPROCESSING_VERSION = 1
 
+#: Bumped whenever the CT/MR detection of volumes without modality information changes.
+MODALITY_DETECTION_VERSION = 1
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -33,10 +36,12 @@ class DataConfig:
             paths or of ``{"path": ..., "modality": ...}`` objects).
         cache_dir: Folder holding the cached ``.b2nd`` volumes and ``manifest.json``.
         modality: ``"ct"``, ``"mr"`` or ``None`` (auto: nnU-Net ``channel_names`` ("CT" -> ct,
-            anything else -> mr), the DICOM Modality tag, else ct).
+            anything else -> mr), the DICOM Modality tag, else decided per volume from its
+            intensities (:mod:`.modality`; ambiguous volumes are skipped)).
         spacing: Target spacing ``(x, y, z)`` in mm.
         ct_window: CT window ``(low, high)`` in HU, mapped linearly to ``[0, 1]`` and clipped.
-        mr_percentiles: MR percentiles ``(low, high)`` mapped to ``[0, 1]`` and clipped.
+        mr_percentiles: MR percentiles ``(low, high)`` of each image mapped to ``[0, 1]`` and clipped
+            (the paper: 5 and 95; ``nnunet-ssl plan`` uses the same default for MR channels).
         crop_size: Edge of the cubic crops (views), in voxels.
         region_size: Edge of the cubic region the views of one volume are drawn from when more
             than one view is requested (views then overlap by ``2 * crop_size - region_size``
@@ -59,7 +64,7 @@ class DataConfig:
     modality: str | None = None
     spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
     ct_window: tuple[float, float] = (-500.0, 500.0)
-    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    mr_percentiles: tuple[float, float] = (5.0, 95.0)
     crop_size: int = 96
     region_size: int = 128
     num_workers: int = 2
@@ -127,10 +132,12 @@ class DataConfig:
             "max_spacing": self.max_spacing,
             "min_spacing": self.min_spacing,
         }
-        if modality == "ct":
+        if modality in ("ct", "auto"):
             params.update(ct_window=list(self.ct_window), ct_body_hu=self.ct_body_hu)
-        else:
+        if modality in ("mr", "auto"):
             params.update(mr_percentiles=list(self.mr_percentiles), mr_body_threshold=self.mr_body_threshold)
+        if modality == "auto":
+            params.update(modality_detection=MODALITY_DETECTION_VERSION)
         return params
 
     def params_key(self, modality: str) -> str:

@@ -33,6 +33,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .config import DataConfig
+from .modality import AUTO, detect_modality
 from .sources import Source
 
 #: Components of the body mask at least this fraction of the largest one are kept.
@@ -51,6 +52,7 @@ NON_FINITE = "non-finite voxels"
 CONSTANT = "constant image"
 NO_BODY = "no body found"
 TOO_SMALL = "too small"
+MODALITY_UNKNOWN = "modality unknown"
 
 
 class SkipVolume(Exception):
@@ -75,6 +77,8 @@ class Preprocessed:
         bbox: ``((z0, z1), (y0, y1), (x0, x1))`` of the body crop in the resampled grid.
         stats: Intensity statistics (source range and mean, the values mapped to 0 and 1, mean
             and standard deviation of the cached ``[0, 1]`` values).
+        modality: ``"ct"`` or ``"mr"``: how the volume was normalised.
+        modality_decision: Why, when it was decided from the intensities (None when it was given).
     """
 
     array: np.ndarray
@@ -84,6 +88,8 @@ class Preprocessed:
     resampled_shape: tuple[int, int, int]
     bbox: tuple[tuple[int, int], ...]
     stats: dict[str, float] = field(default_factory=dict)
+    modality: str = "ct"
+    modality_decision: str | None = None
 
 
 _ITK_PREFIX = re.compile(r"^(?:ITK |itk::|sitk::)ERROR:\s*(?:\w+\(0x[0-9a-fA-F]+\):\s*)?")
@@ -412,13 +418,19 @@ def preprocess_image(image: sitk.Image, modality: str, config: DataConfig) -> Pr
 
     Args:
         image: As read from disk.
-        modality: ``"ct"`` or ``"mr"``.
+        modality: ``"ct"``, ``"mr"`` or ``"auto"`` (decided from the intensities, :mod:`.modality`).
         config: Target spacing, window/percentiles, body thresholds and margin, minimum size.
 
     Raises:
         SkipVolume: if the volume cannot be used.
     """
     source_array = validate_image(image, config.max_spacing, config.min_spacing)
+    decision = None
+    if modality == AUTO:
+        detected, decision = detect_modality(source_array)
+        if detected is None:
+            raise SkipVolume(MODALITY_UNKNOWN, decision)
+        modality = detected
     stats: dict[str, float] = {
         "source_min": float(source_array.min()),
         "source_max": float(source_array.max()),
@@ -466,6 +478,8 @@ def preprocess_image(image: sitk.Image, modality: str, config: DataConfig) -> Pr
         resampled_shape=tuple(int(s) for s in resampled.shape),  # type: ignore[arg-type]
         bbox=tuple((int(s.start), int(s.stop)) for s in box),
         stats=stats,
+        modality=modality,
+        modality_decision=decision,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from .config import MODALITIES, DataConfig
+from .modality import AUTO
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class Source:
         key: Unique, stable identifier: the absolute path, plus ``#series=<UID>`` for DICOM.
         path: The image file, or the folder of a DICOM series.
         kind: ``"nifti"``, ``"nrrd"``, ``"mha"`` or ``"dicom"``.
-        modality: ``"ct"`` or ``"mr"``.
+        modality: ``"ct"``, ``"mr"``, or ``"auto"`` (no modality information: decided from the
+            intensities when preprocessing, see :mod:`.modality`).
         files: DICOM series files in slice order (empty for single files).
         channel: nnU-Net channel index, if the volume comes from an nnU-Net raw dataset.
         origin: The input (folder, dataset or list) it was found through.
@@ -93,7 +95,7 @@ class _Scan:
     problems: dict[str, ScanProblem] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     duplicates: int = 0
-    assumed_ct: int = 0
+    undetermined: int = 0
     visiting: set[str] = field(default_factory=set)
 
     def add(self, source: Source) -> None:
@@ -154,8 +156,8 @@ def _default_modality(scan: _Scan, override: str | None) -> str:
     if override is not None:
         return override
     if scan.config.modality is None:
-        scan.assumed_ct += 1
-        return "ct"
+        scan.undetermined += 1
+        return AUTO
     return scan.config.modality
 
 
@@ -365,8 +367,12 @@ def scan_inputs(config: DataConfig) -> tuple[list[Source], list[ScanProblem]]:
         shown = ", ".join(scan.ignored[:IGNORED_SHOWN])
         more = f" and {len(scan.ignored) - IGNORED_SHOWN} more" if len(scan.ignored) > IGNORED_SHOWN else ""
         logger.info("ignored %d file(s) that are neither images nor DICOM: %s%s", len(scan.ignored), shown, more)
-    if scan.assumed_ct:
-        logger.info("%d volume(s) carry no modality information: treated as CT (set modality to change)", scan.assumed_ct)
+    if scan.undetermined:
+        logger.warning(
+            "%d volume(s) carry no modality information: each one's modality is decided from its intensities "
+            "(CT: air near -1000 HU; MR: no negative values), ambiguous ones are skipped; give --modality ct|mr "
+            "to choose instead", scan.undetermined,
+        )
     if scan.duplicates:
         logger.info("%d volume(s) were reached through more than one input and are used once", scan.duplicates)
     problems = [p for k, p in scan.problems.items() if k not in scan.sources]
