@@ -10,6 +10,17 @@ from typing import Any
 import torch
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()`` / ``mkdir()`` give new files / folders under the process's umask (0644 / 0755 at 022).
+
+    ``tempfile`` creates private 0600 files and 0700 folders; renamed into place as they are, group
+    members on a shared cluster could not read them.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
     """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename it.
 
@@ -22,6 +33,7 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode(directory=False))  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -41,6 +41,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from nnunet_ssl.io import default_mode
+
 logger = logging.getLogger(__name__)
 
 #: nnU-Net label map; ``kidney`` covers both kidneys.
@@ -649,6 +651,7 @@ def _atomic_folder(final: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         fill(tmp)
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700
         if final.exists():
             final.rmdir()  # empty (checked by _is_complete); rmdir refuses otherwise
         os.replace(tmp, final)
