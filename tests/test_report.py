@@ -382,7 +382,7 @@ def write_test_cases(root: Path, reference: np.ndarray, cases: tuple[str, ...] =
 def test_existing_predictions_are_reused_not_predicted_again(
     nnunet_tree: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nnunet_ssl.cli import ext_trainer_path
+    from nnunet_ssl.nnunet_ext import ext_trainer_path
 
     monkeypatch.setenv("nnUNet_extTrainer", str(ext_trainer_path()))  # what the report would set
     results, preprocessed = nnunet_tree

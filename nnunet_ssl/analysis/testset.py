@@ -104,7 +104,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 def ensure_ext_trainer_path() -> None:
     """Put the plugin's trainer folder into ``nnUNet_extTrainer`` (nnU-Net reads it at each lookup)."""
-    from nnunet_ssl.cli import ext_trainer_path
+    from nnunet_ssl.nnunet_ext import ext_trainer_path
 
     folder = str(ext_trainer_path())
     current = os.environ.get("nnUNet_extTrainer", "")
