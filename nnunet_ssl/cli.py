@@ -11,14 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from nnunet_ssl.nnunet_ext import ext_trainer_path
+
 logger = logging.getLogger("nnunet_ssl")
-
-
-def ext_trainer_path() -> Path:
-    """Folder to put in ``nnUNet_extTrainer`` (re-export shims of the plugin's trainers)."""
-    from nnunet_ssl import nnunet_ext
-
-    return Path(nnunet_ext.__file__).resolve().parent
 
 
 def cmd_ext_path(args: argparse.Namespace) -> int:
@@ -107,11 +102,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_split(args: argparse.Namespace) -> int:
     from nnunet_ssl.nnunet_paths import preprocessed_dataset_folder
-    from nnunet_ssl.splits import MANIFEST_FILE, SplitRequest, apply_split_request, fold_table, read_manifest
+    from nnunet_ssl.splits import MANIFEST_FILE, SplitRequest, apply_split_request, fold_table, read_checked_manifest
 
     folder = preprocessed_dataset_folder(args.dataset)
     if args.list:
-        sys.stdout.write(f"{folder / MANIFEST_FILE}\n{fold_table(read_manifest(folder / MANIFEST_FILE))}\n")
+        sys.stdout.write(f"{folder / MANIFEST_FILE}\n{fold_table(read_checked_manifest(folder))}\n")
         return 0
     if bool(args.shots) == bool(args.sizes):
         raise ValueError("give --shots (few-shot folds) or --sizes (data-limited folds), or --list")
@@ -279,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # argparse %-formats help strings (not descriptions): a literal % must be doubled there
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
         p.set_defaults(handler=handler)
         return p
 

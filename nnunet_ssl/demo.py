@@ -58,7 +58,7 @@ class Demo:
     """Runs the demo stages with nnU-Net's folders inside ``config.work_dir``."""
 
     def __init__(self, config: DemoConfig) -> None:
-        from nnunet_ssl.cli import ext_trainer_path
+        from nnunet_ssl.nnunet_ext import ext_trainer_path
 
         self.config = config
         self.root = config.work_dir.resolve()

@@ -258,6 +258,22 @@ def dataset_identifiers(preprocessed_dataset_dir: Path) -> list[str]:
     )
 
 
+def read_checked_manifest(preprocessed_dataset_dir: Path) -> list[FoldEntry]:
+    """The manifest's folds after checking them against ``splits_final.json`` (for listings).
+
+    Raises:
+        SplitError: when either file is unreadable, or the split file lacks or changed a listed fold.
+    """
+    folder = Path(preprocessed_dataset_dir)
+    splits_path = folder / SPLITS_FILE
+    manifest = read_manifest(folder / MANIFEST_FILE)
+    if splits_path.is_file():
+        check_consistency(read_splits(splits_path), manifest, splits_path)
+    elif manifest:
+        raise SplitError(f"{folder / MANIFEST_FILE} lists {len(manifest)} fold(s) but {splits_path} does not exist")
+    return manifest
+
+
 @dataclass(frozen=True)
 class SplitResult:
     folds: list[FoldEntry]

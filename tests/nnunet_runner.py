@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nnunet_ssl.cli import ext_trainer_path
+from nnunet_ssl.nnunet_ext import ext_trainer_path
 
 BIN = Path(sys.executable).parent
 

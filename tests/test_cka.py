@@ -57,6 +57,21 @@ def test_cka_of_a_representation_with_itself_is_one() -> None:
     assert _minibatch_cka(x, x, 16) == pytest.approx(1.0, abs=1e-12)
 
 
+def test_large_common_offset_keeps_cka_exact() -> None:
+    """CKA(x, 0.01 x + 30) is 1 for every estimator (uncentred Gram matrices gave 0.257 here)."""
+    x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = 0.01 * x + 30
+    assert linear_cka(x, y) == pytest.approx(1.0, abs=1e-9)
+    assert unbiased_cka(x, y) == pytest.approx(1.0, abs=1e-9)
+    assert _minibatch_cka(x, y, 8) == pytest.approx(1.0, abs=1e-9)
+    # what the centring fixes: the same minibatch estimate from uncentred Gram matrices
+    accumulator = MinibatchCKA(["x"], ["y"])
+    for start in range(0, 64, 8):
+        accumulator.update({"x": gram(x[start : start + 8], center=False)},
+                           {"y": gram(y[start : start + 8], center=False)})
+    assert not accumulator.compute()[0, 0] > 0.9
+
+
 def test_invariant_to_orthogonal_transforms_and_isotropic_scaling() -> None:
     x, y = _correlated(80, seed=1)
     q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
@@ -174,6 +189,7 @@ def test_layer_grams_on_the_tiny_preset() -> None:
     assert list(grams) == names and len(grams) == 1 + sum(PRESETS["tiny"].depths)
     assert all(k.shape == (4, 4) and k.dtype == torch.float64 for k in grams.values())
     embedded = encoder.patch_embed(images).reshape(4, -1).double()
+    embedded = embedded - embedded.mean(dim=0, keepdim=True)  # features centred over the minibatch
     torch.testing.assert_close(grams["embed"], embedded @ embedded.T)
     assert not any(module._forward_hooks for module in encoder.modules())  # hooks removed
 

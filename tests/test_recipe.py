@@ -88,7 +88,7 @@ def test_every_design_trainer_exists_with_its_preset() -> None:
 def test_trainers_are_found_by_nnunet_through_the_shim(monkeypatch) -> None:
     from nnunetv2.utilities import find_objects
 
-    from nnunet_ssl.cli import ext_trainer_path
+    from nnunet_ssl.nnunet_ext import ext_trainer_path
 
     monkeypatch.setattr(find_objects.nnUNet_extTrainer, "get", lambda: str(ext_trainer_path()))
     monkeypatch.setattr(find_objects.nnUNet_extTrainer, "is_set", lambda: True)

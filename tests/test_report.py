@@ -36,6 +36,7 @@ from nnunet_ssl.analysis.testset import (
     checkpoint_source,
     collect_test_run,
     find_test_set,
+    score_predictions,
 )
 from nnunet_ssl.analysis.testset import (
     TestRunSettings as RunSettings,
@@ -382,7 +383,7 @@ def write_test_cases(root: Path, reference: np.ndarray, cases: tuple[str, ...] =
 def test_existing_predictions_are_reused_not_predicted_again(
     nnunet_tree: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nnunet_ssl.cli import ext_trainer_path
+    from nnunet_ssl.nnunet_ext import ext_trainer_path
 
     monkeypatch.setenv("nnUNet_extTrainer", str(ext_trainer_path()))  # what the report would set
     results, preprocessed = nnunet_tree
@@ -470,3 +471,71 @@ def test_cli_report_by_dataset_id(nnunet_tree: tuple[Path, Path], tmp_path: Path
     printed = capsys.readouterr().out
     assert "| Scratch (reference) | 0,1 | 4 |" in printed and "| SMIT † | 0 (1 missing) | 2 |" in printed
     assert main(["report", "-d", "501", "--trainers", "A", "--checkpoint", "best", "--out", str(out)]) == 1
+
+
+# --- Dice through nnU-Net's evaluation: regions and the ignore label ----------------------------------
+
+
+def _nnunet_summary(labels: Path, predictions: Path, dataset_json: dict, tmp_path: Path) -> dict[str, dict]:
+    """nnU-Net's own summary.json for the folder, as its validation writes it: case -> metrics by key."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    info = dataset_info(dataset_json)
+    out = tmp_path / "summary.json"
+    compute_metrics_on_folder(str(labels), str(predictions), str(out), SimpleITKIO(), ".nii.gz",
+                              list(info.labels_or_regions), info.ignore_label, num_processes=1)
+    summary = json.loads(out.read_text())
+    return {Path(e["reference_file"]).name[:-7]: e["metrics"] for e in summary["metric_per_case"]}
+
+
+def test_region_dataset_scored_per_region_as_nnunet(tmp_path: Path) -> None:
+    """BraTS-style regions: 'whole' = labels 1 or 2, 'core' = label 2; Dice per region as nnU-Net's summary."""
+    dataset_json = {"labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2],
+                    "file_ending": ".nii.gz", "channel_names": {"0": "CT"}}
+    info = dataset_info(dataset_json)
+    assert info.structures == {"(1, 2)": "whole", "2": "core"} and info.label_values == {}
+    reference = np.zeros((4, 8, 8), np.uint8)
+    reference[1:3, 2:6, 2:6] = 1
+    reference[1:3, 3:5, 3:5] = 2  # 8 voxels core inside 32 voxels whole
+    prediction = np.zeros_like(reference)
+    prediction[1:3, 2:6, 2:6] = 2  # whole exactly right; core 32 predicted, 8 true
+    images, labels = write_test_cases(tmp_path, reference, ("r1",))
+    out = tmp_path / "pred"
+    out.mkdir()
+    write_volume(prediction, out / "r1.nii.gz")
+    dice, _, missing = score_predictions(out, find_test_set(images, labels, ".nii.gz"), info)
+    assert missing == []
+    assert dice["r1"] == pytest.approx({"whole": 1.0, "core": 2 * 8 / (8 + 32)})
+    nnunet = _nnunet_summary(labels, out, dataset_json, tmp_path)["r1"]
+    assert dice["r1"] == pytest.approx({info.structures[k]: v["Dice"] for k, v in nnunet.items()})
+    with pytest.raises(ValueError, match="regions"):
+        score_predictions(out, find_test_set(images, labels, ".nii.gz"), info, hd95=True)
+
+
+def test_ignore_label_voxels_are_not_scored(tmp_path: Path) -> None:
+    dataset_json = {"labels": {"background": 0, "liver": 1, "spleen": 2, "ignore": 3},
+                    "file_ending": ".nii.gz", "channel_names": {"0": "CT"}}
+    info = dataset_info(dataset_json)
+    assert info.names == ["liver", "spleen"] and info.ignore_label == 3
+    reference = np.zeros((4, 8, 8), np.uint8)
+    reference[1:3, 2:6, 2:6] = 1  # 32 liver voxels
+    reference[1:3, 6:8, 6:8] = 2  # 8 spleen voxels
+    reference[0, :, :] = 3  # a slice nobody annotated
+    prediction = reference.copy()
+    prediction[0, :, :] = 1  # liver predicted in the unannotated slice: must not count as false positives
+    prediction[reference == 3] = np.where(np.arange(64).reshape(8, 8) % 2 == 0, 1, 2).ravel()
+    prediction[1, 6:8, 6:8] = 0  # 4 spleen voxels missed
+    images, labels = write_test_cases(tmp_path, reference, ("i1",))
+    out = tmp_path / "pred"
+    out.mkdir()
+    write_volume(prediction, out / "i1.nii.gz")
+    dice, _, _ = score_predictions(out, find_test_set(images, labels, ".nii.gz"), info)
+    assert dice["i1"] == pytest.approx({"liver": 1.0, "spleen": 2 * 4 / (4 + 8)})
+    nnunet = _nnunet_summary(labels, out, dataset_json, tmp_path)["i1"]
+    assert dice["i1"] == pytest.approx({info.structures[k]: v["Dice"] for k, v in nnunet.items()})
+
+
+def test_dataset_json_refused_by_nnunet_names_the_problem() -> None:
+    with pytest.raises(ValueError, match="ignore label"):
+        dataset_info({"labels": {"background": 0, "liver": 1, "ignore": 5, "spleen": 2}, "file_ending": ".nii.gz"})

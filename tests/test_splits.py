@@ -189,3 +189,27 @@ def test_few_shot_recipe_and_early_stopping_rule():
     assert should_stop_early([0.1, 0.5, 0.4, 0.5], 2)  # a tie is not an improvement
     assert should_stop_early([0.5, float("nan"), float("nan")], 2)
     assert not should_stop_early([], 1)
+
+
+@pytest.mark.parametrize("corrupt", ["splits_not_json", "splits_truncated", "manifest_not_json"])
+def test_cli_list_fails_on_a_corrupt_split_file(tmp_path, monkeypatch, capsys, caplog, corrupt):
+    folder = fake_preprocessed_dataset(tmp_path)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    assert main(["split", "-d", "Dataset777_Fake", "--shots", "5", "--seeds", "0"]) == 0
+    if corrupt == "splits_not_json":
+        (folder / SPLITS_FILE).write_text("[{\"train\": [")
+    elif corrupt == "splits_truncated":  # valid JSON, but the appended fold is gone
+        splits = json.loads((folder / SPLITS_FILE).read_text())
+        (folder / SPLITS_FILE).write_text(json.dumps(splits[:5]))
+    else:
+        (folder / MANIFEST_FILE).write_text("{")
+    capsys.readouterr()
+    assert main(["split", "-d", "Dataset777_Fake", "--list"]) == 1
+    assert "Dataset777_Fake" in caplog.text
+
+
+def test_cli_help_shows_percent_signs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "gap % and Wilcoxon" in out and "{'" not in out

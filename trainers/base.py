@@ -11,10 +11,12 @@ provenance logging) lives here once.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, ClassVar
 
 import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -29,6 +31,14 @@ from nnunet_ssl.trainers.recipe import (
     fitted_batch_size,
     should_stop_early,
     swin_compatible_patch_size,
+)
+from nnunet_ssl.trainers.seeding import (
+    CHECKPOINT_KEY,
+    SEED_ENV,
+    process_seed,
+    seed_from_environment,
+    seed_process,
+    worker_seeds,
 )
 from nnunet_ssl.weights.format import WeightsError, encoder_digest
 from nnunet_ssl.weights.intensity import intensity_warnings, plans_channel_mappings
@@ -84,9 +94,17 @@ class SwinTrainerBase(nnUNetTrainer):
     ) -> None:
         plan_notes = self.fit_plans_to_swin(plans, configuration)
         self.weights_metadata = self.check_pretrained_weights_early(plans, configuration, dataset_json)
+        self.seed = seed_from_environment(os.environ)
+        if self.seed is not None:
+            seed_process(self.seed)  # before nnU-Net builds anything that draws random numbers
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.my_init_kwargs[CHECKPOINT_KEY] = self.seed  # saved in every checkpoint's init_args
         for note in plan_notes:
             self.print_to_log_file(note)
+        self.print_to_log_file(
+            f"{SEED_ENV} not set: unseeded, as nnU-Net (set it for reproducible runs)" if self.seed is None else
+            f"{SEED_ENV}={self.seed}: Python, NumPy and torch seeded; data-loader workers get derived seeds"
+        )
         self.split_entry: FoldEntry | None = manifest_entry_for_fold(self.preprocessed_dataset_folder_base, fold)
         self.active_recipe = self.recipe_for_fold(self.split_entry)
         self.initial_lr = self.active_recipe.initial_lr
@@ -183,6 +201,46 @@ class SwinTrainerBase(nnUNetTrainer):
             decay_parameter_groups(self.network, self.weight_decay), lr=self.initial_lr
         )
         return optimizer, WarmupCosineLRScheduler(optimizer, self.active_recipe)
+
+    # ------------------------------------------------------------------ seeding
+    def get_dataloaders(self) -> tuple[Any, Any]:
+        """nnU-Net's data loaders; with a seed, its background workers restarted with derived seeds.
+
+        nnU-Net starts its ``NonDetMultiThreadedAugmenter`` workers with ``seeds=None``. With a seed
+        they are stopped and restarted on the same data loaders and transforms with seeds from
+        (seed, stream, epoch); the training process is reseeded for the epoch training starts at.
+        """
+        if self.seed is not None:
+            seed_process(process_seed(self.seed, self.current_epoch))
+        train, val = super().get_dataloaders()
+        if self.seed is None:
+            return train, val
+        return self._seeded_augmenter(train, "train"), self._seeded_augmenter(val, "val")
+
+    def _seeded_augmenter(self, augmenter: Any, stream: str) -> Any:
+        if not isinstance(augmenter, NonDetMultiThreadedAugmenter):
+            self.print_to_log_file(f"{stream} data loaded in the training process (seeded with it)")
+            return augmenter  # SingleThreadedAugmenter (nnUNet_n_proc_DA=0): the process RNG is seeded
+        augmenter._finish()
+        seeds = worker_seeds(self.seed, stream, self.current_epoch, augmenter.num_processes)
+        seeded = NonDetMultiThreadedAugmenter(
+            augmenter.generator, augmenter.transform, augmenter.num_processes, num_cached=augmenter.num_cached,
+            seeds=seeds, pin_memory=augmenter.pin_memory, wait_time=augmenter.wait_time,
+        )
+        _ = next(seeded)  # started and primed as nnU-Net does
+        order = "" if augmenter.num_processes == 1 else (
+            " (batch order across workers still depends on timing; nnUNet_n_proc_DA=1 makes it fixed)"
+        )
+        self.print_to_log_file(f"{stream} data-loader worker seeds (epoch {self.current_epoch}): {seeds}{order}")
+        return seeded
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """nnU-Net's loading; the checkpoint's init_args then record this run's seed."""
+        super().load_checkpoint(filename_or_checkpoint)
+        previous = self.my_init_kwargs.get(CHECKPOINT_KEY)
+        if previous != self.seed:
+            self.print_to_log_file(f"the checkpoint was trained with {SEED_ENV}={previous}; continuing with {self.seed}")
+        self.my_init_kwargs = {**self.my_init_kwargs, CHECKPOINT_KEY: self.seed}
 
     # ------------------------------------------------------------------ splits and early stopping
     def do_split(self) -> tuple[list[str], list[str]]:

@@ -70,18 +70,23 @@ class ResultsLayout:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What the report needs from ``dataset.json``.
+    """What the report needs from ``dataset.json``, read through nnU-Net's ``LabelManager``.
 
     Attributes:
         structures: nnU-Net's summary key (``"1"``, or ``"(1, 2)"`` for a region) -> structure name,
-            foreground only, in label order.
+            foreground only (no background, no ignore label), in nnU-Net's evaluation order.
         label_values: Structure name -> integer label (plain labels only; empty for region datasets).
+        labels_or_regions: What nnU-Net's evaluation scores: the foreground labels, or the foreground
+            regions of a region-based dataset (``nnunetv2.evaluation.compute_metrics``).
+        ignore_label: The dataset's ignore label (voxels excluded from every metric), or None.
     """
 
     structures: dict[str, str]
     label_values: dict[str, int]
     file_ending: str
     dataset_json: dict
+    labels_or_regions: tuple[int | tuple[int, ...], ...] = ()
+    ignore_label: int | None = None
 
     @property
     def names(self) -> list[str]:
@@ -89,18 +94,37 @@ class DatasetInfo:
 
 
 def dataset_info(dataset_json: dict) -> DatasetInfo:
-    """Structure names and keys from nnU-Net's ``dataset.json`` content."""
-    structures: dict[str, str] = {}
-    label_values: dict[str, int] = {}
-    for name, value in dataset_json["labels"].items():
-        if isinstance(value, int):
-            if value == 0:
-                continue
-            structures[str(value)] = name
-            label_values[name] = value
-        else:  # a region: nnU-Net keys it by str(tuple)
-            structures[str(tuple(int(v) for v in value))] = name
-    return DatasetInfo(structures, label_values, dataset_json["file_ending"], dataset_json)
+    """Structure names and keys from nnU-Net's ``dataset.json`` content, as nnU-Net's validation scores them.
+
+    Raises:
+        ValueError: when nnU-Net's label handling refuses the labels (no background, misplaced ignore
+            label, regions without ``regions_class_order``, ...).
+    """
+    from nnunetv2.evaluation.evaluate_predictions import label_or_region_to_key
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    labels = dataset_json.get("labels")
+    if not isinstance(labels, dict):
+        raise ValueError("dataset.json has no 'labels' mapping")
+    try:
+        manager = LabelManager(labels, dataset_json.get("regions_class_order"))
+    except (AssertionError, RuntimeError) as error:
+        raise ValueError(f"dataset.json labels: {error}") from error
+    evaluated = list(manager.foreground_regions if manager.has_regions else manager.foreground_labels)
+    names: dict[object, str] = {}
+    for name, value in labels.items():
+        if name == "ignore":
+            continue
+        if manager.has_regions:
+            names.setdefault(tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value), name)
+        else:
+            for label in value if isinstance(value, (list, tuple)) else [value]:
+                names.setdefault(int(label), name)
+    structures = {label_or_region_to_key(r): names.get(r, label_or_region_to_key(r)) for r in evaluated}
+    label_values = {} if manager.has_regions else {names.get(r, str(r)): int(r) for r in evaluated}
+    return DatasetInfo(
+        structures, label_values, dataset_json["file_ending"], dataset_json, tuple(evaluated), manager.ignore_label,
+    )
 
 
 def load_dataset_info(layout: ResultsLayout, trainers: list[str]) -> DatasetInfo:
@@ -113,7 +137,10 @@ def load_dataset_info(layout: ResultsLayout, trainers: list[str]) -> DatasetInfo
     candidates += [layout.model_dir(t) / "dataset.json" for t in trainers]
     for path in candidates:
         if path.is_file():
-            return dataset_info(json.loads(path.read_text(encoding="utf-8")))
+            try:
+                return dataset_info(json.loads(path.read_text(encoding="utf-8")))
+            except (ValueError, KeyError) as error:
+                raise ValueError(f"{path}: {error}") from error
     raise FileNotFoundError(
         f"no dataset.json for {layout.dataset_name}: looked in {', '.join(str(p) for p in candidates)}"
     )

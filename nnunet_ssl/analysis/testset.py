@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nnunet_ssl.analysis.metrics import dice_per_label
 from nnunet_ssl.analysis.results import (
     CHECKPOINTS,
     COMPLETE,
@@ -104,7 +103,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 def ensure_ext_trainer_path() -> None:
     """Put the plugin's trainer folder into ``nnUNet_extTrainer`` (nnU-Net reads it at each lookup)."""
-    from nnunet_ssl.cli import ext_trainer_path
+    from nnunet_ssl.nnunet_ext import ext_trainer_path
 
     folder = str(ext_trainer_path())
     current = os.environ.get("nnUNet_extTrainer", "")
@@ -174,18 +173,23 @@ def score_predictions(
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[str]]:
     """Dice (and HD95) per case and structure for the predictions present.
 
+    Dice comes from nnU-Net's own evaluation (``nnunetv2.evaluation.evaluate_predictions.compute_metrics``)
+    with the dataset's labels or regions and its ignore label, so it equals what nnU-Net's
+    ``summary.json`` would hold for the same files.
+
     Returns:
         (dice, hd95, cases without a prediction).
 
     Raises:
-        ValueError: for region-based datasets (only plain labels are scored here).
+        ValueError: when HD95 is asked for on a region-based dataset (only plain labels).
     """
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics, label_or_region_to_key
     from nnunetv2.imageio.reader_writer_registry import (
         determine_reader_writer_from_dataset_json,
     )
 
-    if len(info.label_values) != len(info.structures):
-        raise ValueError("test-set scoring supports plain labels only; this dataset.json defines regions")
+    if hd95 and len(info.label_values) != len(info.structures):
+        raise ValueError("HD95 supports plain labels only; this dataset.json defines regions")
     labels = list(info.label_values.values())
     names = {value: name for name, value in info.label_values.items()}
     reader = None
@@ -201,12 +205,16 @@ def score_predictions(
             reader = determine_reader_writer_from_dataset_json(
                 info.dataset_json, str(test_set.labels[case]), verbose=False
             )()
-        reference, properties = reader.read_seg(str(test_set.labels[case]))
-        prediction, _ = reader.read_seg(str(prediction_file))
-        dice[case] = {names[k]: v for k, v in dice_per_label(prediction[0], reference[0], labels).items()}
+        metrics = compute_metrics(
+            str(test_set.labels[case]), str(prediction_file), reader, list(info.labels_or_regions), info.ignore_label,
+        )["metrics"]
+        by_key = {label_or_region_to_key(r): values for r, values in metrics.items()}
+        dice[case] = {name: float(by_key[key]["Dice"]) for key, name in info.structures.items()}
         if hd95:
             from nnunet_ssl.analysis.distance import hd95_per_label
 
+            reference, properties = reader.read_seg(str(test_set.labels[case]))
+            prediction, _ = reader.read_seg(str(prediction_file))
             values = hd95_per_label(prediction[0], reference[0], labels, properties["spacing"])
             distances[case] = {names[k]: v for k, v in values.items()}
     return dice, distances, missing

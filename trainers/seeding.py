@@ -1,0 +1,76 @@
+"""Seeding of the Swin trainers from ``NNUNET_SSL_SEED`` (no seed: nnU-Net's unseeded behaviour).
+
+nnU-Net 2.8.1 does not seed training: the process RNGs start from OS entropy and its background
+augmenters (``NonDetMultiThreadedAugmenter`` with ``seeds=None``) call ``np.random.seed(None)`` in
+every worker. With a seed the trainer seeds Python's ``random``, NumPy and torch in the training
+process, and hands each data-loader worker its own seed, derived from (seed, stream, epoch) with
+NumPy's ``SeedSequence``. The epoch is the one training starts (or continues) at, so a run
+continued with ``--c`` draws other batches than the epochs before the interruption did, and two
+runs continued at the same epoch draw the same ones.
+
+See docs/reproducibility.md for what this makes reproducible and what it does not.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+#: The environment variable the Swin trainers read their seed from.
+SEED_ENV = "NNUNET_SSL_SEED"
+#: Largest seed NumPy's legacy ``np.random.seed`` (used in nnU-Net's workers) accepts.
+MAX_SEED = 2**32 - 1
+#: Key of the seed in the ``init_args`` nnU-Net saves in every checkpoint.
+CHECKPOINT_KEY = "nnunet_ssl_seed"
+#: Data-loader streams: their worker seeds never coincide.
+STREAMS = {"train": 0, "val": 1}
+
+
+def seed_from_environment(environ: Mapping[str, str]) -> int | None:
+    """The seed in ``NNUNET_SSL_SEED``; None when unset or empty.
+
+    Raises:
+        ValueError: when the value is not an integer in [0, 2**32 - 1].
+    """
+    value = environ.get(SEED_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        seed = int(value)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV}={value!r} is not an integer seed") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{SEED_ENV}={seed} is outside [0, {MAX_SEED}]")
+    return seed
+
+
+def process_seed(seed: int, epoch: int) -> int:
+    """The seed of the training process when training starts at ``epoch`` (``seed`` itself at 0)."""
+    if epoch == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def seed_process(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def worker_seeds(seed: int, stream: str, epoch: int, count: int) -> list[int]:
+    """One seed per background worker of a data-loader ``stream`` (``"train"`` or ``"val"``).
+
+    Distinct across workers and streams; a pure function of its arguments.
+
+    Raises:
+        ValueError: for an unknown stream or a count below 1.
+    """
+    if stream not in STREAMS:
+        raise ValueError(f"stream must be one of {sorted(STREAMS)}, got {stream!r}")
+    if count < 1:
+        raise ValueError(f"need at least one worker, got {count}")
+    states = np.random.SeedSequence([seed, STREAMS[stream], epoch]).generate_state(count)
+    return [int(s) for s in states]
