@@ -239,8 +239,8 @@ class Engine:
         )
         loader = make_loader(
             manifest, config.data, engine.batch_size, method.num_views,
-            seed=engine.seed + 1_000_003 * start_step, rank=self.dist.rank, world_size=self.dist.world_size,
-        )
+            seed=engine.seed, rank=self.dist.rank, world_size=self.dist.world_size, start_step=start_step,
+        )  # a resumed run continues the data stream where the checkpoint left it
         bar = tqdm(
             total=total_steps, initial=start_step, desc=config.method, unit="step", dynamic_ncols=True,
             disable=not (self.progress and self.dist.is_main and sys.stderr.isatty()),

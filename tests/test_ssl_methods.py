@@ -303,3 +303,20 @@ def test_smit_distillation_losses_start_near_ln_k() -> None:
     ln_k = math.log(8192)
     assert abs(out["loss_itd"].item() - ln_k) < 1.0 and abs(out["loss_mpd"].item() - ln_k) < 1.0
     assert 1.0 < out["teacher_entropy_cls"].item() < ln_k and 1.0 < out["teacher_entropy_patch"].item() < ln_k
+
+
+def test_ranks_draw_different_masks_and_equal_keys_repeat_them() -> None:
+    """Masks come from the step's generator keyed by (seed, rank, step), not from the global RNG."""
+    from nnunet_ssl.pretraining.distributed import Collectives
+
+    method = build_method("simmim", "tiny", overrides=SIMMIM_SMALL)
+    encoder = method.student_modules()["encoder"]
+    masks: list[Tensor] = []
+    encoder.register_forward_pre_hook(lambda _m, args: masks.append(args[1].clone()))
+    views = {"views": phantom_views(1, 1)}
+    for rank in (0, 1, 0):
+        torch.manual_seed(0)  # the same global RNG state on every "rank", as DDP seeds it
+        context = StepContext(step=4, steps_per_epoch=10, total_steps=20, seed=7, collectives=Collectives(rank, 2))
+        method.training_step(views, context)
+    assert not torch.equal(masks[0], masks[1])  # rank 0 vs rank 1
+    assert torch.equal(masks[0], masks[2])  # the same key draws the same masks (a resumed run)
