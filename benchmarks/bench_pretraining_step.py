@@ -17,7 +17,7 @@ import time
 
 import torch
 from nnunet_ssl.pretraining.methods import build_method
-from nnunet_ssl.pretraining.methods.base import StepContext
+from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step
 
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.optim import decay_parameter_groups
@@ -39,9 +39,9 @@ def make_step(method_name: str, preset: str, size: int, volumes: int, views: int
         optimizer.zero_grad(set_to_none=True)
         loss = method.training_step(batch, context)["loss"]
         loss.backward()
-        method.before_optimizer_step(context)
+        before_optimizer_step(method, context)
         optimizer.step()
-        method.after_step(context)
+        after_step(method, context)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -31,7 +31,7 @@ from nnunet_ssl.pretraining.distributed import Collectives
 from nnunet_ssl.pretraining.data import Manifest, build_cache, make_loader, summarize
 from nnunet_ssl.pretraining.data import steps_per_epoch as volume_steps_per_epoch
 from nnunet_ssl.pretraining.methods import METHODS, build_config, build_method
-from nnunet_ssl.pretraining.methods.base import StepContext
+from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step
 from nnunet_ssl.pretraining.metrics_log import MetricsLog, plot_loss_curves
 
 logger = logging.getLogger(__name__)
@@ -253,8 +253,8 @@ class Engine:
         )
         loader = make_loader(
             manifest, config.data, engine.batch_size, method.num_views,
-            seed=engine.seed + 1_000_003 * start_step, rank=self.dist.rank, world_size=self.dist.world_size,
-        )
+            seed=engine.seed, rank=self.dist.rank, world_size=self.dist.world_size, start_step=start_step,
+        )  # a resumed run continues the data stream where the checkpoint left it
         bar = tqdm(
             total=total_steps, initial=start_step, desc=config.method, unit="step", dynamic_ncols=True,
             disable=not (self.progress and self.dist.is_main and sys.stderr.isatty()),
@@ -312,14 +312,14 @@ class Engine:
             raise FloatingPointError(f"non-finite loss at step {context.step}: {loss.item()}")
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        method.before_optimizer_step(context)
+        before_optimizer_step(method, context)  # optional hooks: a method without them skips them
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for g in optimizer.param_groups for p in g["params"]],
             self.config.engine.grad_clip if self.config.engine.grad_clip > 0 else float("inf"),
         )
         scaler.step(optimizer)
         scaler.update()
-        method.after_step(context)
+        after_step(method, context)
         logged = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in outputs.items()}
         logged["grad_norm"] = float(grad_norm)
         return logged

@@ -120,6 +120,11 @@ def test_kill_9_then_resume_continues_at_the_right_step(volumes: Path, tmp_path:
         expected = warmup_cosine(record["step"], peak, steps_per_epoch, total, 1e-6)
         assert record["lr"] == pytest.approx(expected, rel=1e-6)
     assert killed_at < total
+    # the resumed run drew the crops, masks and drop-paths the uninterrupted run draws: same losses
+    reference = tmp_path / "uninterrupted"
+    run(pretrain_command("smit", volumes, reference, *args))
+    expected_losses = [r["loss"] for r in read_metrics(reference / "metrics.jsonl")]
+    assert [r["loss"] for r in records] == expected_losses
 
 
 def test_ddp_two_cpu_processes(volumes: Path, tmp_path: Path) -> None:

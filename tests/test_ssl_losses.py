@@ -126,7 +126,7 @@ def test_centering_prevents_one_hot_collapse_and_sharpening_prevents_uniform() -
     h_raw = entropy(teacher_probabilities(logits, torch.zeros(1, k), 0.04)).mean()
     center = torch.zeros(1, k)
     for _ in range(100):
-        center = updated_center(center, logits, 0.9, all_reduce=False)
+        center = updated_center(center, logits, 0.9)
     h_centred = entropy(teacher_probabilities(logits, center, 0.04)).mean()
     assert h_raw < 1e-3  # no centring: one-hot
     assert 0.5 < h_centred < math.log(k) - 0.5  # centred and sharpened: strictly in between
@@ -177,17 +177,17 @@ def test_patch_loss_ignores_teacher_targets_at_unmasked_tokens() -> None:
 def test_updated_center_hand_value_and_purity() -> None:
     center = torch.zeros(1, 2)
     logits = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # (V=1, B=2, K=2): mean [2, 3]
-    new = updated_center(center, logits, momentum=0.9, all_reduce=True)  # no process group: local
+    new = updated_center(center, logits, momentum=0.9)
     torch.testing.assert_close(new, torch.tensor([[0.2, 0.3]]))
     assert torch.equal(center, torch.zeros(1, 2))  # input untouched
-    again = updated_center(new, logits, momentum=0.9, all_reduce=False)
+    again = updated_center(new, logits, momentum=0.9)
     torch.testing.assert_close(again, torch.tensor([[0.9 * 0.2 + 0.2, 0.9 * 0.3 + 0.3]]))
 
 
 def test_updated_patch_center_means_over_views_batch_and_tokens() -> None:
     center = torch.ones(1, 1, 2)
     logits = torch.arange(16.0).view(2, 2, 2, 2)  # (V, B, T, K)
-    new = updated_center(center, logits, momentum=0.5, all_reduce=False)
+    new = updated_center(center, logits, momentum=0.5)
     expected = 0.5 * torch.ones(1, 1, 2) + 0.5 * logits.reshape(-1, 2).mean(0).view(1, 1, 2)
     assert new.shape == (1, 1, 2)
     torch.testing.assert_close(new, expected)

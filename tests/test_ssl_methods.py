@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from nnunet_ssl.networks import PRESETS, SwinEncoder
 from nnunet_ssl.pretraining.methods import METHODS, StepContext, build_config, build_method
+from nnunet_ssl.pretraining.methods.base import MethodInfo, after_step, before_optimizer_step
 from nnunet_ssl.pretraining.methods.simmim import SimMIM
 from nnunet_ssl.pretraining.methods.smit import SMIT
 
@@ -58,12 +59,15 @@ def test_smoke_one_step(name: str) -> None:
     assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
     assert all(torch.isfinite(v).all() for v in out.values())
     out["loss"].backward()
-    method.before_optimizer_step(CONTEXT)
+    before_optimizer_step(method, CONTEXT)  # optional hooks: methods without them are skipped
     encoder = next(m for m in method.student_modules().modules() if isinstance(m, SwinEncoder))
     grads = {k: p.grad for k, p in encoder.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
-    assert grads["patch_embed.weight"].abs().sum() > 0 and grads["mask_token"].abs().sum() > 0
-    method.after_step(CONTEXT)
+    assert grads["patch_embed.weight"].abs().sum() > 0
+    if "mask_token" in grads:  # a method that masks must train its mask token
+        assert grads["mask_token"].abs().sum() > 0
+    after_step(method, CONTEXT)
+    assert isinstance(type(method).info, MethodInfo) and all(dataclasses.astuple(method.info))
     state = method.encoder_state()
     reference = SwinEncoder(TINY, use_mask_token=False)
     reference.load_state_dict(state, strict=True)  # every key matches, no mask token
@@ -176,7 +180,7 @@ def test_smit_teacher_equals_student_at_step_zero(smit_step: dict) -> None:
 def test_smit_teacher_gets_no_gradient_and_follows_the_ema_exactly(smit_step: dict) -> None:
     method: SMIT = smit_step["method"]
     assert all(g is None for g in smit_step["teacher_grads"])
-    m = method.ema_momentum(smit_step["context"])
+    m = method.teacher.momentum(smit_step["context"])
     assert m == pytest.approx(1.0 - 0.004 * 0.5 * (1 + math.cos(math.pi * 3 / 20)))
     assert smit_step["out"]["ema_momentum"].item() == pytest.approx(m)
     student = dict(method.student.named_parameters())
@@ -273,9 +277,9 @@ def test_a_few_steps_reduce_the_loss(name: str) -> None:
         out = method.training_step({"views": views}, context)
         optimizer.zero_grad()
         out["loss"].backward()
-        method.before_optimizer_step(context)
+        before_optimizer_step(method, context)
         optimizer.step()
-        method.after_step(context)
+        after_step(method, context)
         losses.append(out["loss"].item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.8 * losses[0], losses
@@ -299,3 +303,20 @@ def test_smit_distillation_losses_start_near_ln_k() -> None:
     ln_k = math.log(8192)
     assert abs(out["loss_itd"].item() - ln_k) < 1.0 and abs(out["loss_mpd"].item() - ln_k) < 1.0
     assert 1.0 < out["teacher_entropy_cls"].item() < ln_k and 1.0 < out["teacher_entropy_patch"].item() < ln_k
+
+
+def test_ranks_draw_different_masks_and_equal_keys_repeat_them() -> None:
+    """Masks come from the step's generator keyed by (seed, rank, step), not from the global RNG."""
+    from nnunet_ssl.pretraining.distributed import Collectives
+
+    method = build_method("simmim", "tiny", overrides=SIMMIM_SMALL)
+    encoder = method.student_modules()["encoder"]
+    masks: list[Tensor] = []
+    encoder.register_forward_pre_hook(lambda _m, args: masks.append(args[1].clone()))
+    views = {"views": phantom_views(1, 1)}
+    for rank in (0, 1, 0):
+        torch.manual_seed(0)  # the same global RNG state on every "rank", as DDP seeds it
+        context = StepContext(step=4, steps_per_epoch=10, total_steps=20, seed=7, collectives=Collectives(rank, 2))
+        method.training_step(views, context)
+    assert not torch.equal(masks[0], masks[1])  # rank 0 vs rank 1
+    assert torch.equal(masks[0], masks[2])  # the same key draws the same masks (a resumed run)

@@ -10,10 +10,13 @@ crop long, and contain it whole (zero-padded) where it is shorter.
 Order (:class:`CropDataset`): epoch ``e`` is a permutation of all usable volumes drawn from
 ``(seed, e)``, the same on every rank; rank ``r`` takes positions ``r, r + W, ...`` (``W`` =
 world size; the permutation is wrapped to a multiple of ``W``), so ranks see disjoint volumes in
-each epoch. The rank's stream of epochs is dealt round-robin to its loader workers, and the crop
-positions of the ``i``-th item of epoch ``e`` come from a generator seeded with
-``(seed, rank, e, i)``: the data are a function of ``(seed, rank, world_size)`` alone (and the
-batch order of ``num_workers``), and never repeat across ranks. Sampling is infinite; one epoch is
+each epoch. Batch ``j`` of a rank holds items ``j * B ... (j + 1) * B - 1`` of its stream of
+epochs, and whole batches are dealt round-robin to the loader workers (the ``DataLoader`` takes
+them back in the same round-robin order); the crop positions of the ``i``-th item of epoch ``e``
+come from a generator seeded with ``(seed, rank, e, i)``. So batch ``j`` is a function of
+``(seed, rank, world_size, B, j)`` alone, whatever ``num_workers`` is, never repeats across
+ranks, and a loader started at ``start_step = j`` (a resumed run) yields exactly the batches
+``j, j + 1, ...`` of the uninterrupted run. Sampling is infinite; one epoch is
 :func:`steps_per_epoch` batches.
 """
 from __future__ import annotations
@@ -156,6 +159,8 @@ class CropDataset(IterableDataset):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        batch_size: int = 1,
+        start_batch: int = 0,
     ) -> None:
         """Args:
         paths: Cached ``.b2nd`` arrays (``(D, H, W)``, values in ``[0, 1]``).
@@ -163,6 +168,8 @@ class CropDataset(IterableDataset):
         seed: Non-negative base seed.
         rank: This process's rank in data-parallel training.
         world_size: Number of ranks.
+        batch_size: Items per batch (whole batches are dealt to workers).
+        start_batch: First batch to yield (the step a resumed run continues from).
         """
         super().__init__()
         if not paths:
@@ -171,6 +178,10 @@ class CropDataset(IterableDataset):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if batch_size < 1 or start_batch < 0:
+            raise ValueError(f"need batch_size >= 1 and start_batch >= 0, got {batch_size}, {start_batch}")
+        self.batch_size = int(batch_size)
+        self.start_batch = int(start_batch)
         self.paths = list(paths)
         self.sampler = sampler
         self.seed = int(seed)
@@ -190,13 +201,18 @@ class CropDataset(IterableDataset):
         return array
 
     def items(self, worker: int = 0, num_workers: int = 1) -> Iterator[tuple[int, int, int]]:
-        """Infinite ``(epoch, position, volume index)`` triples dealt to ``worker`` of ``num_workers``."""
+        """Infinite ``(epoch, position, volume index)`` triples of the batches dealt to ``worker``.
+
+        Batch ``j >= start_batch`` (items ``j * B ... (j + 1) * B - 1`` of the stream) goes to
+        worker ``(j - start_batch) % num_workers``; skipped items cost no sampling.
+        """
         n = len(self.paths)
         k = 0
         epoch = 0
         while True:
             for position, index in enumerate(epoch_share(n, epoch, self.seed, self.rank, self.world_size)):
-                if k % num_workers == worker:
+                batch = k // self.batch_size
+                if batch >= self.start_batch and (batch - self.start_batch) % num_workers == worker:
                     yield epoch, position, int(index)
                 k += 1
             epoch += 1
@@ -238,6 +254,9 @@ class CropLoader:
             pin_memory=pin_memory,
             prefetch_factor=2 if num_workers > 0 else None,
             persistent_workers=False,
+            # its own generator: starting an iterator must not draw from the global RNG, which
+            # drop-path uses and a resumed run restores (the samples use their own seeds anyway)
+            generator=torch.Generator().manual_seed(dataset.seed),
         )
         self._iterator: Iterator[dict[str, Tensor]] | None = None
 
@@ -263,6 +282,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    start_step: int = 0,
 ) -> CropLoader:
     """Infinite loader of random crops from the cache, ``config.num_workers`` background workers.
 
@@ -275,6 +295,8 @@ def make_loader(
         rank: This process's rank.
         world_size: Number of data-parallel ranks.
         pin_memory: Pin batches for faster host-to-GPU copies.
+        start_step: First batch to yield: a run resumed at step ``j`` gets the batches the
+            uninterrupted run would have got from step ``j`` on.
 
     Returns:
         A :class:`CropLoader` yielding ``{"views": (B, V, 1, D, H, W) float32 in [0, 1],
@@ -289,7 +311,9 @@ def make_loader(
     if not usable:
         raise ValueError(f"manifest {manifest.path} has no usable volume")
     sampler = ViewSampler(config.crop_size, config.region_size, num_views)
-    dataset = CropDataset([manifest.array_path(e) for e in usable], sampler, seed, rank, world_size)
+    dataset = CropDataset(
+        [manifest.array_path(e) for e in usable], sampler, seed, rank, world_size, batch_size, start_step
+    )
     logger.info(
         "crop loader: %d volume(s), rank %d/%d, batch %d x %d view(s) of %d^3, %d worker(s), %d step(s) per epoch",
         len(usable), rank, world_size, batch_size, num_views, config.crop_size, config.num_workers,

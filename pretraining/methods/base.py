@@ -66,6 +66,14 @@ class MethodInfo:
 class PretrainingMethod(Protocol):
     """The engine's view of a method (see ``methods/smit.py`` for a full example).
 
+    Two hooks are optional, and a method without a teacher or a frozen last layer simply does
+    not define them (the engine calls them through :func:`before_optimizer_step` and
+    :func:`after_step`, which skip a missing hook):
+
+    - ``before_optimizer_step(context)``: after backward (and gradient unscaling), before
+      clipping and the optimiser step, e.g. dropping the DINO heads' last-layer gradients in epoch 0;
+    - ``after_step(context)``: after the optimiser step, e.g. the EMA teacher update.
+
     Batches come from the loader as ``{"views": Tensor (B, V, C, D, H, W)}`` with intensities in
     [0, 1]; ``V == num_views`` crops per volume (overlapping crops of one region when V > 1).
     """
@@ -78,14 +86,6 @@ class PretrainingMethod(Protocol):
         """Forward pass and loss. Returns scalars to log; ``"loss"`` is what the engine back-propagates."""
         ...
 
-    def before_optimizer_step(self, context: StepContext) -> None:
-        """Called after backward, before the optimiser step (e.g. DINO's frozen last layer in epoch 0)."""
-        ...
-
-    def after_step(self, context: StepContext) -> None:
-        """Called after each optimiser step (e.g. the EMA teacher update)."""
-        ...
-
     def student_modules(self) -> nn.Module:
         """Everything the optimiser updates (student encoder and heads; never the teacher)."""
         ...
@@ -93,3 +93,17 @@ class PretrainingMethod(Protocol):
     def encoder_state(self, source: str = "default") -> dict[str, Tensor]:
         """Encoder weights to export: ``"student"``, ``"teacher"`` or the method's default."""
         ...
+
+
+def before_optimizer_step(method: object, context: StepContext) -> None:
+    """Call ``method.before_optimizer_step(context)`` if the method defines that optional hook."""
+    hook = getattr(method, "before_optimizer_step", None)
+    if hook is not None:
+        hook(context)
+
+
+def after_step(method: object, context: StepContext) -> None:
+    """Call ``method.after_step(context)`` if the method defines that optional hook."""
+    hook = getattr(method, "after_step", None)
+    if hook is not None:
+        hook(context)

@@ -2,7 +2,8 @@
 
 One crop per volume is masked (ratio 0.75, 16^3 units), encoded with the mask token, and x4
 (the stride-32 output) goes through :class:`LinearPixelHead`; the loss covers masked voxels only.
-There is no teacher.
+There is no teacher, so SimMIM defines neither optional hook (``before_optimizer_step``,
+``after_step``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import ClassVar
 from nnunet_ssl.pretraining.heads import LinearPixelHead
 from nnunet_ssl.pretraining.losses import masked_pixel_loss
 from nnunet_ssl.pretraining.masking import random_unit_masks
-from nnunet_ssl.pretraining.methods.base import StepContext
+from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings
 from torch import Tensor, nn
 
@@ -57,6 +58,12 @@ class SimMIM(nn.Module):
 
     name: ClassVar[str] = "simmim"
     num_views: ClassVar[int] = 1
+    info: ClassVar[MethodInfo] = MethodInfo(
+        family="masked image modelling",
+        views="1 crop, masked 0.75 (16^3 units)",
+        heads="x4 -> LinearPixelHead",
+        losses="loss_mip (L2, masked voxels)",
+    )
 
     def __init__(self, preset: SwinPreset, config: SimMIMConfig | None = None, in_channels: int = 1) -> None:
         super().__init__()
@@ -93,12 +100,6 @@ class SimMIM(nn.Module):
         reconstruction = self.pixel_head(features[4])
         loss = masked_pixel_loss(reconstruction, x, masks.voxel, self.config.pixel_loss)
         return {"loss": loss, "loss_mip": loss.detach()}
-
-    def before_optimizer_step(self, context: StepContext) -> None:
-        """Nothing to do."""
-
-    def after_step(self, context: StepContext) -> None:
-        """Nothing to do (no teacher)."""
 
     def student_modules(self) -> nn.Module:
         """Encoder (with mask token) and pixel head: everything the optimiser updates."""

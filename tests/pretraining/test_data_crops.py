@@ -137,3 +137,15 @@ def test_steps_per_epoch():
         steps_per_epoch(0, 1, 1)
     with pytest.raises(ValueError):
         ViewSampler(96, 64, 2)
+
+
+def test_a_loader_started_at_step_j_yields_the_uninterrupted_batches_from_j(manifest_and_config):
+    manifest, cfg = manifest_and_config
+    uninterrupted = _take(make_loader(manifest, cfg, 2, 2, seed=5), 6)
+    resumed = _take(make_loader(manifest, cfg, 2, 2, seed=5, start_step=3), 3)
+    workers = make_loader(manifest, config(cfg.inputs, cfg.cache_dir, num_workers=2), 2, 2, seed=5, start_step=3)
+    resumed_workers = _take(workers, 3)
+    workers.close()
+    for expected, got, got_workers in zip(uninterrupted[3:], resumed, resumed_workers, strict=True):
+        assert torch.equal(expected["index"], got["index"]) and torch.equal(expected["views"], got["views"])
+        assert torch.equal(expected["views"], got_workers["views"])  # same batches in the same order
