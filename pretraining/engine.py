@@ -23,6 +23,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from nnunet_ssl.checkpoints import (  # noqa: F401 (load_checkpoint, find_checkpoint: re-exported)
+    CHECKPOINT_FORMAT,
+    FINAL,
+    LATEST,
+    encoder_digest,
+    find_checkpoint,
+    load_checkpoint,
+)
 from nnunet_ssl.io import atomic_json_dump, atomic_torch_save
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
@@ -35,11 +43,6 @@ from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_
 from nnunet_ssl.pretraining.metrics_log import MetricsLog, plot_loss_curves
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "nnunet-ssl-pretraining-checkpoint"
-LATEST = "checkpoint_latest.pt"
-FINAL = "checkpoint_final.pt"
-
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -139,25 +142,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint this engine wrote (``weights_only=True``), with a clear error otherwise."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable checkpoint ({error.__class__.__name__}: {error})") from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an nnunet-ssl pretraining checkpoint")
-    return checkpoint
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The final checkpoint of a run, else its latest one, else None."""
-    for name in (FINAL, LATEST):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    return None
 
 
 class Engine:
@@ -337,8 +321,6 @@ class Engine:
         """Fail loudly if data-parallel ranks ended with different student weights."""
         if not self.dist.enabled:
             return
-        from nnunet_ssl.weights.format import encoder_digest
-
         digest = encoder_digest(method.student_modules().state_dict())
         digests: list[Any] = [None] * self.dist.world_size
         dist.all_gather_object(digests, digest)

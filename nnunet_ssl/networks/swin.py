@@ -5,7 +5,11 @@ channels-first feature maps ``(B, C, D, H, W)`` at five scales (strides 2, 4, 8,
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` with the
 relative position bias (and the shifted-window mask) as an additive float mask, except when training
 on CPU, where plain matmul-softmax-matmul is faster (see :meth:`WindowAttention.forward`). The
-cyclic shift and the window partition are one token gather (:func:`window_token_order`).
+cyclic shift and the window partition are one token gather (:func:`window_token_order`), computed
+once per stage for its regular and its shifted blocks.
+
+The preset's ``merge_order``, ``window_fit``, ``relative_position`` and ``patch_norm`` reproduce
+encoders trained elsewhere (MONAI, SMIT) exactly; see :mod:`nnunet_ssl.networks.presets`.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_ssl.networks.presets import SwinPreset
+from nnunet_ssl.networks.presets import MERGE_ORDERS, SwinPreset
 
 Size3 = tuple[int, int, int]
 
@@ -82,8 +86,15 @@ def shifted_window_mask(size: Size3, window: Size3, shift: Size3, device: torch.
     return mask.to(device)
 
 
-def effective_window(size: Size3, window: int, shift: int) -> tuple[Size3, Size3]:
-    """Shrink the window (and drop the shift) along axes where the feature map is not larger."""
+def effective_window(size: Size3, window: int, shift: int, fit: str = "shrink") -> tuple[Size3, Size3]:
+    """Window and shift of a stage on a grid of ``size``.
+
+    With ``fit="shrink"`` (Swin, MONAI) the window shrinks to the grid and the shift is dropped along
+    axes where the grid is not larger than the window; with ``fit="pad"`` (SMIT) both stay as they are
+    and the grid is padded to a multiple of the window.
+    """
+    if fit == "pad":
+        return (window, window, window), (shift, shift, shift)
     eff_window = tuple(n if n <= window else window for n in size)
     eff_shift = tuple(0 if n <= window else shift for n in size)
     return eff_window, eff_shift  # type: ignore[return-value]
@@ -144,10 +155,13 @@ class DropPath(nn.Module):
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a learned relative position bias."""
 
-    def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, window: int, qkv_bias: bool = True, relative_position: str = "exact"
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.window = (window, window, window)
+        self.relative_position = relative_position
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 3, num_heads))
@@ -157,9 +171,16 @@ class WindowAttention(nn.Module):
         )
 
     def position_bias(self, window: Size3) -> Tensor:
-        """Relative position bias ``(heads, N, N)`` for windows of the given (possibly shrunken) size."""
+        """Relative position bias ``(heads, N, N)`` for windows of the given (possibly shrunken) size.
+
+        With ``relative_position="monai"`` a shrunken window takes rows ``[:N, :N]`` of the full window's
+        index, as MONAI's ``WindowAttention.forward`` does (see :data:`~nnunet_ssl.networks.presets.RELATIVE_POSITIONS`).
+        """
         if window == self.window:
             index = self.relative_position_index
+        elif self.relative_position == "monai":
+            n = window[0] * window[1] * window[2]
+            index = self.relative_position_index[:n, :n]
         else:
             index = relative_position_index(window, self.window).to(self.relative_position_bias_table.device)
         n = index.shape[0]
@@ -200,18 +221,35 @@ class SwinBlock(nn.Module):
     """Pre-norm Swin block: (shifted) window attention and an MLP, both residual."""
 
     def __init__(
-        self, dim: int, num_heads: int, window: int, mlp_ratio: float, qkv_bias: bool, drop_path: float
+        self,
+        dim: int,
+        num_heads: int,
+        window: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_path: float,
+        relative_position: str = "exact",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window, qkv_bias)
+        self.attn = WindowAttention(dim, num_heads, window, qkv_bias, relative_position)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, window: Size3, shift: Size3, mask: Tensor | None) -> Tensor:
-        """Apply the block to tokens ``(B, D, H, W, C)``."""
+    def forward(
+        self, x: Tensor, window: Size3, order: Tensor, inverse: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        """Apply the block to tokens ``(B, D, H, W, C)``.
+
+        Args:
+            x: Tokens.
+            window: Window size.
+            order: Token order of the padded grid (:func:`window_token_order`, with this block's shift).
+            inverse: Its inverse permutation.
+            mask: Shifted-window mask ``(nW, N, N)`` or None.
+        """
         b, d, h, w, c = x.shape
         y = self.norm1(x)
         pads = [(-n) % win for n, win in zip((d, h, w), window)]
@@ -219,7 +257,6 @@ class SwinBlock(nn.Module):
             y = F.pad(y, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
         padded = (d + pads[0], h + pads[1], w + pads[2])
         # cyclic shift + window partition (and back) as one gather each way
-        order, inverse = window_token_order(padded, window, shift, x.device)
         n = window[0] * window[1] * window[2]
         windows = _PermuteTokens.apply(y.reshape(b, -1, c), order, inverse).view(b, -1, n, c)
         y = _PermuteTokens.apply(self.attn(windows, window, mask).reshape(b, -1, c), inverse, order)
@@ -231,12 +268,29 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Halve the resolution: concatenate each 2x2x2 neighbourhood, normalise, project 8C -> 2C."""
+    """Halve the resolution: concatenate each 2x2x2 neighbourhood, normalise, project 8C -> 2C.
 
-    def __init__(self, dim: int) -> None:
+    Args:
+        dim: Token width ``C``.
+        merge_order: Key of :data:`~nnunet_ssl.networks.presets.MERGE_ORDERS`: the order of the eight
+            ``(d, h, w)`` sub-voxels in the concatenation (an order may repeat a sub-voxel, as MONAI's
+            pre-1.5 ``PatchMerging`` does).
+    """
+
+    def __init__(self, dim: int, merge_order: str = "v2") -> None:
         super().__init__()
         self.norm = nn.LayerNorm(8 * dim)
         self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+        offsets = MERGE_ORDERS[merge_order]
+        self.merge_order = merge_order
+        # position of each concatenated sub-voxel in the (d, h, w)-major order of the plain view below;
+        # None for that order itself, the fast path
+        positions = [i * 4 + j * 2 + k for i, j, k in offsets]
+        self.sub_voxels: Tensor | None
+        if positions == list(range(8)):
+            self.sub_voxels = None
+        else:
+            self.register_buffer("sub_voxels", torch.tensor(positions), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, D, H, W, C)`` -> ``(B, ceil(D/2), ceil(H/2), ceil(W/2), 2C)``."""
@@ -245,6 +299,8 @@ class PatchMerging(nn.Module):
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
             b, d, h, w, c = x.shape
         x = x.view(b, d // 2, 2, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+        if self.sub_voxels is not None:
+            x = x.reshape(b, d // 2, h // 2, w // 2, 8, c).index_select(4, self.sub_voxels)
         x = x.reshape(b, d // 2, h // 2, w // 2, 8 * c)
         return self.reduction(self.norm(x))
 
@@ -262,28 +318,35 @@ class SwinStage(nn.Module):
         qkv_bias: bool,
         drop_paths: list[float],
         gradient_checkpointing: bool,
+        merge_order: str = "v2",
+        window_fit: str = "shrink",
+        relative_position: str = "exact",
     ) -> None:
         super().__init__()
         self.window = window
+        self.window_fit = window_fit
         self.gradient_checkpointing = gradient_checkpointing
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window, mlp_ratio, qkv_bias, drop_paths[i]) for i in range(depth)
+            SwinBlock(dim, num_heads, window, mlp_ratio, qkv_bias, drop_paths[i], relative_position)
+            for i in range(depth)
         )
-        self.downsample = PatchMerging(dim)
+        self.downsample = PatchMerging(dim, merge_order)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, D, H, W, C)`` tokens -> merged tokens at half resolution."""
         size = tuple(x.shape[1:4])
-        window, shift = effective_window(size, self.window, self.window // 2)  # type: ignore[arg-type]
+        window, shift = effective_window(size, self.window, self.window // 2, self.window_fit)  # type: ignore[arg-type]
         padded = tuple(n + (-n) % win for n, win in zip(size, window))
         mask = shifted_window_mask(padded, window, shift, x.device) if any(shift) else None  # type: ignore[arg-type]
-        no_shift = (0, 0, 0)
+        # token orders (window partition, and roll + partition), once for all blocks of the stage
+        plain = window_token_order(padded, window, (0, 0, 0), x.device)  # type: ignore[arg-type]
+        shifted = window_token_order(padded, window, shift, x.device) if any(shift) else plain  # type: ignore[arg-type]
         for i, block in enumerate(self.blocks):
-            block_shift, block_mask = (shift, mask) if i % 2 else (no_shift, None)
+            (order, inverse), block_mask = (shifted, mask) if i % 2 else (plain, None)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, window, block_shift, block_mask, use_reentrant=False)
+                x = checkpoint(block, x, window, order, inverse, block_mask, use_reentrant=False)
             else:
-                x = block(x, window, block_shift, block_mask)
+                x = block(x, window, order, inverse, block_mask)
         return self.downsample(x)
 
 
@@ -305,6 +368,7 @@ class SwinEncoder(nn.Module):
         self.patch_embed = nn.Conv3d(
             in_channels, preset.embed_dim, kernel_size=preset.patch_size, stride=preset.patch_size
         )
+        self.patch_norm = nn.LayerNorm(preset.embed_dim) if preset.patch_norm else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, 1, preset.embed_dim)) if use_mask_token else None
         total = sum(preset.depths)
         rates = [preset.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
@@ -321,6 +385,9 @@ class SwinEncoder(nn.Module):
                     preset.qkv_bias,
                     rates[start : start + depth],
                     preset.gradient_checkpointing,
+                    preset.merge_order,
+                    preset.window_fit,
+                    preset.relative_position,
                 )
             )
             start += depth
@@ -331,11 +398,15 @@ class SwinEncoder(nn.Module):
     def embed(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
         """Patch-embed ``(B, C, D, H, W)`` into tokens ``(B, D/2, H/2, W/2, E)``, masking if asked.
 
+        With ``patch_norm`` the tokens are layer-normalised before masking, as in SMIT's masked student.
+
         Args:
             x: Image batch.
             token_mask: ``(B, D/2, H/2, W/2)`` bool/0-1 tensor; 1 marks a patch to replace by the mask token.
         """
         tokens = self.patch_embed(x).permute(0, 2, 3, 4, 1)
+        if self.patch_norm is not None:
+            tokens = self.patch_norm(tokens)
         if token_mask is None:
             return tokens
         if self.mask_token is None:

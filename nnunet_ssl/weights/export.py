@@ -5,6 +5,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from nnunet_ssl.checkpoints import find_checkpoint, load_checkpoint
+from nnunet_ssl.pretraining.config import RunConfig
+from nnunet_ssl.pretraining.engine import build_run_method
 from nnunet_ssl.weights.targets import DatasetTarget, build_weights_for_target
 
 logger = logging.getLogger(__name__)
@@ -21,9 +24,6 @@ def load_run_encoder(run_dir: Path, source: str = "default") -> tuple[dict[str, 
     Returns:
         ``(encoder_state, run_config, checkpoint_path)``.
     """
-    from nnunet_ssl.pretraining.config import RunConfig
-    from nnunet_ssl.pretraining.engine import build_run_method, find_checkpoint, load_checkpoint
-
     checkpoint_path = find_checkpoint(Path(run_dir))
     if checkpoint_path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint_final.pt or checkpoint_latest.pt; is this a pretraining run?")

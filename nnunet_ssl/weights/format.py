@@ -20,7 +20,6 @@ decoder and heads, and the provenance tag (``weights_provenance``) the trainer l
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -31,14 +30,13 @@ import torch
 from torch import Tensor
 
 from nnunet_ssl import __version__
+from nnunet_ssl.checkpoints import PRETRAINING_ONLY_KEYS, encoder_digest  # noqa: F401 (encoder_digest: re-exported)
 from nnunet_ssl.io import atomic_torch_save
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg, encode_provenance
 
 FORMAT_NAME = "nnunet-ssl-weights"
 FORMAT_VERSION = 1
-#: Encoder keys that exist only for pretraining and are never exported.
-PRETRAINING_ONLY_KEYS = ("mask_token",)
 STEM_KEY = "patch_embed.weight"
 
 
@@ -62,22 +60,6 @@ class WeightsMetadata:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_by: str = f"nnunet-ssl {__version__}"
-
-
-def encoder_digest(encoder_state: Mapping[str, Tensor]) -> str:
-    """Stable 16-hex-digit digest of encoder weights (keys, shapes and float32 values).
-
-    Pretraining-only keys are ignored, so the pretraining encoder and the exported copy agree.
-    """
-    sha = hashlib.sha256()
-    for key in sorted(encoder_state):
-        if key in PRETRAINING_ONLY_KEYS:
-            continue
-        tensor = encoder_state[key].detach().to("cpu", torch.float32).contiguous()
-        sha.update(key.encode())
-        sha.update(str(tuple(tensor.shape)).encode())
-        sha.update(tensor.numpy().tobytes())
-    return sha.hexdigest()[:16]
 
 
 def adapt_stem(weight: Tensor, in_channels: int) -> tuple[Tensor, str]:
