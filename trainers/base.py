@@ -25,6 +25,8 @@ from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg
 from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
 from nnunet_ssl.splits import FoldEntry, manifest_entry_for_fold
+from nnunet_ssl.trainers.policy import FineTunePolicy
+from nnunet_ssl.trainers.policy_trainer import FineTunePolicyMixin
 from nnunet_ssl.trainers.recipe import (
     FineTuneRecipe,
     fitted_batch_size,
@@ -42,10 +44,17 @@ class EarlyStop(Exception):
 
 
 class WarmupCosineLRScheduler(_LRScheduler):
-    """Per-epoch linear warm-up then cosine decay, stepped as nnU-Net does: ``step(current_epoch)``."""
+    """Per-epoch linear warm-up then cosine decay, stepped as nnU-Net does: ``step(current_epoch)``.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, recipe: FineTuneRecipe) -> None:
+    Each param group gets ``policy.group_lr(group, lr, epoch)``: the schedule's lr for plain groups,
+    scaled (LLRD), ramped or zeroed (frozen) for the encoder groups of a fine-tuning policy.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, recipe: FineTuneRecipe, policy: FineTunePolicy | None = None
+    ) -> None:
         self.recipe = recipe
+        self.policy = policy or FineTunePolicy()
         self.counter = 0
         super().__init__(optimizer, -1)
 
@@ -56,8 +65,8 @@ class WarmupCosineLRScheduler(_LRScheduler):
         r = self.recipe
         lr = warmup_cosine(current_step, r.initial_lr, r.warmup_epochs, r.num_epochs, r.final_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr for _ in self.optimizer.param_groups]
+            group["lr"] = self.policy.group_lr(group, lr, current_step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -80,7 +89,7 @@ def fixed_window_of(plans_manager: PlansManager, configuration_manager: Configur
     return True
 
 
-class SwinTrainerBase(nnUNetTrainer):
+class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
     """nnU-Net trainer for the Swin encoder + SwinUNETR decoder."""
 
     preset_name: ClassVar[str] = "smit"
@@ -176,10 +185,11 @@ class SwinTrainerBase(nnUNetTrainer):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, _LRScheduler]:
-        optimizer = torch.optim.AdamW(
-            decay_parameter_groups(self.network, self.weight_decay), lr=self.initial_lr
-        )
-        return optimizer, WarmupCosineLRScheduler(optimizer, self.active_recipe)
+        groups = self.finetune_parameter_groups(self.weight_decay)  # None without a fine-tuning policy
+        if groups is None:
+            groups = decay_parameter_groups(self.network, self.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr)
+        return optimizer, WarmupCosineLRScheduler(optimizer, self.active_recipe, self.finetune_policy)
 
     # ------------------------------------------------------------------ splits and early stopping
     def do_split(self) -> tuple[list[str], list[str]]:
