@@ -277,3 +277,26 @@ def test_bad_environment_policy_fails_before_training(nnunet_env: Path, monkeypa
     trainer = _trainer()
     with pytest.raises(PolicyError, match=r"NNUNET_SSL_FINETUNE='llrd=2'.*llrd must be a number in \(0, 1\]"):
         trainer.initialize()
+
+
+def test_policy_from_the_weights_file_and_the_environment_over_it(nnunet_env: Path, monkeypatch) -> None:
+    from nnunet_ssl.networks import SwinEncoder
+    from nnunet_ssl.weights import build_weights_file, save_weights_file
+
+    torch.manual_seed(3)
+    encoder = SwinEncoder(PRESETS["tiny"], 1)
+    path = save_weights_file(build_weights_file(encoder.state_dict(), "tiny", 1, 2, method="smit",
+                                                finetune_policy="frozen_stages=0-1"), nnunet_env / "w.pt")
+    monkeypatch.setattr("sys.argv", ["nnUNetv2_train", "990", "3d_fullres", "0", "-pretrained_weights", str(path)])
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    trainer = _trainer()
+    trainer.initialize()
+    assert trainer.finetune_policy == FineTunePolicy(frozen_stages=(0, 1))
+    assert f"Fine-tuning policy (from weights file {path}): frozen_stages=0-1" in _log(trainer)
+    assert not trainer.network.encoder.stages[0].blocks[0].attn.qkv.weight.requires_grad  # frozen from the start
+    assert trainer.network.encoder.stages[1].blocks[0].attn.qkv.weight.requires_grad
+
+    monkeypatch.setenv(ENV_VAR, "llrd=0.8")
+    other = _trainer()
+    other.initialize()
+    assert other.finetune_policy == FineTunePolicy(llrd=0.8)

@@ -261,6 +261,8 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
             f"Pretrained weights loaded: method={tag.get('method')} preset={tag.get('preset')} "
             f"digest={tag.get('digest')} ({status})"
         )
+        if tag.get("channels"):
+            self.print_to_log_file(f"Input channels adapted at export: {tag['channels']} (nnunet-ssl export --channels)")
         if self.method is not None and tag.get("method") != self.method:
             self.print_to_log_file(
                 f"WARNING: {self.__class__.__name__} is the {self.method} trainer but the weights come from "
