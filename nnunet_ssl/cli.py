@@ -212,13 +212,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         target = resolve_target(args.dataset, args.configuration, args.plans)
     else:
         raise ValueError("say which dataset the weights are for: --dataset ID, or --plans PLANS.json")
-    payload = export_run(Path(args.run_dir), target, source=getattr(args, "from"), decoder_seed=args.decoder_seed)
+    policy = ""
+    if args.policy:
+        from nnunet_ssl.trainers.policy import parse_policy
+
+        policy = parse_policy(args.policy, origin="--policy").to_string()
+        policy = "" if policy == "none" else policy
+    payload = export_run(
+        Path(args.run_dir), target, source=getattr(args, "from"), decoder_seed=args.decoder_seed,
+        channels=args.channels, finetune_policy=policy,
+    )
     path = save_weights_file(payload, args.out)
     meta = payload["metadata"]
     logger.info(
-        "wrote %s: %s encoder (%s, digest %s) for %s %s, %d channel(s), %d outputs",
+        "wrote %s: %s encoder (%s, digest %s) for %s %s, %d channel(s), %d outputs; channels: %s; policy: %s",
         path, meta["method"], meta["preset"], meta["encoder_digest"], target.dataset_name, target.configuration,
-        target.in_channels, target.num_classes,
+        target.in_channels, target.num_classes, meta["channel_adaptation"], policy or "none",
     )
     return 0
 
@@ -322,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", choices=["default", "teacher", "student"], default="default",
                    help="which encoder: default = teacher for distillation methods, else the student")
     p.add_argument("--decoder-seed", type=int, default=0)
+    p.add_argument("--channels", choices=["replicate", "first", "mean"], default="replicate",
+                   help="stem adaptation when the dataset's channel count differs from pretraining: replicate "
+                   "(copy x C, scale 1/C; default), first (channel 0 only, others zero), mean (many to fewer)")
+    p.add_argument("--policy", default="", metavar="POLICY",
+                   help="fine-tuning policy stored in the file for the trainer, e.g. "
+                   "freeze_encoder_epochs=50,encoder_lr_warmup_epochs=10 (NNUNET_SSL_FINETUNE overrides it)")
 
     p = add("plan", cmd_plan, "plan and preprocess a dataset with the paper's setup (own plans file)")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id in nnUNet_raw")

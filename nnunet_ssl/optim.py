@@ -28,13 +28,18 @@ def warmup_cosine(step: int, peak: float, warmup_steps: int, total_steps: int, f
     return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * progress))
 
 
+def uses_weight_decay(name: str, parameter: nn.Parameter) -> bool:
+    """False for norms, biases (1-D tensors), position tables and tokens, True for every other weight."""
+    return parameter.ndim > 1 and not any(fragment in name for fragment in NO_DECAY_FRAGMENTS)
+
+
 def decay_parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """Split parameters into a decayed group and a group without decay (norms, biases, tables, tokens)."""
     decay, no_decay = [], []
     for name, parameter in module.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim <= 1 or any(fragment in name for fragment in NO_DECAY_FRAGMENTS):
+        if not uses_weight_decay(name, parameter):
             no_decay.append(parameter)
         else:
             decay.append(parameter)

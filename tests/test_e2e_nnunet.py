@@ -103,9 +103,21 @@ def weights_file(nnunet: NnUNet) -> tuple[Path, str]:
 
 def test_pretrained_weights_are_loaded_and_logged(nnunet: NnUNet, weights_file: tuple[Path, str]) -> None:
     path, digest = weights_file
-    nnunet.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", SMIT, "-device", "cpu", "-pretrained_weights", str(path))
+    nnunet.env["NNUNET_SSL_FINETUNE"] = "freeze_encoder_epochs=1,llrd=0.5"  # a policy through nnU-Net's own CLI
+    try:
+        nnunet.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", SMIT, "-device", "cpu", "-pretrained_weights", str(path))
+    finally:
+        del nnunet.env["NNUNET_SSL_FINETUNE"]
     log = nnunet.training_log(SMIT)
     assert f"Pretrained weights loaded: method=smit preset=tiny digest={digest} (verified)" in log
+    assert "Fine-tuning policy (from environment variable NNUNET_SSL_FINETUNE): freeze_encoder_epochs=1,llrd=0.5" in log
+    assert "Epoch 1: encoder unfrozen" in log and "Learning rates: decoder" in log
+    checkpoint = torch.load(nnunet.fold_dir(SMIT) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["init_args"]["nnunet_ssl_finetune_policy"]["text"] == "freeze_encoder_epochs=1,llrd=0.5"
+    # unfrozen at epoch 1, the encoder trained after all
+    exported, _ = load_weights_file(path)
+    final = checkpoint["network_weights"]
+    assert not torch.equal(final["encoder.stages.3.blocks.0.attn.qkv.weight"], exported["encoder.stages.3.blocks.0.attn.qkv.weight"])
     # the starting encoder was the file's, not a fresh initialisation
     torch.manual_seed(0)
     fresh = SwinEncoder(PRESETS["tiny"], in_channels=1)

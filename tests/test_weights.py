@@ -55,7 +55,7 @@ def test_stem_replicated_and_scaled_for_multichannel(pretrained_encoder: SwinEnc
     original = pretrained_encoder.state_dict()["patch_embed.weight"]
     assert stem.shape[1] == 3
     torch.testing.assert_close(stem.sum(dim=1, keepdim=True), original)
-    assert "x3" in payload["metadata"]["channel_adaptation"]
+    assert "x3" in payload["metadata"]["channel_adaptation"] and payload["metadata"]["channel_mode"] == "replicate"
     # identical channels give the pretrained response of the stem
     net = SwinUNETRSeg(PRESETS["tiny"], 3, 2)
     net.load_state_dict(payload["network_weights"])
@@ -65,7 +65,7 @@ def test_stem_replicated_and_scaled_for_multichannel(pretrained_encoder: SwinEnc
 
 
 def test_adapt_stem_refuses_multi_to_other_multi() -> None:
-    with pytest.raises(WeightsError, match="only 1-channel"):
+    with pytest.raises(WeightsError, match="replicate needs a 1-channel source"):
         adapt_stem(torch.zeros(4, 2, 2, 2, 2), 3)
 
 

@@ -26,6 +26,8 @@ from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg
 from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
 from nnunet_ssl.splits import FoldEntry, manifest_entry_for_fold
+from nnunet_ssl.trainers.policy import FineTunePolicy
+from nnunet_ssl.trainers.policy_trainer import FineTunePolicyMixin
 from nnunet_ssl.trainers.recipe import (
     FineTuneRecipe,
     fitted_batch_size,
@@ -53,10 +55,17 @@ class EarlyStop(Exception):
 
 
 class WarmupCosineLRScheduler(_LRScheduler):
-    """Per-epoch linear warm-up then cosine decay, stepped as nnU-Net does: ``step(current_epoch)``."""
+    """Per-epoch linear warm-up then cosine decay, stepped as nnU-Net does: ``step(current_epoch)``.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, recipe: FineTuneRecipe) -> None:
+    Each param group gets ``policy.group_lr(group, lr, epoch)``: the schedule's lr for plain groups,
+    scaled (LLRD), ramped or zeroed (frozen) for the encoder groups of a fine-tuning policy.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, recipe: FineTuneRecipe, policy: FineTunePolicy | None = None
+    ) -> None:
         self.recipe = recipe
+        self.policy = policy or FineTunePolicy()
         self.counter = 0
         super().__init__(optimizer, -1)
 
@@ -67,8 +76,8 @@ class WarmupCosineLRScheduler(_LRScheduler):
         r = self.recipe
         lr = warmup_cosine(current_step, r.initial_lr, r.warmup_epochs, r.num_epochs, r.final_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr for _ in self.optimizer.param_groups]
+            group["lr"] = self.policy.group_lr(group, lr, current_step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -77,7 +86,7 @@ def unwrap(network: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)
 
 
-class SwinTrainerBase(nnUNetTrainer):
+class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
     """nnU-Net trainer for the Swin encoder + SwinUNETR decoder."""
 
     preset_name: ClassVar[str] = "smit"
@@ -197,10 +206,11 @@ class SwinTrainerBase(nnUNetTrainer):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, _LRScheduler]:
-        optimizer = torch.optim.AdamW(
-            decay_parameter_groups(self.network, self.weight_decay), lr=self.initial_lr
-        )
-        return optimizer, WarmupCosineLRScheduler(optimizer, self.active_recipe)
+        groups = self.finetune_parameter_groups(self.weight_decay)  # None without a fine-tuning policy
+        if groups is None:
+            groups = decay_parameter_groups(self.network, self.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr)
+        return optimizer, WarmupCosineLRScheduler(optimizer, self.active_recipe, self.finetune_policy)
 
     # ------------------------------------------------------------------ seeding
     def get_dataloaders(self) -> tuple[Any, Any]:
@@ -319,6 +329,8 @@ class SwinTrainerBase(nnUNetTrainer):
             f"Pretrained weights loaded: method={tag.get('method')} preset={tag.get('preset')} "
             f"digest={tag.get('digest')} ({status})"
         )
+        if tag.get("channels"):
+            self.print_to_log_file(f"Input channels adapted at export: {tag['channels']} (nnunet-ssl export --channels)")
         if self.method is not None and tag.get("method") != self.method:
             self.print_to_log_file(
                 f"WARNING: {self.__class__.__name__} is the {self.method} trainer but the weights come from "

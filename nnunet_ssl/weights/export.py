@@ -63,8 +63,24 @@ def _cached_modalities(cache_dir: str) -> set[str]:
     return {e.modality for e in manifest.usable() if e.modality in ("ct", "mr")}
 
 
-def export_run(run_dir: Path, target: DatasetTarget, source: str = "default", decoder_seed: int = 0) -> dict[str, Any]:
-    """Build the weights payload of ``run_dir`` for ``target`` (a dataset's plans)."""
+def export_run(
+    run_dir: Path,
+    target: DatasetTarget,
+    source: str = "default",
+    decoder_seed: int = 0,
+    channels: str = "replicate",
+    finetune_policy: str = "",
+) -> dict[str, Any]:
+    """Build the weights payload of ``run_dir`` for ``target`` (a dataset's plans).
+
+    Args:
+        run_dir: A ``nnunet-ssl pretrain`` output folder.
+        target: The dataset's channels and classes.
+        source: Which encoder (``default``, ``teacher``, ``student``).
+        decoder_seed: Seed of the fresh decoder.
+        channels: Stem adaptation when the channel counts differ (``replicate``, ``first``, ``mean``).
+        finetune_policy: A validated policy string stored for the trainer ("" for none).
+    """
     encoder_state, config, checkpoint_path = load_run_encoder(run_dir, source)
     return build_weights_for_target(
         encoder_state,
@@ -74,4 +90,6 @@ def export_run(run_dir: Path, target: DatasetTarget, source: str = "default", de
         source=f"{checkpoint_path} ({source})",
         intensity=intensity_of(config),
         decoder_seed=decoder_seed,
+        channels=channels,
+        finetune_policy=finetune_policy,
     )

@@ -8,7 +8,9 @@ Layout (a ``torch.save`` dict, loadable with ``weights_only=True``)::
             "format": "nnunet-ssl-weights", "format_version": 1,
             "method": "smit", "preset": "smit", "in_channels": 1, "num_classes": 4,
             "encoder_digest": "<16 hex>", "source": "<checkpoint path or description>",
-            "channel_adaptation": "none" | "stem replicated x3 and scaled by 1/3",
+            "channel_adaptation": "none" | "replicate 1->3: stem copied x3 and scaled by 1/3",
+            "channel_mode": "none" | "replicate" | "first" | "mean", "source_in_channels": 1,
+            "finetune_policy": "" | "freeze_encoder_epochs=50,encoder_lr_warmup_epochs=10",
             "intensity": {"modality": "CT", "window": [-500, 500], "range": [0, 1]},
             "decoder_seed": 0, "created_by": "nnunet-ssl 0.1.0"
         }
@@ -34,6 +36,7 @@ from nnunet_ssl.checkpoints import PRETRAINING_ONLY_KEYS, encoder_digest  # noqa
 from nnunet_ssl.io import atomic_torch_save
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg, encode_provenance
+from nnunet_ssl.weights.channels import ChannelAdaptationError, adapt_stem_weight
 
 FORMAT_NAME = "nnunet-ssl-weights"
 FORMAT_VERSION = 1
@@ -55,6 +58,9 @@ class WeightsMetadata:
     encoder_digest: str
     source: str = ""
     channel_adaptation: str = "none"
+    channel_mode: str = "none"
+    source_in_channels: int = 0
+    finetune_policy: str = ""
     intensity: dict[str, Any] = field(default_factory=dict)
     decoder_seed: int = 0
     format: str = FORMAT_NAME
@@ -62,23 +68,16 @@ class WeightsMetadata:
     created_by: str = f"nnunet-ssl {__version__}"
 
 
-def adapt_stem(weight: Tensor, in_channels: int) -> tuple[Tensor, str]:
-    """Adapt the patch-embedding kernel ``(E, C0, k, k, k)`` to ``in_channels`` input channels.
+def adapt_stem(weight: Tensor, in_channels: int, mode: str = "replicate") -> tuple[Tensor, str]:
+    """Adapt the stem kernel ``(E, C0, k, k, k)`` to ``in_channels``; returns ``(kernel, description)``.
 
-    A one-channel kernel is replicated and scaled by ``1 / in_channels`` so that identical
-    channels give the pretrained response (timm's ``adapt_input_conv`` rule). Other channel
-    changes are refused: there is no faithful mapping.
+    Kernel-level shortcut of :func:`nnunet_ssl.weights.channels.adapt_stem` (which takes a state dict).
     """
-    source_channels = weight.shape[1]
-    if source_channels == in_channels:
-        return weight, "none"
-    if source_channels != 1:
-        raise WeightsError(
-            f"the encoder was pretrained with {source_channels} input channels and the target has "
-            f"{in_channels}; only 1-channel encoders can be adapted (replicated) to several channels"
-        )
-    adapted = weight.repeat(1, in_channels, 1, 1, 1) / in_channels
-    return adapted, f"stem replicated x{in_channels} and scaled by 1/{in_channels}"
+    try:
+        adapted, adaptation = adapt_stem_weight(weight, in_channels, mode)
+    except ChannelAdaptationError as error:
+        raise WeightsError(str(error)) from error
+    return adapted, adaptation.description if adaptation.mode != "none" else "none"
 
 
 def build_weights_file(
@@ -90,6 +89,8 @@ def build_weights_file(
     source: str = "",
     intensity: dict[str, Any] | None = None,
     decoder_seed: int = 0,
+    channels: str = "replicate",
+    finetune_policy: str = "",
 ) -> dict[str, Any]:
     """Build the full-network ``-pretrained_weights`` payload from an encoder state dict.
 
@@ -103,6 +104,10 @@ def build_weights_file(
         source: Where the encoder came from (a run folder, a checkpoint path).
         intensity: Intensity mapping used in pretraining, for the trainer's consistency warning.
         decoder_seed: Seed for the fresh decoder, so exports are reproducible.
+        channels: Stem adaptation when the encoder's channels differ from ``in_channels``:
+            ``replicate``, ``first`` or ``mean`` (:mod:`nnunet_ssl.weights.channels`).
+        finetune_policy: A fine-tuning policy string stored for the trainer, already validated by
+            the caller (:func:`nnunet_ssl.trainers.policy.parse_policy`); "" for none.
 
     Returns:
         ``{"network_weights": state_dict, "metadata": dict}``.
@@ -111,7 +116,11 @@ def build_weights_file(
     state = {k: v for k, v in encoder_state.items() if k not in PRETRAINING_ONLY_KEYS}
     if STEM_KEY not in state:
         raise WeightsError(f"the encoder state has no {STEM_KEY!r}; is this a SwinEncoder state dict?")
-    state[STEM_KEY], adaptation = adapt_stem(state[STEM_KEY], in_channels)
+    source_channels = int(state[STEM_KEY].shape[1])
+    try:
+        state[STEM_KEY], adaptation = adapt_stem_weight(state[STEM_KEY], in_channels, channels)
+    except ChannelAdaptationError as error:
+        raise WeightsError(str(error)) from error
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(decoder_seed)
         network = SwinUNETRSeg(preset, in_channels, num_classes, deep_supervision=True)
@@ -130,13 +139,17 @@ def build_weights_file(
         num_classes=num_classes,
         encoder_digest=digest,
         source=source,
-        channel_adaptation=adaptation,
+        channel_adaptation=adaptation.description if adaptation.mode != "none" else "none",
+        channel_mode=adaptation.mode,
+        source_in_channels=source_channels,
+        finetune_policy=finetune_policy,
         intensity=dict(intensity or {}),
         decoder_seed=decoder_seed,
     )
-    network.weights_provenance.copy_(
-        encode_provenance({"method": method, "preset": preset_name, "digest": digest})
-    )
+    tag = {"method": method, "preset": preset_name, "digest": digest}
+    if adaptation.mode != "none":
+        tag["channels"] = adaptation.short  # logged by the trainer when it starts from these weights
+    network.weights_provenance.copy_(encode_provenance(tag))
     return {"network_weights": network.state_dict(), "metadata": asdict(metadata)}
 
 

@@ -1,0 +1,195 @@
+"""Cost of a Swin trainer against nnU-Net's own CNN: one training epoch and one ``nnUNetv2_predict``.
+
+Both trainers see the same preprocessed dataset, patch size and batch size: phantoms are planned
+and preprocessed once with ``nnUNetv2_plan_and_preprocess``; a copy of nnU-Net's plans
+(``nnUNetPlansCost``, same ``data_identifier``, so the same preprocessed files) fixes the patch and
+batch size for both. Then, for ``SwinScratchTrainer`` (smit preset) and nnU-Net's ``nnUNetTrainer``:
+
+* **epoch**: the trainer is built and initialised in this process as ``nnUNetv2_train`` does
+  (network, optimizer, loss, torch.compile where nnU-Net would use it), ``--warmup`` steps are
+  run untimed, then ``--iterations`` ``train_step`` calls are timed on batches drawn beforehand from
+  the trainer's own nnU-Net data loader (the same augmentation pipeline for both; loading itself is
+  left out of the timing because it is identical for both and runs in background workers in
+  real training). Reported: ms per iteration and the projected epoch of 250 iterations.
+* **predict**: the trainer's weights are saved as ``checkpoint_final.pth`` in a normal nnU-Net
+  results folder, and ``nnUNetv2_predict`` (a subprocess, default test-time mirroring unless
+  ``--disable-tta``) predicts one test case; reported: its wall time.
+
+Ratios are Swin / nnU-Net. On a GPU the script runs on CUDA (nnU-Net's fp16 autocast and
+GradScaler, synchronised timings) and the same table comes out.
+
+Usage::
+
+    python -m benchmarks.bench_finetune_cost                          # CPU or GPU, a few minutes on CPU
+    python -m benchmarks.bench_finetune_cost --iterations 20 --patch 96 96 96 --batch 2   # GPU-sized run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.tables import format_table
+
+logger = logging.getLogger(__name__)
+
+BIN = Path(sys.executable).parent
+COST_PLANS = "nnUNetPlansCost"
+SWIN = "SwinScratchTrainer"
+NNUNET = "nnUNetTrainer"
+
+
+def prepare_dataset(work: Path, patch: list[int], batch: int) -> dict[str, str]:
+    """Phantoms, nnU-Net planning + preprocessing, and the cost plans; returns the nnU-Net environment."""
+    from nnunet_ssl.cli import ext_trainer_path
+    from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
+
+    env = {
+        **os.environ,
+        "nnUNet_raw": str(work / "nnUNet_raw"), "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
+        "nnUNet_results": str(work / "nnUNet_results"), "nnUNet_extTrainer": str(ext_trainer_path()),
+        "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1",
+    }
+    preprocessed = work / "nnUNet_preprocessed" / "Dataset501_Phantom"
+    if not (preprocessed / "nnUNetPlans.json").is_file():
+        write_phantom_datasets(work, PhantomConfig(num_train=4, num_test=1, num_unlabeled=0, shape=(64, 96, 96)))
+        subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", "501", "-c", "3d_fullres", "-np", "1"],
+                       env=env, check=True, capture_output=True)
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    plans["plans_name"] = COST_PLANS
+    config = plans["configurations"]["3d_fullres"]
+    config["patch_size"], config["batch_size"] = list(patch), batch
+    (preprocessed / f"{COST_PLANS}.json").write_text(json.dumps(plans, indent=1), encoding="utf-8")
+    return env
+
+
+def build_trainer(name: str, env: dict[str, str], device: torch.device):
+    """A trainer built as nnUNetv2_train builds it (plans, dataset.json, fold 0), initialised."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer",
+                                          "nnUNet_def_n_proc", "nnUNet_n_proc_DA")})
+    trainer = get_trainer_from_args("501", "3d_fullres", 0, name, COST_PLANS, device=device)
+    trainer.initialize()
+    return trainer
+
+
+def time_epoch(name: str, env: dict[str, str], device: torch.device, iterations: int, warmup: int):
+    """Mean seconds per ``train_step`` over ``iterations`` batches drawn beforehand from the trainer's own loader.
+
+    Each trainer draws its own batches: the deep-supervision targets differ (nnU-Net's follow its
+    plans' pooling, the Swin trainer's its decoder's strides).
+    """
+    trainer = build_trainer(name, env, device)
+    trainer.on_train_start()  # data loaders, plans.json/dataset.json in the results folder
+    batches = [next(trainer.dataloader_train) for _ in range(warmup + iterations)]
+    for loader in (trainer.dataloader_train, trainer.dataloader_val):
+        if hasattr(loader, "_finish"):
+            loader._finish()
+    trainer.network.train()
+    trainer.lr_scheduler.step(0)
+    for batch in batches[:warmup]:
+        trainer.train_step(batch)
+    _sync(device)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        trainer.train_step(batch)
+    _sync(device)
+    return (time.perf_counter() - start) / iterations, trainer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_predict(name: str, trainer, env: dict[str, str], work: Path, device: torch.device, tta: bool) -> float:
+    """Wall time of ``nnUNetv2_predict`` on one test case with the trainer's current weights."""
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the mirroring axes it saves
+    trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
+    images = work / "nnUNet_raw" / "Dataset501_Phantom" / "imagesTs"
+    one = work / "predict_input"
+    one.mkdir(exist_ok=True)
+    case = sorted(images.glob("*_0000.nii.gz"))[0]
+    shutil.copy(case, one / case.name)
+    out = work / "predictions" / name
+    shutil.rmtree(out, ignore_errors=True)
+    command = [str(BIN / "nnUNetv2_predict"), "-i", str(one), "-o", str(out), "-d", "501", "-c", "3d_fullres",
+               "-p", COST_PLANS, "-tr", name, "-f", "0", "-device", device.type, "-npp", "1", "-nps", "1"]
+    if not tta:
+        command.append("--disable_tta")
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", errors="replace")
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"nnUNetv2_predict -tr {name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed afterwards)")
+    parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="patch size for both (default 64^3)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size for both (default 2)")
+    parser.add_argument("--iterations", type=int, default=3, help="timed train steps (default 3; nnU-Net's epoch is 250)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed train steps first (default 1)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--disable-tta", action="store_true", help="predict without test-time mirroring")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if any(n % 32 or n < 64 for n in args.patch):
+        raise SystemExit(f"--patch {args.patch}: every axis must be a multiple of 32 and >= 64 (the Swin encoder's)")
+    temporary = args.work is None
+    work = Path(tempfile.mkdtemp(prefix="bench_finetune_cost_")) if temporary else args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        env = prepare_dataset(work, args.patch, args.batch)
+        results = {}
+        for name in (NNUNET, SWIN):
+            step, trainer = time_epoch(name, env, device, args.iterations, args.warmup)
+            parameters = sum(p.numel() for p in trainer.network.parameters())
+            logger.info("%s: %.0f ms/iteration (%.1f M parameters)", name, step * 1000, parameters / 1e6)
+            predict = time_predict(name, trainer, env, work, device, not args.disable_tta)
+            logger.info("%s: nnUNetv2_predict of one case %.1f s", name, predict)
+            results[name] = {"step_s": step, "predict_s": predict, "parameters": parameters}
+            del trainer
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+    swin, cnn = results[SWIN], results[NNUNET]
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else cpu
+    header = ["measure", f"{SWIN} (smit)", NNUNET, "ratio Swin / nnU-Net"]
+    rows = [
+        ["parameters (M)", f"{swin['parameters'] / 1e6:.1f}", f"{cnn['parameters'] / 1e6:.1f}",
+         f"{swin['parameters'] / cnn['parameters']:.2f}"],
+        ["train step (ms)", f"{swin['step_s'] * 1000:.0f}", f"{cnn['step_s'] * 1000:.0f}",
+         f"{swin['step_s'] / cnn['step_s']:.2f}"],
+        ["epoch of 250 iterations (s, projected)", f"{swin['step_s'] * 250:.0f}", f"{cnn['step_s'] * 250:.0f}",
+         f"{swin['step_s'] / cnn['step_s']:.2f}"],
+        ["nnUNetv2_predict, one case (s)", f"{swin['predict_s']:.1f}", f"{cnn['predict_s']:.1f}",
+         f"{swin['predict_s'] / cnn['predict_s']:.2f}"],
+    ]
+    sys.stdout.write(
+        f"device: {device_name}; patch {args.patch}, batch {args.batch}; {args.iterations} timed iterations after "
+        f"{args.warmup} warm-up; predict {'with' if not args.disable_tta else 'without'} test-time mirroring\n"
+        + format_table(header, rows, args.markdown) + "\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
