@@ -210,7 +210,7 @@ class Demo:
         resume = ["--resume"] if (self.pretrain_dir / "checkpoint_latest.pt").is_file() else []
         self._run(
             "pretrain", "nnunet-ssl", "pretrain", "--method", "smit", "--data", str(self.root / "unlabeled"),
-            "--out", str(self.pretrain_dir), "--preset", "tiny", "--crop-size", "64", "--batch-size", "2",
+            "--out", str(self.pretrain_dir), "--modality", "ct", "--preset", "tiny", "--crop-size", "64", "--batch-size", "2",
             "--max-steps", str(self.config.pretrain_steps), "--warmup-epochs", "2", "--lr", "5e-4",
             "--checkpoint-every", "10", "--workers", "1", "--no-progress",
             "--set", "out_dim=1024", "head_hidden_dim=256", "head_bottleneck_dim=64", *resume,
