@@ -14,6 +14,8 @@ from pathlib import Path
 from nnunet_ssl.nnunet_ext import ext_trainer_path
 
 logger = logging.getLogger("nnunet_ssl")
+#: Libraries whose INFO messages are not the user's business (shown with -v).
+QUIET_LOGGERS = ("numexpr", "matplotlib", "PIL")
 
 
 def cmd_ext_path(args: argparse.Namespace) -> int:
@@ -95,6 +97,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         patch_size=tuple(args.patch_size) if args.patch_size else None,
         batch_size=args.batch_size,
         plans_name=args.plans_name,
+        mr_normalization="window" if args.mr_window else args.mr_normalization,
+        mr_percentiles=tuple(args.mr_percentiles),
+        mr_window=tuple(args.mr_window) if args.mr_window else None,
     )
     plan_and_preprocess(args.dataset, settings, num_processes=args.num_processes, verify=args.verify)
     return 0
@@ -344,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=["ct", "mr"], help="for every channel (default: dataset.json channel names)")
     p.add_argument("--hu-window", type=float, nargs=2, default=[-175.0, 250.0], metavar=("LOW", "HIGH"),
                    help="CT window in HU mapped to [0, 1] (default -175 250)")
+    p.add_argument("--mr-normalization", choices=["percentile", "zscore"], default="percentile",
+                   help="MR channels: per-image percentiles to [0, 1] as in the paper and pretraining (default), "
+                   "or nnU-Net's z-score")
+    p.add_argument("--mr-percentiles", type=float, nargs=2, default=[5.0, 95.0], metavar=("LOW", "HIGH"),
+                   help="MR percentiles mapped to 0 and 1 (default 5 95)")
+    p.add_argument("--mr-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="a fixed MR window mapped to [0, 1] instead (e.g. 0 400)")
     p.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0], metavar=("X", "Y", "Z"),
                    help="target spacing in mm along the image x, y, z axes (default 1.5 1.5 2)")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
@@ -409,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    for noisy in QUIET_LOGGERS:  # third-party INFO chatter on import (e.g. "NumExpr defaulting to 2 threads")
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     from nnunet_ssl.weights.format import WeightsError
 
     try:

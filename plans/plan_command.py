@@ -12,7 +12,13 @@ import logging
 from pathlib import Path
 
 from nnunet_ssl.nnunet_paths import dataset_name, preprocessed_dataset_folder
-from nnunet_ssl.plans.planner import CONFIGURATION, SwinPlanner, SwinPlanSettings, summarize_plans
+from nnunet_ssl.plans.planner import (
+    CONFIGURATION,
+    SwinPlanner,
+    SwinPlanSettings,
+    coarsening_hint,
+    summarize_plans,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +68,10 @@ def plan_and_preprocess(dataset: str, settings: SwinPlanSettings, num_processes:
     preprocess_dataset(dataset_id, settings.plans_name, [CONFIGURATION], [num_processes])
     plans = json.loads(plans_file.read_text(encoding="utf-8"))
     logger.info("%s", summarize_plans(plans, settings))
+    fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text(encoding="utf-8"))
+    hint = coarsening_hint(fingerprint.get("spacings", []), settings, str(dataset_id))
+    if hint:
+        logger.warning("%s", hint)
     logger.info("%s", training_hint(dataset_id, settings))
     return plans
 

@@ -9,7 +9,16 @@ in its own plans file, never touching nnU-Net's ``nnUNetPlans.json``:
 * patch 96^3 (128^3 for ``smit128``: the preset's ``input_size``), batch size 2;
 * CT: a fixed HU window [L, U] mapped to [0, 1] with the built-in ``CTNormalization`` (clip to
   percentiles L and U, subtract mean = L, divide by std = U - L), so training and
-  ``nnUNetv2_predict`` apply exactly the same mapping; MR: nnU-Net's z-score.
+  ``nnUNetv2_predict`` apply exactly the same mapping;
+* MR (default ``percentile``): the paper's "[0, 1] after clipping at the 5 % and 95 % signal
+  intensity values", as pretraining does it. nnU-Net 2.8.1 looks normalization schemes up only
+  inside its own package and has no per-image percentile scheme, so the planner uses the closer of
+  two built-in approximations, measured on the dataset's own training images
+  (:func:`mr_percentile_approximation`): the same window for every image (``CTNormalization``
+  with the medians of the images' 5th and 95th percentiles) or per-image min-max
+  (``RescaleTo01Normalization``). The choice and the measured mean difference are logged and
+  kept in the plans. Options: ``window`` (a fixed window, e.g. the paper's [0, 400]) and
+  ``zscore`` (nnU-Net's default).
 
 The plans keep nnU-Net's U-Net architecture entry, recomputed for the new patch size, so the file
 stays valid for nnU-Net's own trainers; the Swin trainers build their network from the preset.
@@ -30,6 +39,11 @@ DEFAULT_PLANS_NAME = "nnUNetSwinPlans"
 #: Only this configuration is planned: the Swin trainers are 3D only.
 CONFIGURATION = "3d_fullres"
 MODALITIES = ("ct", "mr")
+MR_NORMALIZATIONS = ("percentile", "window", "zscore")
+#: At most this many training images are read to fit the MR percentile approximation.
+MR_SAMPLE_CASES = 24
+#: ... each on at most this many evenly strided voxels.
+MR_SAMPLE_VOXELS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,10 @@ class SwinPlanSettings:
         patch_size: Patch edge lengths (z, y, x as nnU-Net stores them); None = the preset's ``input_size``, cubic.
         batch_size: Patches per training step.
         plans_name: Plans identifier and file name (``<plans_name>.json``).
+        mr_normalization: MR channels: ``"percentile"`` (the paper: per-image percentiles to [0, 1],
+            through the closest built-in scheme), ``"window"`` (``mr_window`` to [0, 1]) or ``"zscore"``.
+        mr_percentiles: The percentiles mapped to 0 and 1 (the paper: 5 and 95).
+        mr_window: Fixed MR window (lower, upper) for ``mr_normalization="window"``.
     """
 
     preset: str = "smit"
@@ -54,6 +72,9 @@ class SwinPlanSettings:
     patch_size: tuple[int, int, int] | None = None
     batch_size: int = 2
     plans_name: str = DEFAULT_PLANS_NAME
+    mr_normalization: str = "percentile"
+    mr_percentiles: tuple[float, float] = (5.0, 95.0)
+    mr_window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         get_preset(self.preset)  # raises on unknown names
@@ -71,6 +92,15 @@ class SwinPlanSettings:
             )
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.mr_normalization not in MR_NORMALIZATIONS:
+            raise ValueError(f"MR normalization must be one of {MR_NORMALIZATIONS}, got {self.mr_normalization!r}")
+        if (self.mr_normalization == "window") != (self.mr_window is not None):
+            raise ValueError("give an MR window (--mr-window LOW HIGH) exactly when the MR normalization is 'window'")
+        if self.mr_window is not None and not self.mr_window[1] > self.mr_window[0]:
+            raise ValueError(f"the MR window must have lower < upper, got {list(self.mr_window)}")
+        low_pct, high_pct = self.mr_percentiles
+        if not 0 <= low_pct < high_pct <= 100:
+            raise ValueError(f"MR percentiles must satisfy 0 <= low < high <= 100, got {list(self.mr_percentiles)}")
         if self.plans_name == "nnUNetPlans":
             raise ValueError("nnUNetPlans is nnU-Net's own plans file; choose another --plans-name")
 
@@ -96,6 +126,82 @@ def window_properties(low: float, high: float, fingerprint_properties: dict[str,
             "percentile_00_5": float(low), "percentile_99_5": float(high)}
 
 
+@dataclass(frozen=True)
+class MRApproximation:
+    """The built-in stand-in for the per-image percentile mapping of one MR channel.
+
+    Attributes:
+        scheme: ``"CTNormalization"`` (one window for all images) or ``"RescaleTo01Normalization"``.
+        window: The shared window (medians of the images' low and high percentiles).
+        window_difference: Mean |window mapping - exact per-image mapping| over the sampled voxels.
+        rescale_difference: The same for per-image min-max.
+        cases: Images measured.
+    """
+
+    scheme: str
+    window: tuple[float, float]
+    window_difference: float
+    rescale_difference: float
+    cases: int
+
+    def note(self, percentiles: tuple[float, float]) -> str:
+        chosen = "one window" if self.scheme == "CTNormalization" else "per-image min-max"
+        return (
+            f"approximates per-image {percentiles[0]:g}-{percentiles[1]:g} % -> [0, 1] with {chosen} "
+            f"(mean |difference| {min(self.window_difference, self.rescale_difference):.4f} on {self.cases} training "
+            f"image(s); window {self.window_difference:.4f}, min-max {self.rescale_difference:.4f})"
+        )
+
+
+def percentile_map(image: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """The paper's MR mapping: clip at the image's own percentiles, then affinely to [0, 1]."""
+    low, high = np.percentile(image, percentiles)
+    return np.clip((image - low) / max(high - low, 1e-8), 0.0, 1.0)
+
+
+def mr_percentile_approximation(images: list[np.ndarray], percentiles: tuple[float, float]) -> MRApproximation:
+    """Measure both built-in stand-ins for :func:`percentile_map` on ``images`` and pick the closer one.
+
+    Args:
+        images: Raw intensities of one channel, any shapes (e.g. sampled voxels of each training image).
+        percentiles: ``(low, high)``, e.g. ``(5, 95)``.
+    """
+    if not images:
+        raise ValueError("no image to fit the MR percentile mapping to")
+    bounds = np.array([np.percentile(image, percentiles) for image in images], dtype=np.float64)
+    low, high = float(np.median(bounds[:, 0])), float(np.median(bounds[:, 1]))
+    if not high > low:
+        raise ValueError(f"the MR images' {percentiles} percentiles coincide ({low:g}); use --mr-normalization zscore")
+    window_diffs, rescale_diffs = [], []
+    for image in images:
+        image = np.asarray(image, dtype=np.float64)
+        exact = percentile_map(image, percentiles)
+        window_diffs.append(np.abs(np.clip((image - low) / (high - low), 0, 1) - exact).mean())
+        span = max(float(image.max() - image.min()), 1e-8)
+        rescale_diffs.append(np.abs((image - image.min()) / span - exact).mean())
+    window_difference, rescale_difference = float(np.mean(window_diffs)), float(np.mean(rescale_diffs))
+    scheme = "CTNormalization" if window_difference <= rescale_difference else "RescaleTo01Normalization"
+    return MRApproximation(scheme, (low, high), window_difference, rescale_difference, len(images))
+
+
+def coarsening_hint(source_spacings_nnunet: list[list[float]], settings: SwinPlanSettings, dataset: str) -> str | None:
+    """A one-line hint when the target spacing is coarser than the data's median spacing on some axis."""
+    if not source_spacings_nnunet:
+        return None
+    median_xyz = [float(v) for v in reversed(np.median(np.asarray(source_spacings_nnunet, dtype=float), axis=0))]
+    coarser = [axis for axis, (target, own) in enumerate(zip(settings.spacing_xyz, median_xyz, strict=True))
+               if target > own * 1.1]
+    if not coarser:
+        return None
+    keep = [max(min(t, s), 1e-3) for t, s in zip(settings.spacing_xyz, median_xyz, strict=True)]
+    axes = ", ".join("xyz"[a] for a in coarser)
+    return (
+        f"the target spacing {' x '.join(f'{s:g}' for s in settings.spacing_xyz)} mm coarsens this dataset along {axes} "
+        f"(median spacing {' x '.join(f'{s:.3g}' for s in median_xyz)} mm, x y z); to keep its resolution plan with "
+        f"`nnunet-ssl plan -d {dataset} --spacing {' '.join(f'{s:.3g}' for s in keep)}`"
+    )
+
+
 def channel_modalities(dataset_json: dict[str, Any], modality: str | None) -> list[str]:
     """``ct``/``mr`` per input channel."""
     names = dataset_json.get("channel_names", dataset_json.get("modality", {}))
@@ -115,6 +221,7 @@ class SwinPlanner(ExperimentPlanner):
             overwrite_target_spacing=settings.spacing_nnunet,
         )
         self.settings = settings
+        self.mr_notes: dict[str, str] = {}
 
     def save_plans(self, plans: dict) -> None:
         """nnU-Net calls this at the end of ``plan_experiment``: adapt, then save as usual."""
@@ -136,6 +243,10 @@ class SwinPlanner(ExperimentPlanner):
             "spacing_xyz_mm": list(self.settings.spacing_xyz),
             "hu_window": list(self.settings.hu_window),
             "modalities": modalities,
+            "mr_normalization": {"mode": self.settings.mr_normalization,
+                                 "percentiles": list(self.settings.mr_percentiles),
+                                 **({"window": list(self.settings.mr_window)} if self.settings.mr_window else {}),
+                                 **self.mr_notes},
         }
         return plans
 
@@ -164,17 +275,44 @@ class SwinPlanner(ExperimentPlanner):
     def _set_normalization(self, plans: dict, config: dict, modalities: list[str]) -> None:
         properties = plans["foreground_intensity_properties_per_channel"]
         low, high = self.settings.hu_window
-        schemes, masks = [], []
+        schemes, masks, notes = [], [], {}
         for channel, modality in enumerate(modalities):
+            fingerprint = properties.get(str(channel), {})
             if modality == "ct":
                 schemes.append("CTNormalization")
                 masks.append(False)
-                properties[str(channel)] = window_properties(low, high, properties.get(str(channel), {}))
+                properties[str(channel)] = window_properties(low, high, fingerprint)
+            elif self.settings.mr_normalization == "window":
+                schemes.append("CTNormalization")
+                masks.append(False)
+                properties[str(channel)] = window_properties(*self.settings.mr_window, fingerprint)
+                notes[str(channel)] = "fixed MR window"
+            elif self.settings.mr_normalization == "percentile":
+                fit = mr_percentile_approximation(self.sample_channel(channel), self.settings.mr_percentiles)
+                schemes.append(fit.scheme)
+                masks.append(False)
+                if fit.scheme == "CTNormalization":
+                    properties[str(channel)] = window_properties(*fit.window, fingerprint)
+                notes[str(channel)] = fit.note(self.settings.mr_percentiles)
             else:
                 schemes.append("ZScoreNormalization")
                 masks.append(bool(config["use_mask_for_norm"][channel]))
         config["normalization_schemes"] = schemes
         config["use_mask_for_norm"] = masks
+        self.mr_notes = notes
+
+    def sample_channel(self, channel: int) -> list[np.ndarray]:
+        """Strided voxel samples of one channel of up to :data:`MR_SAMPLE_CASES` training images."""
+        reader = self.determine_reader_writer()()
+        cases = sorted(self.dataset)
+        if len(cases) > MR_SAMPLE_CASES:
+            cases = [cases[i] for i in np.linspace(0, len(cases) - 1, MR_SAMPLE_CASES).round().astype(int)]
+        samples = []
+        for case in cases:
+            data, _ = reader.read_images([self.dataset[case]["images"][channel]])
+            flat = np.asarray(data[0], dtype=np.float32).reshape(-1)
+            samples.append(flat[:: max(1, flat.size // MR_SAMPLE_VOXELS)])
+        return samples
 
 
 def summarize_plans(plans: dict, settings: SwinPlanSettings) -> str:
@@ -192,10 +330,12 @@ def summarize_plans(plans: dict, settings: SwinPlanSettings) -> str:
         lines.append(f"  median image {[int(round(m)) for m in np.asarray(median).tolist()]} voxels after resampling")
     for channel, scheme in enumerate(config["normalization_schemes"]):
         p = props.get(str(channel), {})
+        modality = (plans.get("nnunet_ssl", {}).get("modalities") or ["ct"] * (channel + 1))[channel].upper()
+        note = plans.get("nnunet_ssl", {}).get("mr_normalization", {}).get(str(channel))
         if scheme == "CTNormalization":
-            lines.append(
-                f"  channel {channel}   CT window [{p['percentile_00_5']:g}, {p['percentile_99_5']:g}] HU -> [0, 1]"
-            )
+            unit = " HU" if modality == "CT" else ""
+            text = f"{modality} window [{p['percentile_00_5']:.4g}, {p['percentile_99_5']:.4g}]{unit} -> [0, 1]"
         else:
-            lines.append(f"  channel {channel}   {scheme} (per image)")
+            text = f"{modality} {scheme} (per image)"
+        lines.append(f"  channel {channel}   {text}" + (f"; {note}" if note else ""))
     return "\n".join(lines)

@@ -268,7 +268,8 @@ class Engine:
         final = self._save(FINAL, method, optimizer, scaler, total_steps, steps_per_epoch)
         if self.dist.is_main:
             (self.run_dir / LATEST).unlink(missing_ok=True)
-            plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png")
+            plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png",
+                             title=f"Pretraining losses ({config.method}, preset {config.preset})")
             logger.info("done: %s (loss curves: %s)", final, self.run_dir / "loss_curves.png")
         if self.dist.enabled:
             dist.barrier()

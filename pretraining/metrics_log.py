@@ -47,7 +47,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
+#: Legend names of the loss terms methods log (``loss_<abbreviation>``); others show their key.
+LOSS_NAMES = {
+    "loss": "total loss",
+    "loss_mip": "masked image prediction (mip)",
+    "loss_mpd": "masked patch distillation (mpd)",
+    "loss_itd": "image token distillation (itd)",
+}
+
+
+def loss_label(key: str) -> str:
+    """Readable legend name of a logged loss term, e.g. ``loss_mip`` -> ``masked image prediction (mip)``."""
+    return LOSS_NAMES.get(key, key.removeprefix("loss_"))
+
+
+def plot_loss_curves(metrics_path: Path, out_path: Path, title: str = "Pretraining losses") -> Path | None:
     """Plot every ``loss*`` term and the learning rate against the step into a PNG."""
     records = read_metrics(metrics_path)
     if not records:
@@ -61,13 +75,14 @@ def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
     loss_keys = sorted({k for r in records for k in r if k.startswith("loss")})
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     for key in loss_keys:
-        ax_loss.plot(steps, [r.get(key, float("nan")) for r in records], label=key, linewidth=1)
+        ax_loss.plot(steps, [r.get(key, float("nan")) for r in records], label=loss_label(key), linewidth=1)
     ax_loss.set_ylabel("loss")
+    ax_loss.set_title(title)
     ax_loss.set_yscale("log" if all(r.get("loss", 1) > 0 for r in records) else "linear")
     ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.grid(alpha=0.3)
     ax_lr.plot(steps, [r.get("lr", float("nan")) for r in records], color="black", linewidth=1)
-    ax_lr.set_ylabel("lr")
+    ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,12 @@ def test_demo_runs_every_stage_and_writes_report_and_cka(demo: tuple[Demo, Path]
     assert all(-1.0 <= float(r["cka"]) <= 1.0 + 1e-6 for r in layers)
     assert (runner.root / "cka" / "cka_heatmap.png").is_file()
 
+    for trainer in (SCRATCH, SMIT):  # nnU-Net's epoch progress, printed while each trained
+        lines = runner.progress[trainer]
+        assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], lines
+        assert all(re.fullmatch(r"epoch \d/2: train loss -?\d+\.\d{3}, val loss -?\d+\.\d{3}, "
+                                r"pseudo-Dice liver \d\.\d\d spleen \d\.\d\d \(\d+ s\)", line) for line in lines), lines
+
     smit_log = "\n".join(p.read_text(encoding="utf-8") for p in runner.fold_dir(SMIT).glob("training_log_*.txt"))
     assert "Pretrained weights loaded: method=smit preset=tiny" in smit_log and "(verified)" in smit_log
     assert "fold 5: 3-shot fold (seed 0)" in smit_log
@@ -69,8 +76,11 @@ def test_demo_runs_every_stage_and_writes_report_and_cka(demo: tuple[Demo, Path]
 def test_rerun_resumes_instead_of_starting_over(demo: tuple[Demo, Path], caplog: pytest.LogCaptureFixture) -> None:
     runner, report = demo
     checkpoints = {t: (runner.fold_dir(t) / "checkpoint_final.pth").stat().st_mtime_ns for t in (SCRATCH, SMIT)}
+    first = json.loads((runner.root / "summary.json").read_text(encoding="utf-8"))
     with caplog.at_level(logging.INFO, logger="nnunet_ssl.demo"):
         assert runner.run() == report
+    again = json.loads((runner.root / "summary.json").read_text(encoding="utf-8"))
+    assert again["minutes"] >= 0.8 * first["minutes"] > again["this_run_minutes"]  # the work's time, not the resume's
     log = caplog.text
     for skipped in ("already pretrained", "already planned", "already exported", "already trained",
                     "predictions exist", "CKA exists"):

@@ -240,7 +240,7 @@ def test_report_scores_validation_and_test_set_and_reuses_predictions(nnunet: Nn
         assert pooled[name]["mean_dice"] == "" if np.isnan(expected_mean) else \
             float(pooled[name]["mean_dice"]) == pytest.approx(expected_mean)
     assert f"| {untrained} | 0 | ordinary | missing |" in (nnunet.root / "report_val" / "report.md").read_text(encoding="utf-8")
-    assert f"| {SCRATCH} (reference) | 0 |" in validation.stdout
+    assert f"| {SCRATCH} (reference) | fold 0 |" in validation.stdout
 
     # the labelled test set, predicted in-process
     out = nnunet.root / "report_test"

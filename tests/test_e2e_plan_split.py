@@ -26,11 +26,24 @@ def window(hu: np.ndarray, low: float = -175.0, high: float = 250.0) -> np.ndarr
     return (np.clip(hu, low, high) - low) / (high - low)
 
 
-def write_ct_dataset(raw: Path, num_cases: int = 3) -> Path:
-    """CT volumes already at 1.5 x 1.5 x 2 mm (x, y, z), so nnU-Net's resampling is the identity.
+def mr_image(rng: np.random.Generator, case: int) -> np.ndarray:
+    """An MR-like channel: positive Rician-like tissue intensities and a few very bright voxels (fat)."""
+    tissue = rng.gamma(4.0, 60.0, size=(24, 40, 36)) + 1.0
+    tissue.reshape(-1)[rng.choice(tissue.size, 30, replace=False)] = 4000.0 * (case + 1)
+    return tissue.astype(np.float32)
 
-    HU values cover [-1000, 1000] everywhere (never exactly 0, so nnU-Net's crop keeps the whole
-    volume); the label is a ball.
+
+def percentile_window(images: list[np.ndarray]) -> tuple[float, float]:
+    """The planner's stand-in for per-image 5-95 %, by hand: medians of the images' own percentiles."""
+    bounds = np.array([np.percentile(image.astype(np.float64), [5, 95]) for image in images])
+    return float(np.median(bounds[:, 0])), float(np.median(bounds[:, 1]))
+
+
+def write_ct_dataset(raw: Path, num_cases: int = 3) -> Path:
+    """CT + T1 volumes already at 1.5 x 1.5 x 2 mm (x, y, z), so nnU-Net's resampling is the identity.
+
+    HU values cover [-1000, 1000] everywhere (never exactly 0) and MR values are positive, so
+    nnU-Net's crop keeps the whole volume; the label is a ball.
     """
     folder = raw / "Dataset601_WindowCT"
     (folder / "imagesTr").mkdir(parents=True)
@@ -42,12 +55,13 @@ def write_ct_dataset(raw: Path, num_cases: int = 3) -> Path:
         hu = rng.uniform(-1000, 1000, size=(24, 40, 36)).astype(np.float32)
         hu[hu == 0] = 1.0
         for array, path in ((hu, folder / "imagesTr" / f"ct_{i:03d}_0000.nii.gz"),
+                            (mr_image(rng, i), folder / "imagesTr" / f"ct_{i:03d}_0001.nii.gz"),
                             (ball, folder / "labelsTr" / f"ct_{i:03d}.nii.gz")):
             image = sitk.GetImageFromArray(array)
             image.SetSpacing((1.5, 1.5, 2.0))  # x, y, z
             sitk.WriteImage(image, str(path))
     (folder / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "CT"}, "labels": {"background": 0, "ball": 1},
+        "channel_names": {"0": "CT", "1": "T1"}, "labels": {"background": 0, "ball": 1},
         "numTraining": num_cases, "file_ending": ".nii.gz",
     }))
     return folder
@@ -68,7 +82,7 @@ def test_plans_hold_the_paper_setup(window_ct: NnUNet) -> None:
     assert list(plans["configurations"]) == ["3d_fullres"]
     assert config["spacing"] == [2.0, 1.5, 1.5]  # nnU-Net order z, y, x
     assert config["patch_size"] == [64, 64, 64] and config["batch_size"] == 2
-    assert config["normalization_schemes"] == ["CTNormalization"]
+    assert config["normalization_schemes"] == ["CTNormalization", "CTNormalization"]  # CT window, MR stand-in
     props = plans["foreground_intensity_properties_per_channel"]["0"]
     assert (props["mean"], props["std"], props["percentile_00_5"], props["percentile_99_5"]) == (-175, 425, -175, 250)
     assert config["data_identifier"] == f"{PLANS}_3d_fullres"
@@ -82,7 +96,7 @@ def test_preprocessed_and_predict_time_intensities_are_the_window(window_ct: NnU
     image_file = raw / "imagesTr" / "ct_001_0000.nii.gz"
     hu = sitk.GetArrayFromImage(sitk.ReadImage(str(image_file))).astype(np.float64)
     stored = blosc2.open(str(window_ct.preprocessed / f"{PLANS}_3d_fullres" / "ct_001.b2nd"), mode="r")[:]
-    assert stored.shape == (1, *hu.shape)  # the right spacing order: nothing was resampled
+    assert stored.shape == (2, *hu.shape)  # CT and T1; the right spacing order: nothing was resampled
     np.testing.assert_allclose(stored[0], window(hu), atol=1e-6)
     assert stored.min() == 0.0 and stored.max() == pytest.approx(1.0)
 
@@ -90,8 +104,41 @@ def test_preprocessed_and_predict_time_intensities_are_the_window(window_ct: NnU
     plans = PlansManager(str(window_ct.preprocessed / f"{PLANS}.json"))
     configuration = plans.get_configuration("3d_fullres")
     preprocessor = configuration.preprocessor_class(verbose=False)
-    data, _, _ = preprocessor.run_case([str(image_file)], None, plans, configuration, str(raw / "dataset.json"))
+    mr_file = raw / "imagesTr" / "ct_001_0001.nii.gz"
+    data, _, _ = preprocessor.run_case([str(image_file), str(mr_file)], None, plans, configuration,
+                                       str(raw / "dataset.json"))
     np.testing.assert_allclose(data[0], window(hu), atol=1e-6)
+
+
+def test_mr_channel_is_the_5_95_percentile_mapping_at_training_and_predict_time(window_ct: NnUNet) -> None:
+    """MR: clip at the 5th/95th percentiles and map to [0, 1]; one window (the medians of the images' own
+    percentiles), which nnU-Net's CTNormalization applies exactly; here every image has the same tissue
+    distribution, so it equals each image's own 5-95 % mapping up to sampling noise."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_ssl.plans.planner import percentile_map
+
+    raw = Path(window_ct.env["nnUNet_raw"]) / window_ct.dataset
+    files = sorted((raw / "imagesTr").glob("*_0001.nii.gz"))
+    images = [sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.float64) for f in files]
+    low, high = percentile_window(images)
+    plans_file = window_ct.preprocessed / f"{PLANS}.json"
+    plans_json = json.loads(plans_file.read_text(encoding="utf-8"))
+    props = plans_json["foreground_intensity_properties_per_channel"]["1"]
+    assert (props["percentile_00_5"], props["percentile_99_5"]) == pytest.approx((low, high))
+    note = plans_json["nnunet_ssl"]["mr_normalization"]["1"]
+    assert "per-image 5-95 % -> [0, 1] with one window" in note
+    expected = np.clip((images[1] - low) / (high - low), 0, 1)
+    stored = blosc2.open(str(window_ct.preprocessed / f"{PLANS}_3d_fullres" / "ct_001.b2nd"), mode="r")[:]
+    np.testing.assert_allclose(stored[1], expected, atol=1e-6)
+    assert np.abs(stored[1] - percentile_map(images[1], (5, 95))).mean() < 0.01  # close to the exact per-image map
+
+    plans = PlansManager(str(plans_file))
+    configuration = plans.get_configuration("3d_fullres")
+    preprocessor = configuration.preprocessor_class(verbose=False)
+    data, _, _ = preprocessor.run_case([str(raw / "imagesTr" / "ct_001_0000.nii.gz"), str(files[1])], None, plans,
+                                       configuration, str(raw / "dataset.json"))
+    np.testing.assert_allclose(data[1], expected, atol=1e-6)
 
 
 def test_refuses_nnunets_own_and_foreign_plans_files(window_ct: NnUNet) -> None:

@@ -53,7 +53,8 @@ def test_adapt_plans_keeps_3d_fullres_windows_ct_and_zscores_mr():
     from nnunet_ssl.plans.planner import SwinPlanner
 
     planner = object.__new__(SwinPlanner)  # no dataset on disk needed for the adaptation step
-    planner.settings = SwinPlanSettings()
+    planner.settings = SwinPlanSettings(mr_normalization="zscore")
+    planner.mr_notes = {}
     planner.dataset_name = "Dataset900_Mixed"
     planner.dataset_json = {"channel_names": {"0": "CT", "1": "T1"}}
     planner.UNet_featuremap_min_edge_length = 4
@@ -86,3 +87,48 @@ def test_adapt_plans_keeps_3d_fullres_windows_ct_and_zscores_mr():
     arch = config["architecture"]["arch_kwargs"]
     assert arch["n_stages"] == len(arch["strides"]) and list(arch["strides"][0]) == [1, 1, 1]
     assert adapted["nnunet_ssl"]["modalities"] == ["ct", "mr"]
+
+
+def test_mr_percentile_approximation_by_hand():
+    from nnunet_ssl.plans.planner import mr_percentile_approximation, percentile_map
+
+    rng = np.random.default_rng(0)
+    # same tissue distribution in every image, plus a few very bright voxels (fat, vessels): one window is exact
+    base = rng.gamma(4.0, 50.0, size=20000)
+    images = []
+    for i in range(3):
+        images.append(np.concatenate([rng.permutation(base), np.full(20, 5000.0 * (i + 1))]))
+    fit = mr_percentile_approximation(images, (5.0, 95.0))
+    low, high = np.percentile(images[0], [5, 95])
+    assert fit.window == pytest.approx((low, high))
+    assert fit.scheme == "CTNormalization" and fit.window_difference == pytest.approx(0.0, abs=1e-12)
+    expected = np.mean([np.abs((x - x.min()) / np.ptp(x) - percentile_map(x, (5, 95))).mean() for x in images])
+    assert fit.rescale_difference == pytest.approx(expected)
+    # uniform intensities under very different gains: per-image min-max is the closer stand-in
+    gains = [rng.uniform(0, 100, 20000) * g for g in (1.0, 3.0, 9.0)]
+    fit = mr_percentile_approximation(gains, (5.0, 95.0))
+    assert fit.scheme == "RescaleTo01Normalization" and fit.rescale_difference < fit.window_difference
+    assert "per-image min-max" in fit.note((5.0, 95.0))
+
+
+def test_coarsening_hint_gives_a_spacing_that_parses():
+    import shlex
+
+    from nnunet_ssl.cli import build_parser
+    from nnunet_ssl.plans.planner import coarsening_hint
+
+    settings = SwinPlanSettings()
+    assert coarsening_hint([[2.0, 1.5, 1.5]] * 3, settings, "501") is None
+    hint = coarsening_hint([[1.5, 1.5, 1.5]] * 3, settings, "501")  # nnU-Net order z, y, x: 1.5 mm isotropic
+    assert "coarsens this dataset along z" in hint
+    command = shlex.split(hint.split("`")[1])
+    args = build_parser().parse_args(command[1:])
+    assert args.spacing == [1.5, 1.5, 1.5]
+
+
+def test_mr_settings_are_validated():
+    with pytest.raises(ValueError, match="MR window"):
+        SwinPlanSettings(mr_normalization="window")
+    with pytest.raises(ValueError, match="MR normalization"):
+        SwinPlanSettings(mr_normalization="minmax")
+    assert SwinPlanSettings(mr_normalization="window", mr_window=(0.0, 400.0)).mr_window == (0.0, 400.0)

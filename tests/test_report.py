@@ -469,7 +469,7 @@ def test_cli_report_by_dataset_id(nnunet_tree: tuple[Path, Path], tmp_path: Path
     assert code == 0
     assert (out / "report.md").is_file()
     printed = capsys.readouterr().out
-    assert "| Scratch (reference) | 0,1 | 4 |" in printed and "| SMIT † | 0 (1 missing) | 2 |" in printed
+    assert "| Scratch (reference) | folds 0,1 | 4 |" in printed and "| SMIT † | fold 0 (1 missing) | 2 |" in printed
     assert main(["report", "-d", "501", "--trainers", "A", "--checkpoint", "best", "--out", str(out)]) == 1
 
 
@@ -539,3 +539,26 @@ def test_ignore_label_voxels_are_not_scored(tmp_path: Path) -> None:
 def test_dataset_json_refused_by_nnunet_names_the_problem() -> None:
     with pytest.raises(ValueError, match="ignore label"):
         dataset_info({"labels": {"background": 0, "liver": 1, "ignore": 5, "spleen": 2}, "file_ending": ".nii.gz"})
+
+
+def test_headline_counts_cases_per_structure_names_folds_and_explains_a_zero_reference(
+    nnunet_tree: tuple[Path, Path], tmp_path: Path
+) -> None:
+    results, preprocessed = nnunet_tree
+    for fold in (0, 1, 2):  # the reference never finds the spleen
+        fold_dir = results / DATASET / "Scratch__nnUNetPlans__3d_fullres" / f"fold_{fold}"
+        scores = {case: (liver, 0.0) for case, (liver, _) in DICE[("Scratch", fold)].items()}
+        summary = summary_json(scores, fold_dir, preprocessed / DATASET)
+        (fold_dir / "validation" / "summary.json").write_text(json.dumps(summary, sort_keys=True, indent=4))
+    config = ReportConfig(dataset=DATASET, trainers=("SMIT",), reference="Scratch", out_dir=tmp_path / "r",
+                          results_root=results, preprocessed_root=preprocessed, folds=(0, 1, 2))
+    headline = headline_markdown(make_report(config))
+    smit = next(line for line in headline.splitlines() if line.startswith("| SMIT"))
+    cells = [c.strip() for c in smit.strip("|").split("|")]
+    assert cells[1].startswith("folds 0,2")  # not "0,2" that reads as a count
+    assert cells[2] == "4"  # SMIT scored 4 cases (c1, c2, c5, c6)
+    assert "[3 cases]" in cells[4]  # c2 has no spleen Dice
+    assert "gap n/a: reference Dice 0" in cells[4] and "n/a" not in cells[3]
+    assert "the reference Scratch has mean Dice 0" in headline and "3 of 4 cases" in headline
+    scratch = next(line for line in headline.splitlines() if line.startswith("| Scratch"))
+    assert "| folds 0,1,2 | 6 |" in scratch

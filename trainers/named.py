@@ -17,7 +17,7 @@ SHORT_RECIPE = FineTuneRecipe(
 
 #: Recipe of the demo variants: long enough on a 2-core CPU for the tiny network to learn something.
 DEMO_RECIPE = FineTuneRecipe(
-    initial_lr=1e-3, warmup_epochs=1, num_epochs=16, iterations_per_epoch=8, val_iterations_per_epoch=2,
+    initial_lr=1e-3, warmup_epochs=1, num_epochs=16, iterations_per_epoch=10, val_iterations_per_epoch=2,
     few_shot_epochs=None, test_time_mirroring=False,
 )
 

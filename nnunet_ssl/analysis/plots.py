@@ -16,7 +16,8 @@ def _new_figure(width: float, height: float):
     return figure
 
 
-def plot_cka_per_layer(layers: Sequence[str], values: Sequence[float], path: Path, title: str = "") -> Path:
+def plot_cka_per_layer(layers: Sequence[str], values: Sequence[float], path: Path,
+                       title: str = "CKA between pretrained and fine-tuned encoder, per layer") -> Path:
     """Line plot of CKA(pretrained layer, same fine-tuned layer) over the encoder's depth."""
     figure = _new_figure(max(6.0, 0.45 * len(layers)), 4.0)
     axes = figure.add_subplot()
@@ -33,7 +34,8 @@ def plot_cka_per_layer(layers: Sequence[str], values: Sequence[float], path: Pat
 
 
 def plot_cka_heatmap(
-    matrix: np.ndarray, rows: Sequence[str], columns: Sequence[str], path: Path, title: str = ""
+    matrix: np.ndarray, rows: Sequence[str], columns: Sequence[str], path: Path,
+    title: str = "CKA between every pretrained and fine-tuned layer",
 ) -> Path:
     """Heatmap of CKA between every pretrained layer (rows) and every fine-tuned layer (columns)."""
     size = max(5.0, 0.4 * max(len(rows), len(columns)) + 2.0)
@@ -78,6 +80,7 @@ def plot_validation_dice(curves: Sequence, path: Path) -> Path:
     axes.set_xlabel("epoch")
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_ylabel("validation pseudo-Dice (EMA; faint: per epoch)")
+    axes.set_title("Validation pseudo-Dice during training")
     axes.grid(alpha=0.3)
     if curves:
         axes.legend(fontsize="small")
@@ -96,7 +99,8 @@ def plot_losses(curves: Sequence, path: Path) -> Path:
             axes.plot(np.arange(len(values)), values, color=colors[run.trainer], label=f"{run.trainer} fold {run.fold}")
         axes.set_xlabel("epoch")
         axes.xaxis.get_major_locator().set_params(integer=True)
-        axes.set_title(title)
+        axes.set_ylabel(f"{title} (nnU-Net: CE + Dice, lower is better)")
+        axes.set_title(title.capitalize())
         axes.grid(alpha=0.3)
         if curves and index == 1:
             axes.legend(fontsize="small")
@@ -124,7 +128,7 @@ def plot_few_shot(rows: Sequence, path: Path) -> Path:
         axes.set_xticks(sorted({r.size for r in rows if r.kind == kind}))
         axes.set_xlabel("training cases")
         axes.set_ylabel("mean Dice over seeds")
-        axes.set_title(kind.replace("_", " "))
+        axes.set_title(f"{kind.replace('_', '-')}: mean Dice vs training cases")
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)

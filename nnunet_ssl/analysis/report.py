@@ -331,8 +331,9 @@ def setting_markdown(report: Report, setting: Setting) -> str:
     """The headline table of one setting."""
     keys = [*report.structures, OVERALL]
     reference = report.config.reference_trainer
-    header = ["method", "folds", "cases", *keys]
+    header = ["method", "fold(s)", "cases", *keys]
     rows, notes = [], []
+    reference_means = setting.method(reference).means if setting.method(reference).available else {}
     for method in setting.methods:
         label = f"{method.trainer} (reference)" if method.trainer == reference else method.trainer
         if not method.available:
@@ -340,17 +341,28 @@ def setting_markdown(report: Report, setting: Setting) -> str:
             rows.append([label, "missing", "0", *(["missing"] * len(keys))])
             notes.append(f"{method.trainer}: no complete run ({reasons})")
             continue
-        folds = ",".join(str(f) for f in method.folds)
+        folds = ("fold " if len(method.folds) == 1 else "folds ") + ",".join(str(f) for f in method.folds)
         if method.not_used:
             folds += " (" + ", ".join(f"{f} {why.split(':')[0]}" for f, why in sorted(method.not_used.items())) + ")"
         cells = []
+        cases = max(method.counts[key] for key in report.structures) if report.structures else method.counts[OVERALL]
         for key in keys:
             cell = _fmt(method.means[key])
+            if key != OVERALL and method.counts[key] < cases:
+                cell += f" [{method.counts[key]} cases]"
+                notes.append(f"{method.trainer} {key}: scored on the {method.counts[key]} of {cases} cases that "
+                             "have the structure in the reference or the prediction")
             comparison = method.comparison
             if comparison is not None:
                 test = comparison.tests[key]
                 p = f"p={format_p(test.p_value)}" if test.tested else "p n/a"
-                cell += f" ({_gap(comparison.gaps[key])}, {p})"
+                gap = comparison.gaps[key]
+                if math.isnan(gap) and reference_means.get(key) == 0:
+                    cell += f" (gap n/a: reference Dice 0, {p})"
+                    notes.append(f"{method.trainer} {key}: no gap %, the reference {reference} has mean Dice 0 "
+                                 "(100*(acc - 0)/0 is undefined)")
+                else:
+                    cell += f" ({_gap(gap)}, {p})"
                 if not test.tested:
                     notes.append(f"{method.trainer} {key}: no Wilcoxon test, {test.reason}")
                 elif test.note:
@@ -362,7 +374,7 @@ def setting_markdown(report: Report, setting: Setting) -> str:
                 f"† {method.trainer} and {reference} scored different cases: gap and p use the "
                 f"{method.comparison.shared_cases} cases both scored"
             )
-        rows.append([label, folds, str(method.counts[OVERALL]), *cells])
+        rows.append([label, folds, str(cases), *cells])
     if not setting.method(reference).available:
         notes.append(f"the reference {reference} has no complete run: no gaps or tests")
     text = markdown_table(header, rows)

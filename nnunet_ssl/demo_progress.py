@@ -1,0 +1,99 @@
+"""Demo helpers: nnU-Net's epoch progress as one line per epoch, and the demo's choice of structures."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+logger = logging.getLogger("nnunet_ssl.demo")
+
+#: Phantom structures folded into another one when only some are kept (lesions lie in the liver).
+MERGED_INTO = {"lesion": "liver"}
+
+_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?: ")
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|nan")
+
+
+class EpochProgress:
+    """Turns ``nnUNetv2_train``'s log lines into one progress line per epoch.
+
+    nnU-Net prints, per epoch, ``Epoch k`` (0-based), ``train_loss x``, ``val_loss y``,
+    ``Pseudo dice [...]`` and ``Epoch time: t s``; the last one completes a line such as
+    ``epoch 3/16: train loss -0.412, val loss -0.388, pseudo-Dice liver 0.71 spleen 0.12 (21 s)``.
+    """
+
+    def __init__(self, epochs: int | None, structures: Sequence[str]) -> None:
+        self.epochs = epochs
+        self.structures = list(structures)
+        self.epoch: int | None = None
+        self.values: dict[str, object] = {}
+        self.lines: list[str] = []
+
+    def feed(self, line: str) -> None:
+        text = _TIMESTAMP.sub("", line.strip())
+        if text.startswith("Epoch ") and text[6:].strip().isdigit():
+            self.epoch, self.values = int(text[6:]), {}
+        elif text.startswith(("train_loss", "val_loss")):
+            key, _, value = text.partition(" ")
+            self.values[key] = _first_number(value)
+        elif text.startswith("Pseudo dice"):
+            cleaned = re.sub(r"np\.float\d+\(", "", text[len("Pseudo dice"):]).replace(")", "")
+            self.values["dice"] = [float(v) for v in _NUMBER.findall(cleaned)]
+        elif text.startswith("Epoch time:") and self.epoch is not None:
+            self.emit(_first_number(text[len("Epoch time:"):]))
+
+    def emit(self, seconds: float) -> None:
+        total = f"/{self.epochs}" if self.epochs else ""
+        dice = self.values.get("dice") or []
+        names = self.structures if len(self.structures) == len(dice) else [f"label {i + 1}" for i in range(len(dice))]
+        parts = [f"train loss {self.values.get('train_loss', float('nan')):.3f}",
+                 f"val loss {self.values.get('val_loss', float('nan')):.3f}"]
+        if dice:
+            parts.append("pseudo-Dice " + " ".join(f"{n} {d:.2f}" for n, d in zip(names, dice, strict=True)))
+        line = f"epoch {self.epoch + 1}{total}: {', '.join(parts)} ({seconds:.0f} s)"
+        self.lines.append(line)
+        logger.info("    %s", line)
+
+
+def _first_number(text: str) -> float:
+    match = _NUMBER.search(text)
+    return float(match.group()) if match else float("nan")
+
+
+def keep_structures(dataset_dir: Path, keep: Sequence[str]) -> list[str]:
+    """Restrict an nnU-Net raw dataset's labels to ``keep`` (renumbered 1..K in label order), in place.
+
+    Structures in :data:`MERGED_INTO` join their host when it is kept; the others become background.
+    Idempotent: a dataset already restricted to ``keep`` is left alone (dataset.json is written last).
+
+    Returns:
+        The kept structure names in label order.
+    """
+    dataset_json_file = dataset_dir / "dataset.json"
+    dataset_json = json.loads(dataset_json_file.read_text(encoding="utf-8"))
+    labels: dict[str, int] = dataset_json["labels"]
+    unknown = [name for name in keep if name not in labels]
+    if unknown:
+        raise ValueError(f"structures {unknown} are not in {dataset_json_file} (it has {sorted(labels)})")
+    kept = [name for name, _ in sorted(labels.items(), key=lambda item: item[1]) if name in keep]
+    new_labels = {"background": 0, **{name: i + 1 for i, name in enumerate(kept)}}
+    if labels == new_labels:
+        return kept
+    lookup = np.zeros(max(labels.values()) + 1, dtype=np.uint8)
+    for name, value in labels.items():
+        target = name if name in kept else MERGED_INTO.get(name)
+        lookup[value] = new_labels.get(target, 0) if target else 0
+    for folder in ("labelsTr", "labelsTs"):
+        for path in sorted((dataset_dir / folder).glob(f"*{dataset_json.get('file_ending', '.nii.gz')}")):
+            image = sitk.ReadImage(str(path))
+            remapped = sitk.GetImageFromArray(lookup[sitk.GetArrayFromImage(image)])
+            remapped.CopyInformation(image)
+            sitk.WriteImage(remapped, str(path), useCompression=True)
+    dataset_json["labels"] = new_labels
+    dataset_json_file.write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
+    return kept
