@@ -254,3 +254,84 @@ def test_splits_made_by_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     bad = write_experiment(tmp_path, dataset="Dataset777_Fake", plans="OtherPlans")
     with pytest.raises(ExperimentError, match="OtherPlans"):
         prepare(load_experiment(bad))
+
+
+def _fake_fold(fold_dir: Path, cases: list[str], dice: dict[str, tuple[float, float]], ema: list[float]) -> None:
+    """A finished nnU-Net fold: checkpoint_final.pth with a training log, validation/summary.json."""
+    import torch
+
+    (fold_dir / "validation").mkdir(parents=True)
+    torch.save({"logging": {"ema_fg_dice": ema, "mean_fg_dice": ema}}, fold_dir / "checkpoint_final.pth")
+    per_case = [{"reference_file": f"/gt/{c}.nii.gz", "prediction_file": f"/p/{c}.nii.gz",
+                 "metrics": {"1": {"Dice": dice[c][0]}, "2": {"Dice": dice[c][1]}}} for c in cases]
+    (fold_dir / "validation" / "summary.json").write_text(json.dumps({"metric_per_case": per_case}))
+
+
+def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two arms, full fold 0 and 3-shot x 2 seeds with one SMIT seed missing: means, sd, gap, Wilcoxon, Holm."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    from nnunet_ssl.experiment.runner import prepare
+    from nnunet_ssl.experiment.tables import make_experiment_report
+
+    root = tmp_path / "pre"
+    folder = fake_preprocessed_dataset(root)
+    (folder / "dataset.json").write_text(json.dumps(
+        {"labels": {"background": 0, "liver": 1, "spleen": 2}, "file_ending": ".nii.gz"}))
+    monkeypatch.setenv("nnUNet_preprocessed", str(root))
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    path = write_experiment(tmp_path, dataset="Dataset777_Fake", arms=[
+        {"name": "scratch"}, {"name": "smit", "method": "smit", "weights": "smit.pt"}],
+        settings={"full": {"folds": [0]}, "few_shot": {"shots": [3], "seeds": [0, 1]}})
+    experiment = load_experiment(path)
+    prepared = prepare(experiment)
+    val = json.loads((folder / "splits_final.json").read_text())[0]["val"]
+    index = {c: i for i, c in enumerate(sorted(val))}
+
+    def dice(arm: str, fold: int, case: str) -> tuple[float, float]:
+        i = index[case]
+        smit = arm == "smit"
+        return (0.5 + 0.01 * i + (0.1 + 0.003 * i * i if smit else 0) + (0.02 if fold == 6 else 0),
+                0.4 + 0.005 * i + (0.05 if smit else 0))
+
+    folds = {"full": 0, "seed0": 5, "seed1": 6}
+    assert prepared.settings[1].folds == {5: 0, 6: 1}
+    for arm in ("scratch", "smit"):
+        trainer = "SwinScratchTrainer_tiny_2epochs" if arm == "scratch" else "SwinSMITTrainer_tiny_2epochs"
+        for fold in folds.values():
+            if (arm, fold) == ("smit", 6):
+                continue  # never trained: must be listed, not averaged in
+            _fake_fold(prepared.paths.fold_dir(arm, trainer, fold), val, {c: dice(arm, fold, c) for c in val},
+                       [0.1, 0.5, 0.6] if arm == "scratch" else [0.3, 0.6, 0.6])
+
+    report = make_experiment_report(experiment, cka=False)
+    few = report.tables[1]
+    assert few.setting.label == "few_shot3" and few.best == "smit"
+
+    def run_mean(arm: str, fold: int) -> float:  # mean over structures of the mean over cases
+        values = np.array([dice(arm, fold, c) for c in val])
+        return float(values.mean(axis=0).mean())
+
+    scratch, smit = few.arm("scratch"), few.arm("smit")
+    scratch_runs = [run_mean("scratch", 5), run_mean("scratch", 6)]
+    assert scratch.spread["overall"].mean == pytest.approx(np.mean(scratch_runs))
+    assert scratch.spread["overall"].std == pytest.approx(np.std(scratch_runs, ddof=1))
+    assert smit.spread["overall"].n == 1 and smit.spread["overall"].mean == pytest.approx(run_mean("smit", 5))
+    assert scratch.gap_to_best["overall"] == pytest.approx(
+        100 * (np.mean(scratch_runs) - run_mean("smit", 5)) / run_mean("smit", 5))
+    # paired per case: smit's fold 5 vs scratch's mean over folds 5 and 6, overall = mean of the 2 structures
+    differences = [np.mean(dice("smit", 5, c)) - np.mean([np.mean(dice("scratch", f, c)) for f in (5, 6)])
+                   for c in sorted(val)]
+    expected_p = wilcoxon(np.round(differences, 12)).pvalue
+    assert scratch.p_best_holm["overall"] == pytest.approx(expected_p)  # one test in the family: Holm = raw
+    assert smit.p_scratch_holm["overall"] == pytest.approx(expected_p)
+    assert scratch.epochs_to_converge.mean == 3 and smit.epochs_to_converge.mean == 2
+    text = report.markdown
+    assert "smit ★" in text and "1/2" in text and "smit fold 6: missing" in text
+    rows = list(__import__("csv").DictReader(open(prepared.paths.report / "tables.csv")))
+    overall = {(r["setting"], r["size"], r["arm"]): r for r in rows if r["structure"] == "overall"}
+    assert float(overall[("few_shot", "3", "scratch")]["p_vs_best_holm"]) == pytest.approx(expected_p)
+    assert overall[("full", "", "smit")]["best"] == "True"
+    assert (prepared.paths.report / "dice_vs_cases.png").stat().st_size > 0
+    assert "CKA not computed" in text
