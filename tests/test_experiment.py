@@ -335,3 +335,16 @@ def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert overall[("full", "", "smit")]["best"] == "True"
     assert (prepared.paths.report / "dice_vs_cases.png").stat().st_size > 0
     assert "CKA not computed" in text
+
+
+def test_readme_experiment_file_is_valid(tmp_path: Path) -> None:
+    """The README's complete experiment file for the few-shot protocol passes validation as written."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("# fewshot.yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "smit_501.pt").write_bytes(b"")
+    (tmp_path / "runs" / "simmim").mkdir(parents=True)
+    experiment = experiment_from_dict(yaml.safe_load(block), tmp_path / "fewshot.yaml")
+    assert [a.name for a in experiment.arms] == ["scratch", "smit", "simmim"]
+    assert experiment.few_shot.sizes == (5, 10, 20) and experiment.few_shot.seeds == (0, 1, 2)
+    assert experiment.full_folds == (0, 1, 2, 3, 4) and experiment.epochs.few_shot == 3000
