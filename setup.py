@@ -44,6 +44,7 @@ setup(
         "scipy",
         "matplotlib",
         "tqdm",
+        "pyyaml",
     ],
     extras_require={"test": ["pytest", "monai"]},
     entry_points={"console_scripts": ["nnunet-ssl=nnunet_ssl.cli:main"]},

@@ -282,6 +282,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from nnunet_ssl.experiment.spec import load_experiment
+
+    experiment = load_experiment(args.file)
+    if args.action == "run":
+        from nnunet_ssl.experiment.runner import FAILED, run_experiment
+
+        status = run_experiment(experiment, args.jobs, progress=not args.no_progress)
+        return 1 if any(s == FAILED for s, _ in status.values()) else 0
+    if args.action == "emit":
+        from nnunet_ssl.experiment.emit import render
+        from nnunet_ssl.experiment.runner import prepare
+
+        prepared = prepare(experiment)
+        text = render(prepared.jobs, experiment.source, experiment.output, args.format)
+        if args.out:
+            Path(args.out).write_text(text, encoding="utf-8")
+            logger.info("wrote %d job(s) to %s", len(prepared.jobs), args.out)
+        else:
+            sys.stdout.write(text)
+        return 0
+    from nnunet_ssl.experiment.tables import make_experiment_report
+
+    report = make_experiment_report(experiment, cka=not args.no_cka, device=args.device)
+    sys.stdout.write(report.markdown)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ssl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -412,6 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="score existing test predictions in DIR/<trainer>/fold_N/ "
                    "(e.g. from nnUNetv2_predict) instead of predicting")
     p.add_argument("--out", required=True, help="report folder (report.md, CSVs, PNGs, predictions/)")
+
+    p = add("experiment", cmd_experiment, "the benchmark grid of an experiment file: run it, emit it, report it")
+    p.add_argument("action", choices=["run", "emit", "report"],
+                   help="run: train/validate/predict every job; emit: print the grid as shell; report: the tables")
+    p.add_argument("file", help="experiment file (YAML)")
+    p.add_argument("--jobs", type=int, default=1, help="run: jobs at a time (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="run: no progress bar")
+    p.add_argument("--format", choices=["commands", "slurm"], default="commands",
+                   help="emit: one command a line, or a SLURM job-array script")
+    p.add_argument("--out", help="emit: write to this file instead of stdout")
+    p.add_argument("--no-cka", action="store_true", help="report: skip the few-shot vs full-data CKA")
+    p.add_argument("--device", default="cpu", help="report: device of the CKA forward passes (default cpu)")
     return parser
 
 

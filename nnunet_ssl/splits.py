@@ -274,6 +274,18 @@ def read_checked_manifest(preprocessed_dataset_dir: Path) -> list[FoldEntry]:
     return manifest
 
 
+def ensure_default_splits(preprocessed_dataset_dir: Path) -> bool:
+    """Write nnU-Net's default 5 folds to ``splits_final.json`` when it does not exist (True if written).
+
+    The same folds nnU-Net would write on its first training, written up front so fold indices are fixed.
+    """
+    path = Path(preprocessed_dataset_dir) / SPLITS_FILE
+    if path.is_file():
+        return False
+    _atomic_json_list(nnunet_default_splits(dataset_identifiers(Path(preprocessed_dataset_dir))), path)
+    return True
+
+
 @dataclass(frozen=True)
 class SplitResult:
     folds: list[FoldEntry]

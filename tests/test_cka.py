@@ -318,3 +318,14 @@ def test_cka_command_refuses_mismatches_naming_the_file(cka_inputs: dict[str, Pa
     assert "checkpoint_best.pth does not exist" in caplog.text
     assert main(["cka", "--pretrained", str(cka_inputs["weights"]), *common, "--batch-size", "2"]) == 1
     assert "--batch-size must be at least 4" in caplog.text
+
+
+def test_cka_between_two_finetuned_folds_per_stage(cka_inputs: dict[str, Path]) -> None:
+    """Few-shot vs full-data feature reuse: a fold against itself is 1 at every stage's last block."""
+    from nnunet_ssl.analysis.cka_run import cka_between_folds, stage_layers
+
+    assert stage_layers("tiny") == [f"stage{s}.block2" for s in range(1, 5)]
+    result = cka_between_folds(cka_inputs["fold"], cka_inputs["fold"], cka_inputs["images"], patches_per_case=2,
+                               batch_size=4)
+    assert result.layers == stage_layers("tiny") and result.examples == 6
+    assert all(value == pytest.approx(1.0, abs=1e-6) for _, value in result.per_layer())

@@ -73,3 +73,15 @@ def test_seeded_background_worker_repeats_its_batches() -> None:
     seeds = worker_seeds(11, "train", 0, 1)
     np.testing.assert_array_equal(np.stack(_first_batches(seeds)), np.stack(_first_batches(seeds)))
     assert not np.array_equal(np.stack(_first_batches(None)), np.stack(_first_batches(None)))
+
+
+def test_epoch_override_from_environment() -> None:
+    from nnunet_ssl.trainers.recipe import EPOCHS_ENV, FineTuneRecipe, epochs_from_environment, with_epochs
+
+    assert epochs_from_environment({}) is None and epochs_from_environment({EPOCHS_ENV: "12"}) == 12
+    for bad in ("0", "-3", "ten", "1.5"):
+        with pytest.raises(ValueError, match=EPOCHS_ENV):
+            epochs_from_environment({EPOCHS_ENV: bad})
+    recipe = with_epochs(FineTuneRecipe(), 1)
+    assert (recipe.num_epochs, recipe.warmup_epochs) == (1, 0)  # the 50-epoch warm-up no longer fits
+    assert with_epochs(FineTuneRecipe(), 200).warmup_epochs == 50

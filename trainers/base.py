@@ -29,10 +29,13 @@ from nnunet_ssl.splits import FoldEntry, manifest_entry_for_fold
 from nnunet_ssl.trainers.policy import FineTunePolicy
 from nnunet_ssl.trainers.policy_trainer import FineTunePolicyMixin
 from nnunet_ssl.trainers.recipe import (
+    EPOCHS_ENV,
     FineTuneRecipe,
+    epochs_from_environment,
     fitted_batch_size,
     should_stop_early,
     swin_compatible_patch_size,
+    with_epochs,
 )
 from nnunet_ssl.trainers.seeding import (
     CHECKPOINT_KEY,
@@ -116,6 +119,11 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         )
         self.split_entry: FoldEntry | None = manifest_entry_for_fold(self.preprocessed_dataset_folder_base, fold)
         self.active_recipe = self.recipe_for_fold(self.split_entry)
+        epochs = epochs_from_environment(os.environ)
+        if epochs is not None:
+            self.active_recipe = with_epochs(self.active_recipe, epochs)
+            self.print_to_log_file(f"{EPOCHS_ENV}={epochs}: training for {epochs} epochs "
+                                   f"(warm-up {self.active_recipe.warmup_epochs})")
         self.initial_lr = self.active_recipe.initial_lr
         self.weight_decay = self.active_recipe.weight_decay
         self.num_epochs = self.active_recipe.num_epochs

@@ -99,23 +99,10 @@ def run_cka(settings: CKASettings) -> CKAResult:
     pretrained = load_pretrained_encoder(Path(settings.pretrained), fold.encoder.in_channels)
     check_same_architecture(pretrained, fold, Path(settings.pretrained))
     layers = select_layers(encoder_layer_names(get_preset(fold.preset_name)), settings.layers)
-    channels = len(fold.dataset_json.get("channel_names") or fold.dataset_json.get("modality") or {})
-    if channels != fold.encoder.in_channels:
-        raise ValueError(f"{fold.checkpoint}: the network takes {fold.encoder.in_channels} channel(s), dataset.json lists {channels}")
-    cases = list_raw_cases(Path(settings.data), fold.dataset_json["file_ending"], channels)
-    preprocess = CasePreprocessor(network_plans(fold), fold.configuration, fold.dataset_json)
-    sizes = batch_sizes(len(cases) * settings.patches_per_case, settings.batch_size)
-    logger.info(
-        "CKA of %d layer(s): %d case(s) x %d patch(es) of %s in %d minibatch(es)",
-        len(layers), len(cases), settings.patches_per_case, preprocess.patch_size, len(sizes),
+    matrix, examples, batches, preprocess, cases = accumulate_cka(
+        pretrained.encoder, fold.encoder, fold, Path(settings.data), layers, settings.patches_per_case,
+        settings.batch_size, settings.seed, resolve_device(settings.device),
     )
-    device = resolve_device(settings.device)
-    encoder_a, encoder_b = pretrained.encoder.to(device), fold.encoder.to(device)
-    accumulator = MinibatchCKA(layers, layers)
-    batches = iter_minibatches(iter_case_patches(cases, preprocess, settings.patches_per_case, settings.seed), sizes)
-    for images in tqdm(batches, total=len(sizes), desc="CKA minibatches", unit="batch", disable=None):
-        images = images.to(device)
-        accumulator.update(layer_grams(encoder_a, images, layers), layer_grams(encoder_b, images, layers))
     provenance = {
         "pretrained_source": pretrained.source,
         "finetuned_checkpoint": str(fold.checkpoint),
@@ -125,7 +112,69 @@ def run_cka(settings: CKASettings) -> CKAResult:
         "patch_size": list(preprocess.patch_size),
         "cases": [case.identifier for case in cases],
     }
-    return CKAResult(layers, accumulator.compute(), accumulator.examples, accumulator.batches, provenance)
+    return CKAResult(layers, matrix, examples, batches, provenance)
+
+
+def accumulate_cka(
+    encoder_a: torch.nn.Module, encoder_b: torch.nn.Module, fold: FinetunedFold, data: Path, layers: list[str],
+    patches_per_case: int, batch_size: int, seed: int, device: torch.device,
+) -> tuple[np.ndarray, int, int, CasePreprocessor, list[Any]]:
+    """Minibatch CKA of two encoders on the same patches of ``data``, preprocessed as ``fold`` was.
+
+    Returns:
+        (CKA matrix ``(len(layers), len(layers))``, examples, minibatches, preprocessor, cases).
+    """
+    channels = len(fold.dataset_json.get("channel_names") or fold.dataset_json.get("modality") or {})
+    if channels != fold.encoder.in_channels:
+        raise ValueError(f"{fold.checkpoint}: the network takes {fold.encoder.in_channels} channel(s), dataset.json lists {channels}")
+    cases = list_raw_cases(data, fold.dataset_json["file_ending"], channels)
+    preprocess = CasePreprocessor(network_plans(fold), fold.configuration, fold.dataset_json)
+    sizes = batch_sizes(len(cases) * patches_per_case, batch_size)
+    logger.info(
+        "CKA of %d layer(s): %d case(s) x %d patch(es) of %s in %d minibatch(es)",
+        len(layers), len(cases), patches_per_case, preprocess.patch_size, len(sizes),
+    )
+    encoder_a, encoder_b = encoder_a.to(device), encoder_b.to(device)
+    accumulator = MinibatchCKA(layers, layers)
+    batches = iter_minibatches(iter_case_patches(cases, preprocess, patches_per_case, seed), sizes)
+    for images in tqdm(batches, total=len(sizes), desc="CKA minibatches", unit="batch", disable=None):
+        images = images.to(device)
+        accumulator.update(layer_grams(encoder_a, images, layers), layer_grams(encoder_b, images, layers))
+    return accumulator.compute(), accumulator.examples, accumulator.batches, preprocess, cases
+
+
+def stage_layers(preset_name: str) -> list[str]:
+    """The last block of every encoder stage (``stage1.block2``, ...): one layer per stage."""
+    names = encoder_layer_names(get_preset(preset_name))
+    last: dict[str, str] = {}
+    for name in names:
+        if name.startswith("stage"):
+            last[name.split(".")[0]] = name
+    return list(last.values())
+
+
+def cka_between_folds(
+    fold_a: Path, fold_b: Path, data: Path, layers: list[str] | None = None, patches_per_case: int = 4,
+    batch_size: int = 8, seed: int = 0, device: str = "cpu",
+) -> CKAResult:
+    """CKA between the encoders of two fine-tuned folds of one architecture (e.g. few-shot vs full data).
+
+    Patches are preprocessed with ``fold_a``'s plans. ``layers`` default: one per stage (:func:`stage_layers`).
+
+    Raises:
+        ValueError: when the two folds use different presets.
+    """
+    a, b = load_finetuned_fold(fold_a), load_finetuned_fold(fold_b)
+    if a.preset_name != b.preset_name:
+        raise ValueError(f"{fold_a} ({a.preset_name}) and {fold_b} ({b.preset_name}) have different encoders")
+    layers = layers or stage_layers(a.preset_name)
+    matrix, examples, batches, preprocess, cases = accumulate_cka(
+        a.encoder, b.encoder, a, data, layers, patches_per_case, batch_size, seed, resolve_device(device),
+    )
+    provenance = {"fold_a": str(a.checkpoint), "fold_b": str(b.checkpoint), "trainer": a.trainer_name,
+                  "preset": a.preset_name, "patch_size": list(preprocess.patch_size),
+                  "cases": [case.identifier for case in cases]}
+    return CKAResult(layers, matrix, examples, batches, provenance)
 
 
 def write_outputs(result: CKAResult, settings: CKASettings) -> list[Path]:

@@ -67,3 +67,14 @@ def curve_rows(curves: list[TrainingCurves]) -> list[dict[str, object]]:
                 row[key] = values[epoch] if epoch < len(values) else math.nan
             rows.append(row)
     return rows
+
+
+def epochs_to_fraction(values: list[float], fraction: float = 0.9) -> int | None:
+    """Epochs a run needed to first reach ``fraction`` of its final value (1 = after the first epoch).
+
+    NaN epochs never count as reaching it; None when the final value is NaN or not positive.
+    """
+    if not values or not math.isfinite(values[-1]) or values[-1] <= 0:
+        return None
+    target = fraction * values[-1]
+    return next(i + 1 for i, v in enumerate(values) if math.isfinite(v) and v >= target)

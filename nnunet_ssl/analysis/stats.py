@@ -241,3 +241,18 @@ def compare_to_reference(table: CaseScores, reference: CaseScores, structures: S
         wilcoxon_per_structure(table, reference, structures),
         len(set(table) & set(reference)), set(table) == set(reference),
     )
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values of one family of tests (None: no test, left out of the family).
+
+    With the ``m`` p-values sorted ascending, ``p_adj(i) = max_{j<=i} min(1, (m - j) p_(j))``
+    (step-down, monotone); reject where ``p_adj < alpha``.
+    """
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None and not math.isnan(p))
+    adjusted: list[float | None] = [None] * len(p_values)
+    m, running = len(tested), 0.0
+    for rank, (p, index) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[index] = running
+    return adjusted

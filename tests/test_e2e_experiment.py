@@ -1,0 +1,156 @@
+"""End to end: `nnunet-ssl experiment run` on phantoms (interrupted once, resumed), the same grid as emitted
+shell commands, and `experiment report` checked against nnU-Net's own evaluation.
+
+The grid is the issue's 2 arms (scratch; SMIT from a 2-step pretraining run, exported by the grid) x
+(3-shot x 2 seeds) with the 2-epoch tiny trainers cut to 1 epoch (``epochs: {few_shot: 1}``) and a
+1-case test set, to stay within the suite's budget. The emitted commands are not re-run on a fresh
+output folder (that would train everything twice): a plain shell loop runs them over the finished
+output after one training was set back to ``checkpoint_latest.pth`` and one prediction was deleted,
+and must skip every finished job, continue that training with ``--c`` and predict that case again,
+leaving the same files as ``experiment run``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
+from nnunet_runner import BIN, NnUNet
+
+pytestmark = pytest.mark.e2e
+
+SCRATCH = "SwinScratchTrainer_tiny_2epochs"
+SMIT = "SwinSMITTrainer_tiny_2epochs"
+LABELS = {"liver": 1, "spleen": 2, "kidney": 3, "lesion": 4}
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[NnUNet, Path]:
+    root = tmp_path_factory.mktemp("experiment")
+    paths = write_phantom_datasets(root, PhantomConfig(num_train=5, num_test=1, num_unlabeled=2, shape=(40, 64, 64)))
+    runner = NnUNet(root, paths.raw_root)
+    runner.env["PATH"] = f"{BIN}{os.pathsep}{runner.env.get('PATH', '')}"
+    runner.run("nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "1")
+    runner.run(
+        "nnunet-ssl", "pretrain", "--method", "smit", "--data", str(root / "unlabeled"), "--out", str(root / "smit_run"),
+        "--preset", "tiny", "--crop-size", "64", "--batch-size", "1", "--workers", "0", "--max-steps", "2",
+        "--no-progress", "--set", "out_dim=64", "head_hidden_dim=64", "head_bottleneck_dim=32",
+    )
+    spec = {
+        "dataset": 501, "plans": "nnUNetPlans", "trainer_variant": "_tiny_2epochs", "device": "cpu", "seed": 0,
+        "output": "out", "epochs": {"few_shot": 1}, "env": {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"},
+        "arms": [{"name": "scratch"}, {"name": "smit", "method": "smit", "pretraining_run": "smit_run"}],
+        "settings": {"few_shot": {"shots": [3], "seeds": [0, 1]}},
+        "test_set": "imagesTs",
+    }
+    path = root / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return runner, path
+
+
+def _relative_files(folder: Path) -> set[str]:
+    """Files nnU-Net and the grid leave, without the per-start training logs and the job logs."""
+    return {
+        str(p.relative_to(folder)) for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith("training_log_") and "logs" not in p.relative_to(folder).parts
+        and p.name != "jobs.json" and "report" not in p.relative_to(folder).parts
+    }
+
+
+def test_run_interrupted_resumed_emitted_and_reported(experiment: tuple[NnUNet, Path]) -> None:
+    nnunet, path = experiment
+    out = path.parent / "out"
+    fold_dirs = {}
+    for arm, trainer in (("scratch", SCRATCH), ("smit", SMIT)):
+        for fold in (5, 6):
+            fold_dirs[arm, fold] = (out / "results" / arm / "Dataset501_Phantom" / f"{trainer}__nnUNetPlans__3d_fullres"
+                                    / f"fold_{fold}")
+
+    # 1. run, killed (with its nnU-Net children) once the second training has started
+    command = [str(BIN / "nnunet-ssl"), "experiment", "run", str(path), "--no-progress"]
+    process = subprocess.Popen(command, env=nnunet.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    second = out / "logs" / "train-smit-few_shot3-fold5.log"
+    deadline = time.monotonic() + 900
+    while not second.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert second.is_file(), "the second training never started"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (fold_dirs["scratch", 5] / "validation" / "summary.json").is_file()
+    assert not (fold_dirs["smit", 5] / "checkpoint_final.pth").exists()
+
+    # 2. resumed: the finished jobs are skipped, the rest run
+    resumed = nnunet.run("nnunet-ssl", "experiment", "run", str(path), "--no-progress", timeout=1800)
+    status = json.loads((out / "jobs.json").read_text())
+    assert status["train-scratch-few_shot3-fold5"]["status"] == "skipped"
+    assert status["predict-scratch-few_shot3-fold5"]["status"] == "skipped"
+    assert status["export-smit"]["status"] == "skipped"  # exported before the interruption
+    assert {v["status"] for k, v in status.items()} <= {"done", "skipped"}, status
+    assert "9 job(s): " in resumed.stderr and " 0 failed" in resumed.stderr
+    assert all((d / "validation" / "summary.json").is_file() for d in fold_dirs.values())
+    log = (fold_dirs["smit", 6] / next(iter(sorted(p.name for p in fold_dirs["smit", 6].glob("training_log_*.txt")))))
+    text = log.read_text()
+    assert "NNUNET_SSL_SEED=0" in text and "NNUNET_SSL_EPOCHS=1" in text and "Pretrained weights loaded" in text
+    layout = _relative_files(out)
+
+    # 3. the emitted commands, run by a plain shell loop, agree with `run` on every job
+    jobs_sh = path.parent / "jobs.sh"
+    nnunet.run("nnunet-ssl", "experiment", "emit", str(path), "--format", "commands", "--out", str(jobs_sh))
+    lines = jobs_sh.read_text().splitlines()
+    assert sum(line.startswith("{ ") for line in lines) == len(status)
+    scratch6 = fold_dirs["scratch", 6]
+    os.replace(scratch6 / "checkpoint_final.pth", scratch6 / "checkpoint_latest.pth")  # an interrupted training
+    (scratch6 / "validation" / "summary.json").unlink()
+    prediction = next((out / "predictions" / "smit" / "fold_6").glob("*.nii.gz"))
+    prediction.unlink()
+    logs_before = set(scratch6.glob("training_log_*.txt"))
+    loop = f'while IFS= read -r line; do eval "$line" || exit 1; done < {jobs_sh}'
+    subprocess.run(["bash", "-c", loop], env=nnunet.env, check=True, timeout=1200)
+    assert _relative_files(out) == layout
+    assert "train-scratch-few_shot3-fold5: already done" in (out / "logs" / "train-scratch-few_shot3-fold5.log").read_text()
+    new_logs = set(scratch6.glob("training_log_*.txt")) - logs_before
+    assert len(new_logs) == 1  # one nnUNetv2_train start, continued (--c) at epoch 1 of 1: no epoch trained again
+    assert " Epoch 0" not in new_logs.pop().read_text()
+    assert prediction.is_file()
+
+    # 4. the report, checked against nnU-Net's own evaluation of the same predictions
+    nnunet.run("nnunet-ssl", "experiment", "report", str(path), "--no-cka")
+    report = out / "report"
+    assert "few-shot, 3 training cases" in (report / "report.md").read_text()
+    with open(report / "runs.csv") as handle:
+        runs = list(csv.DictReader(handle))
+    labels = Path(nnunet.env["nnUNet_raw"]) / "Dataset501_Phantom" / "labelsTs"
+    run_means = {}
+    for arm in ("scratch", "smit"):
+        for fold in (5, 6):
+            summary_file = path.parent / f"summary_{arm}_{fold}.json"
+            nnunet.run("nnUNetv2_evaluate_folder", str(labels), str(out / "predictions" / arm / f"fold_{fold}"),
+                       "-djfile", str(Path(nnunet.env["nnUNet_preprocessed"]) / "Dataset501_Phantom" / "dataset.json"),
+                       "-pfile", str(Path(nnunet.env["nnUNet_preprocessed"]) / "Dataset501_Phantom" / "nnUNetPlans.json"),
+                       "-o", str(summary_file), "-np", "1")
+            nnunet_means = json.loads(summary_file.read_text())["mean"]
+            ours = {r["structure"]: r["mean_dice"] for r in runs if r["arm"] == arm and r["fold"] == str(fold)}
+            finite = []
+            for name, label in LABELS.items():
+                expected = nnunet_means[str(label)]["Dice"]
+                if expected is None or expected != expected:
+                    assert ours[name] == ""  # NaN: structure in neither prediction nor reference
+                else:
+                    assert float(ours[name]) == pytest.approx(expected, abs=1e-9)
+                    finite.append(expected)
+            run_means[arm, fold] = sum(finite) / len(finite)
+            assert float(ours["overall"]) == pytest.approx(run_means[arm, fold])
+    with open(report / "tables.csv") as handle:
+        tables = {r["arm"]: r for r in csv.DictReader(handle) if r["structure"] == "overall"}
+    for arm in ("scratch", "smit"):
+        assert float(tables[arm]["mean"]) == pytest.approx((run_means[arm, 5] + run_means[arm, 6]) / 2)
+        assert tables[arm]["n_runs"] == "2"
