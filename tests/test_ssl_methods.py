@@ -62,7 +62,9 @@ def test_smoke_one_step(name: str) -> None:
     before_optimizer_step(method, CONTEXT)  # optional hooks: methods without them are skipped
     encoder = next(m for m in method.student_modules().modules() if isinstance(m, SwinEncoder))
     grads = {k: p.grad for k, p in encoder.named_parameters()}
-    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    # stage 4 (stride 32) trains only where a loss reads x4; distillation heads read stride-16 tokens
+    assert all(g is not None for k, g in grads.items() if not k.startswith("stages.3."))
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
     assert grads["patch_embed.weight"].abs().sum() > 0
     if "mask_token" in grads:  # a method that masks must train its mask token
         assert grads["mask_token"].abs().sum() > 0
