@@ -81,7 +81,7 @@ class DINO(nn.Module):
         family="self-distillation",
         views="2 crops of one 128^3 region, unmasked, for student and EMA teacher (local crops: off)",
         heads="pool6 -> DINOHead(K=8192)",
-        losses="loss_cls (DINO cross-view CE, weight 1)",
+        losses="1.0 loss_cls (DINO cross-view)",
     )
 
     center: Tensor
