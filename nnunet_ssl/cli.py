@@ -197,8 +197,15 @@ def run_config_from_args(args: argparse.Namespace):
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    if args.list_methods:
+        from nnunet_ssl.pretraining.methods.listing import method_lines
+
+        sys.stdout.write("\n".join(method_lines()) + "\n")
+        return 0
     from nnunet_ssl.pretraining.engine import Engine
 
+    if not args.out:
+        raise ValueError("give the run folder with --out")
     config = run_config_from_args(args)
     if not config.method:
         raise ValueError("choose a method with --method")
@@ -333,9 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-id", type=int, default=501)
 
     p = add("pretrain", cmd_pretrain, "pretrain the Swin encoder on unlabeled volumes")
-    p.add_argument("--method", help="smit, simmim, ...")
+    p.add_argument("--method", help="a method name (--list-methods shows them all)")
+    p.add_argument("--list-methods", action="store_true",
+                   help="print every method (family, views, heads, loss terms with default weights) and exit")
     p.add_argument("--data", nargs="+", help="folders, files, nnU-Net raw datasets or path lists")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, loss_curves.png)")
+    p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, loss_curves.png); required to train")
     p.add_argument("--preset", help="architecture preset (default smit)")
     p.add_argument("--config", help="JSON/YAML with data/engine/method_overrides sections")
     p.add_argument("--epochs", type=int)

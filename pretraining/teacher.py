@@ -51,7 +51,7 @@ class EMATeacher(nn.Module):
         for name, child in copy.deepcopy(student).named_children():
             self.add_module(name, child)
         for module in self.modules():
-            if isinstance(module, SwinEncoder):
+            if isinstance(module, SwinEncoder) and module.mask_token is not None:
                 module.register_parameter("mask_token", None)
             elif isinstance(module, DropPath):
                 module.p = 0.0

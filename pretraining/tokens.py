@@ -9,22 +9,26 @@ Methods flatten their views sample-major (``(B * V, ...)``); the losses want the
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnunet_ssl.networks.swin import SwinEncoder
 from nnunet_ssl.pretraining.masking import expand_mask
 
 #: Stride of the distillation tokens (``features[3]``).
 DENSE_STRIDE = 16
 
 
-def dense_and_pooled(norm: nn.Module, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+def dense_and_pooled(norm: nn.Module, features: list[Tensor] | Tensor) -> tuple[Tensor, Tensor]:
     """``dense6`` ``(N, T, 8E)`` = ``norm`` of the stride-16 tokens, and ``pool6`` ``(N, 8E)`` its token mean.
 
     Args:
         norm: LayerNorm of width ``8E``.
-        features: The encoder's five outputs; ``features[3]`` is ``(N, 8E, d, h, w)``.
+        features: The encoder's five outputs (``features[3]`` is ``(N, 8E, d, h, w)``), or the
+            stride-16 tokens ``(N, T, 8E)`` from :func:`stride16_tokens`.
     """
-    dense = norm(features[3].flatten(2).transpose(1, 2))
+    tokens = features if isinstance(features, Tensor) else features[3].flatten(2).transpose(1, 2)
+    dense = norm(tokens)
     return dense, dense.mean(dim=1)
 
 
@@ -42,3 +46,15 @@ def dense_token_mask(unit_mask: Tensor, unit: int) -> Tensor:
     if unit % DENSE_STRIDE:
         raise ValueError(f"mask unit must be a multiple of {DENSE_STRIDE}, got {unit}")
     return expand_mask(unit_mask, unit // DENSE_STRIDE).flatten(1)
+
+
+def stride16_tokens(encoder: SwinEncoder, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """``features[3]`` of ``encoder(x, token_mask)`` as tokens ``(N, T, 8E)``, without running stage 4.
+
+    DINO and iBOT read only the stride-16 tokens, so the last stage (and its merge) is skipped:
+    the result equals ``encoder(x, token_mask)[3].flatten(2).transpose(1, 2)``.
+    """
+    tokens = encoder.embed(x, token_mask)
+    for stage in encoder.stages[:3]:
+        tokens = stage(tokens)
+    return F.layer_norm(tokens, tokens.shape[-1:]).flatten(1, 3)

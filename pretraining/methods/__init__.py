@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from nnunet_ssl.pretraining.methods.base import PretrainingMethod, StepContext
+from nnunet_ssl.pretraining.methods.dino import DINO, DINOConfig
+from nnunet_ssl.pretraining.methods.ibot import IBOT, IBOTConfig
 from nnunet_ssl.pretraining.methods.simmim import SimMIM, SimMIMConfig
 from nnunet_ssl.pretraining.methods.smit import SMIT, SMITConfig
 from torch import nn
@@ -21,6 +23,8 @@ from nnunet_ssl.networks.presets import SwinPreset, get_preset
 METHODS: dict[str, tuple[type, type]] = {
     "smit": (SMIT, SMITConfig),
     "simmim": (SimMIM, SimMIMConfig),
+    "dino": (DINO, DINOConfig),
+    "ibot": (IBOT, IBOTConfig),
 }
 
 

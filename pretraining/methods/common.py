@@ -14,17 +14,33 @@ def validate_masked_image_settings(
     """Raise ``ValueError`` for pixel-loss, mask, crop or stochastic-depth settings that cannot work."""
     if pixel_loss not in PIXEL_LOSS_KINDS:
         raise ValueError(f"pixel_loss must be one of {PIXEL_LOSS_KINDS}, got {pixel_loss!r}")
+    validate_masking_settings(mask_ratio, crop_size, unit, drop_path_rate)
+
+
+def validate_masking_settings(mask_ratio: float, crop_size: int, unit: int, drop_path_rate: float | None) -> None:
+    """Raise ``ValueError`` for mask, crop or stochastic-depth settings that cannot work."""
     if not 0.0 < mask_ratio <= 1.0:
         raise ValueError(f"mask_ratio must lie in (0, 1], got {mask_ratio}")
+    validate_crop_settings(crop_size, drop_path_rate)
+    validate_mask_settings((crop_size,) * 3, unit, mask_ratio)
+
+
+def validate_crop_settings(crop_size: int, drop_path_rate: float | None) -> None:
+    """Raise ``ValueError`` unless the crop tiles the encoder stride and the drop-path rate lies in [0, 1)."""
     if crop_size <= 0 or crop_size % ENCODER_STRIDE:
         raise ValueError(f"crop_size must be a positive multiple of {ENCODER_STRIDE}, got {crop_size}")
-    validate_mask_settings((crop_size,) * 3, unit, mask_ratio)
     if drop_path_rate is not None and not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
 
 
 def checked_views(batch: dict[str, Tensor], num_views: int, crop_size: int) -> Tensor:
-    """``batch["views"] (B, V, C, D, H, W)`` -> ``(B * V, C, D, H, W)`` (sample-major) after shape checks."""
+    """``batch["views"] (B, V, C, D, H, W)`` -> ``(B * V, C, D, H, W)`` (sample-major) after shape checks.
+
+    This checks the loader's global views (``crop_size`` is the method's configured crop, which
+    masks and the pixel head depend on). Views of other sizes that a method makes itself, such
+    as DINO's local crops (:func:`nnunet_ssl.pretraining.views.local_crops`), go through the
+    encoder as their own group: a step's views need not share one size.
+    """
     views = batch["views"]
     crop = (crop_size,) * 3
     if views.ndim != 6 or views.shape[1] != num_views or tuple(views.shape[3:]) != crop:

@@ -62,7 +62,7 @@ class SimMIM(nn.Module):
         family="masked image modelling",
         views="1 crop, masked 0.75 (16^3 units)",
         heads="x4 -> LinearPixelHead",
-        losses="loss_mip (L2, masked voxels)",
+        losses="1.0 loss_mip (L2, masked voxels)",
     )
 
     def __init__(self, preset: SwinPreset, config: SimMIMConfig | None = None, in_channels: int = 1) -> None:

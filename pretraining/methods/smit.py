@@ -102,7 +102,7 @@ class SMIT(nn.Module):
         family="masked image modelling + self-distillation",
         views="2 crops of one 128^3 region; student masked 0.75 (16^3 units), EMA teacher unmasked",
         heads="x4 -> LinearPixelHead; dense6 -> DINOHead(K=8192); pool6 -> separate DINOHead(K=8192)",
-        losses="loss_mip (L1, masked voxels) + 0.1 loss_mpd (iBOT patch) + 0.1 loss_itd (DINO cross-view)",
+        losses="1.0 loss_mip (L1, masked voxels) + 0.1 loss_mpd (iBOT patch) + 0.1 loss_itd (DINO cross-view)",
     )
 
     center_cls: Tensor
