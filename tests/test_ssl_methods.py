@@ -54,7 +54,8 @@ def test_smoke_one_step(name: str) -> None:
     method = build_method(name, "tiny", overrides=small_overrides(name))
     method.train()
     assert method.name == name and method.num_views >= 1
-    out = method.training_step({"views": phantom_views(1, method.num_views)}, CONTEXT)
+    # two volumes: contrastive losses need another volume's views as negatives
+    out = method.training_step({"views": phantom_views(2, method.num_views)}, CONTEXT)
     assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
     assert all(torch.isfinite(v).all() for v in out.values())
     out["loss"].backward()
@@ -62,7 +63,9 @@ def test_smoke_one_step(name: str) -> None:
     encoder = next(m for m in method.student_modules().modules() if isinstance(m, SwinEncoder))
     grads = {k: p.grad for k, p in encoder.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
-    assert grads["patch_embed.weight"].abs().sum() > 0 and grads["mask_token"].abs().sum() > 0
+    assert grads["patch_embed.weight"].abs().sum() > 0
+    if encoder.mask_token is not None:  # masked-image methods only
+        assert grads["mask_token"].abs().sum() > 0
     method.after_step(CONTEXT)
     state = method.encoder_state()
     reference = SwinEncoder(TINY, use_mask_token=False)
