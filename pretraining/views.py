@@ -232,7 +232,7 @@ def aug_rand(
     noise_generator = device_generator(generator, x.device)
     out = x.detach().clone()
     mask = torch.zeros((n, 1, *spatial), dtype=torch.bool, device=x.device)
-    noise_fraction = torch.zeros(n)
+    noise_fraction = torch.zeros(n, device=x.device)
     paste_source = torch.full((n,), -1, dtype=torch.long)
     for i in range(n):
         blocks = draw_blocks(spatial, settings, generator)
@@ -241,7 +241,7 @@ def aug_rand(
         fill = noise_fill(owner, channels, len(blocks), noise_generator, x.dtype)
         out[i] = fill.where(inside, out[i])
         mask[i, 0] |= inside
-        noise_fraction[i] = inside.float().mean().cpu()
+        noise_fraction[i] = inside.float().mean()  # stays on the device: no synchronisation
         source = int(torch.randint(0, n, (), generator=generator))
         if paste and source != i:
             owner = block_owner(spatial, draw_blocks(spatial, settings, generator), x.device)
