@@ -110,3 +110,79 @@ class LinearPixelHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_dim, d, h, w)`` -> ``(B, out_channels, d * stride, h * stride, w * stride)``."""
         return pixel_shuffle_3d(self.proj(x), self.stride)
+
+
+class ConvUpHead(nn.Module):
+    """[TANG] ``SSLHead`` reconstruction head (``upsample="vae"``; SSL_METHODS.md §1).
+
+    Five times ``Conv3d(3^3) -> InstanceNorm3d -> LeakyReLU -> 2x trilinear upsampling``, then a
+    1x1x1 conv to the image channels; widths halve from ``in_dim`` as in [TANG] (``dim // 2``,
+    ``// 4``, ``// 8``, ``// 16``, ``// 16``: 384, 192, 96, 48, 48 on x4 at embed 48). It sees x4
+    only (no skip connections), upsampling stride 32 back to the crop size. InstanceNorm needs
+    more than one voxel per channel, so x4 must be at least 2 voxels along some axis (crops >= 64).
+
+    Args:
+        in_dim: Channels of x4 (``16 E``); a multiple of 16.
+        out_channels: Image channels to predict.
+    """
+
+    def __init__(self, in_dim: int, out_channels: int = 1) -> None:
+        super().__init__()
+        if in_dim < 16 or in_dim % 16 or out_channels < 1:
+            raise ValueError(f"in_dim must be a positive multiple of 16 and out_channels >= 1: {in_dim}, {out_channels}")
+        widths = [in_dim // 2, in_dim // 4, in_dim // 8, in_dim // 16, in_dim // 16]
+        layers: list[nn.Module] = []
+        previous = in_dim
+        for width in widths:
+            layers += [
+                nn.Conv3d(previous, width, kernel_size=3, padding=1),
+                nn.InstanceNorm3d(width),
+                nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+            ]
+            previous = width
+        layers.append(nn.Conv3d(previous, out_channels, kernel_size=1))
+        self.layers = nn.Sequential(*layers)
+        self.widths = tuple(widths)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_dim, d, h, w)`` -> ``(B, out_channels, 32 d, 32 h, 32 w)``."""
+        return self.layers(x)
+
+
+#: How a vector per crop is read from x4: the token mean, or one token as [TANG] does.
+READOUTS = ("pool", "token0", "token1")
+
+
+def x4_vector(x4: Tensor, readout: str = "pool") -> Tensor:
+    """One feature vector per crop from x4 ``(B, C, d, h, w)`` -> ``(B, C)``.
+
+    ``"pool"`` is ``pool4`` (the token mean, SSL_METHODS.md §1); ``"token0"`` / ``"token1"`` are
+    the first and second tokens of the flattened ``(d, h, w)`` grid, which [TANG] ``SSLHead``
+    feeds to its rotation and contrastive heads (a corner of the grid).
+    """
+    if readout not in READOUTS:
+        raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
+    if x4.ndim != 5:
+        raise ValueError(f"expected x4 (B, C, d, h, w), got shape {tuple(x4.shape)}")
+    tokens = x4.flatten(2)
+    if readout == "pool":
+        return tokens.mean(dim=2)
+    index = int(readout[-1])
+    if tokens.shape[2] <= index:
+        raise ValueError(f"x4 has {tokens.shape[2]} token(s); readout {readout!r} needs more (larger crops)")
+    return tokens[:, :, index]
+
+
+def linear_head(in_dim: int, out_dim: int) -> nn.Linear:
+    """``Linear(in_dim, out_dim)`` with trunc-normal (std 0.02) weights and zero bias.
+
+    The encoder's own ``Linear`` init; small logits make the rotation loss start at ``ln 4`` and
+    NT-Xent near ``ln(2B - 1)`` (PyTorch's default init gives larger logits).
+    """
+    if min(in_dim, out_dim) < 1:
+        raise ValueError(f"head sizes must be positive: {in_dim}, {out_dim}")
+    layer = nn.Linear(in_dim, out_dim)
+    nn.init.trunc_normal_(layer.weight, std=0.02)
+    nn.init.zeros_(layer.bias)
+    return layer

@@ -56,7 +56,8 @@ def test_smoke_one_step(name: str) -> None:
     method = build_method(name, "tiny", overrides=small_overrides(name))
     method.train()
     assert method.name == name and method.num_views >= 1
-    out = method.training_step({"views": phantom_views(1, method.num_views)}, CONTEXT)
+    # two volumes: contrastive losses need another volume's views as negatives
+    out = method.training_step({"views": phantom_views(2, method.num_views)}, CONTEXT)
     assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
     assert all(torch.isfinite(v).all() for v in out.values())
     out["loss"].backward()

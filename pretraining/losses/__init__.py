@@ -9,6 +9,9 @@ from nnunet_ssl.pretraining.losses.distillation import (
 )
 from nnunet_ssl.pretraining.losses.masked_patch_distillation import masked_patch_distillation_loss
 from nnunet_ssl.pretraining.losses.masked_pixel import PIXEL_LOSS_KINDS, masked_pixel_loss
+from nnunet_ssl.pretraining.losses.nt_xent import nt_xent_loss
+from nnunet_ssl.pretraining.losses.reconstruction import reconstruction_loss
+from nnunet_ssl.pretraining.losses.rotation import rotation_loss
 
 __all__ = [
     "PIXEL_LOSS_KINDS",
@@ -16,6 +19,9 @@ __all__ = [
     "entropy",
     "masked_patch_distillation_loss",
     "masked_pixel_loss",
+    "nt_xent_loss",
+    "reconstruction_loss",
+    "rotation_loss",
     "soft_cross_entropy",
     "student_log_probabilities",
     "teacher_probabilities",

@@ -1,11 +1,14 @@
-"""Settings checks shared by the masked-image methods (each method still owns its config)."""
+"""Settings checks and student-encoder helpers shared by the methods (each method still owns its config)."""
 from __future__ import annotations
+
+import dataclasses
 
 from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS
 from nnunet_ssl.pretraining.masking import validate_mask_settings
 from torch import Tensor
 
-from nnunet_ssl.networks.presets import ENCODER_STRIDE
+from nnunet_ssl.networks.presets import ENCODER_STRIDE, SwinPreset
+from nnunet_ssl.networks.swin import SwinEncoder
 
 
 def validate_masked_image_settings(
@@ -48,3 +51,39 @@ def checked_views(batch: dict[str, Tensor], num_views: int, crop_size: int) -> T
             f"expected views (B, {num_views}, C, {crop[0]}, {crop[1]}, {crop[2]}), got {tuple(views.shape)}"
         )
     return views.flatten(0, 1)
+
+
+#: Smallest crop for heads that read x4 through InstanceNorm (ConvUpHead needs x4 wider than 1 voxel).
+MIN_CONV_HEAD_CROP = 2 * ENCODER_STRIDE
+
+
+def validate_student_settings(crop_size: int, drop_path_rate: float | None, min_crop: int = ENCODER_STRIDE) -> None:
+    """Raise ``ValueError`` for a crop that is not a multiple of 32 (or below ``min_crop``) or a bad drop-path rate."""
+    if crop_size < min_crop or crop_size % ENCODER_STRIDE:
+        raise ValueError(f"crop_size must be a multiple of {ENCODER_STRIDE} and >= {min_crop}, got {crop_size}")
+    if drop_path_rate is not None and not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must lie in [0, 1), got {drop_path_rate}")
+
+
+def validate_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming ``name`` and the valid ``choices`` unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def student_encoder(preset: SwinPreset, drop_path_rate: float | None, in_channels: int) -> SwinEncoder:
+    """A student encoder without mask token, with the method's stochastic depth (None keeps the preset's)."""
+    if drop_path_rate is not None:
+        preset = dataclasses.replace(preset, drop_path_rate=drop_path_rate)
+    return SwinEncoder(preset, in_channels, use_mask_token=False)
+
+
+def student_encoder_state(encoder: SwinEncoder, source: str, method: str) -> dict[str, Tensor]:
+    """Exported weights of a teacher-free method's encoder (``"default"`` and ``"student"`` are the same).
+
+    Raises:
+        ValueError: For ``"teacher"`` or any other source.
+    """
+    if source not in ("default", "student"):
+        raise ValueError(f"{method} has no {source!r} encoder (no teacher); choose 'default' or 'student'")
+    return {k: v.detach().clone() for k, v in encoder.state_dict().items() if k != "mask_token"}
