@@ -228,6 +228,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_of(args: argparse.Namespace):
+    from nnunet_ssl.weights.targets import resolve_target, target_from_plans_file
+
+    if args.plans.endswith(".json"):
+        return target_from_plans_file(Path(args.plans), args.configuration)
+    if args.dataset is not None:
+        return resolve_target(args.dataset, args.configuration, args.plans)
+    raise ValueError("say which dataset the weights are for: --dataset ID, or --plans PLANS.json")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from nnunet_ssl.weights.convert_file import convert_file
+    from nnunet_ssl.weights.format import save_weights_file
+
+    target = _target_of(args)
+    payload, report = convert_file(
+        args.source, target, preset_name=args.preset, layout=args.layout, prefix=args.prefix,
+        allow_partial=args.allow_partial, method=args.method, decoder_seed=args.decoder_seed,
+    )
+    for line in report.lines():
+        sys.stdout.write(f"  {line}\n")
+    path = save_weights_file(payload, args.out)
+    meta = payload["metadata"]
+    logger.info(
+        "wrote %s: %s weights (%s layout, preset %s, digest %s) for %s %s, %d channel(s), %d outputs",
+        path, meta["method"], meta["conversion"]["layout"], meta["preset"], meta["encoder_digest"],
+        target.dataset_name, target.configuration, target.in_channels, target.num_classes,
+    )
+    return 0
+
+
 def cmd_cka(args: argparse.Namespace) -> int:
     from nnunet_ssl.analysis.cka_run import (
         CKASettings,
@@ -325,6 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="weights file to write")
     p.add_argument("--from", choices=["default", "teacher", "student"], default="default",
                    help="which encoder: default = teacher for distillation methods, else the student")
+    p.add_argument("--decoder-seed", type=int, default=0)
+
+    p = add("convert", cmd_convert, "write a -pretrained_weights file from MONAI/SMIT weights or a pretraining run")
+    p.add_argument("source", help="model_swinvit.pt-style MONAI checkpoint, MONAI SwinUNETR state dict, SMIT "
+                   "checkpoint, or an nnunet-ssl pretraining run (folder or checkpoint)")
+    p.add_argument("-d", "--dataset", help="dataset name or id (reads nnUNet_preprocessed)")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier, or a path to a plans .json")
+    p.add_argument("--out", required=True, help="weights file to write")
+    p.add_argument("--preset", help="architecture preset (default: monai_ssl for MONAI self-supervised "
+                   "checkpoints, smit_public for SMIT, the run's for our runs; required for a full SwinUNETR)")
+    p.add_argument("--layout", choices=["monai_ssl", "monai_swinunetr", "smit"], help="skip layout detection")
+    p.add_argument("--prefix", help="key prefix of the encoder when the file holds several")
+    p.add_argument("--method", help="method recorded in the metadata (default: by layout)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="write the file even if keys are missing, unplaced or of another shape (they stay fresh)")
     p.add_argument("--decoder-seed", type=int, default=0)
 
     p = add("plan", cmd_plan, "plan and preprocess a dataset with the paper's setup (own plans file)")
