@@ -48,10 +48,10 @@ def cmd_trainers(args: argparse.Namespace) -> int:
     from nnunet_ssl.trainers.named import TRAINERS
 
     rows = [describe(cls) for cls in TRAINERS.values()]
-    header = f"{'trainer':42s} {'preset':8s} {'method':15s} {'epochs':>6s} {'few-shot':>8s} {'it/epoch':>8s}"
+    header = f"{'trainer':42s} {'preset':13s} {'method':15s} {'epochs':>6s} {'few-shot':>8s} {'it/epoch':>8s}"
     lines = [header, "-" * len(header)]
     lines += [
-        f"{r['trainer']:42s} {r['preset']:8s} {r['method']:15s} {r['epochs']:6d} {r['few_shot_epochs']:8d} "
+        f"{r['trainer']:42s} {r['preset']:13s} {r['method']:15s} {r['epochs']:6d} {r['few_shot_epochs']:8d} "
         f"{r['iterations_per_epoch']:8d}"
         for r in rows
     ]
@@ -247,8 +247,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         args.source, target, preset_name=args.preset, layout=args.layout, prefix=args.prefix,
         allow_partial=args.allow_partial, method=args.method, decoder_seed=args.decoder_seed,
     )
-    for line in report.lines():
+    for line in report.lines(limit=10**6 if args.verbose else 8):
         sys.stdout.write(f"  {line}\n")
+    if args.verbose:
+        for ours, theirs in {**report.matched, **report.derived}.items():
+            sys.stdout.write(f"    {ours} <- {theirs}\n")
     path = save_weights_file(payload, args.out)
     meta = payload["metadata"]
     logger.info(
