@@ -45,10 +45,10 @@ def cmd_trainers(args: argparse.Namespace) -> int:
     from nnunet_ssl.trainers.named import TRAINERS
 
     rows = [describe(cls) for cls in TRAINERS.values()]
-    header = f"{'trainer':42s} {'preset':8s} {'method':15s} {'epochs':>6s} {'few-shot':>8s} {'it/epoch':>8s}"
+    header = f"{'trainer':42s} {'preset':13s} {'method':15s} {'epochs':>6s} {'few-shot':>8s} {'it/epoch':>8s}"
     lines = [header, "-" * len(header)]
     lines += [
-        f"{r['trainer']:42s} {r['preset']:8s} {r['method']:15s} {r['epochs']:6d} {r['few_shot_epochs']:8d} "
+        f"{r['trainer']:42s} {r['preset']:13s} {r['method']:15s} {r['epochs']:6d} {r['few_shot_epochs']:8d} "
         f"{r['iterations_per_epoch']:8d}"
         for r in rows
     ]
@@ -244,6 +244,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_of(args: argparse.Namespace):
+    from nnunet_ssl.weights.targets import resolve_target, target_from_plans_file
+
+    if args.plans.endswith(".json"):
+        return target_from_plans_file(Path(args.plans), args.configuration)
+    if args.dataset is not None:
+        return resolve_target(args.dataset, args.configuration, args.plans)
+    raise ValueError("say which dataset the weights are for: --dataset ID, or --plans PLANS.json")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from nnunet_ssl.weights.convert_file import convert_file
+    from nnunet_ssl.weights.format import save_weights_file
+
+    target = _target_of(args)
+    payload, report = convert_file(
+        args.source, target, preset_name=args.preset, layout=args.layout, prefix=args.prefix,
+        allow_partial=args.allow_partial, method=args.method, decoder_seed=args.decoder_seed,
+    )
+    for line in report.lines(limit=10**6 if args.verbose else 8):
+        sys.stdout.write(f"  {line}\n")
+    if args.verbose:
+        for ours, theirs in {**report.matched, **report.derived}.items():
+            sys.stdout.write(f"    {ours} <- {theirs}\n")
+    path = save_weights_file(payload, args.out)
+    meta = payload["metadata"]
+    logger.info(
+        "wrote %s: %s weights (%s layout, preset %s, digest %s) for %s %s, %d channel(s), %d outputs",
+        path, meta["method"], meta["conversion"]["layout"], meta["preset"], meta["encoder_digest"],
+        target.dataset_name, target.configuration, target.in_channels, target.num_classes,
+    )
+    return 0
+
+
 def cmd_cka(args: argparse.Namespace) -> int:
     from nnunet_ssl.analysis.cka_run import (
         CKASettings,
@@ -379,6 +413,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="", metavar="POLICY",
                    help="fine-tuning policy stored in the file for the trainer, e.g. "
                    "freeze_encoder_epochs=50,encoder_lr_warmup_epochs=10 (NNUNET_SSL_FINETUNE overrides it)")
+
+    p = add("convert", cmd_convert, "write a -pretrained_weights file from MONAI/SMIT weights or a pretraining run")
+    p.add_argument("source", help="model_swinvit.pt-style MONAI checkpoint, MONAI SwinUNETR state dict, SMIT "
+                   "checkpoint, or an nnunet-ssl pretraining run (folder or checkpoint)")
+    p.add_argument("-d", "--dataset", help="dataset name or id (reads nnUNet_preprocessed)")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier, or a path to a plans .json")
+    p.add_argument("--out", required=True, help="weights file to write")
+    p.add_argument("--preset", help="architecture preset (default: monai_ssl for MONAI self-supervised "
+                   "checkpoints, smit_public for SMIT, the run's for our runs; required for a full SwinUNETR)")
+    p.add_argument("--layout", choices=["monai_ssl", "monai_swinunetr", "smit"], help="skip layout detection")
+    p.add_argument("--prefix", help="key prefix of the encoder when the file holds several")
+    p.add_argument("--method", help="method recorded in the metadata (default: by layout)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="write the file even if keys are missing, unplaced or of another shape (they stay fresh)")
+    p.add_argument("--decoder-seed", type=int, default=0)
 
     p = add("plan", cmd_plan, "plan and preprocess a dataset with the paper's setup (own plans file)")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id in nnUNet_raw")

@@ -164,6 +164,15 @@ def test_export_builds_nnunet_weights(volumes: Path, tmp_path: Path) -> None:
     net = SwinUNETRSeg(PRESETS["tiny"], 2, 4)
     net.load_state_dict(payload["network_weights"])
     torch.testing.assert_close(net.encoder.stages[2].blocks[0].attn.qkv.weight, teacher["stages.2.blocks.0.attn.qkv.weight"])
+    # `nnunet-ssl convert` of the run (folder or checkpoint file) writes exactly the export
+    from nnunet_ssl.weights.convert_file import convert_file
+
+    for source in (out, out / "checkpoint_final.pt"):
+        converted, report = convert_file(source, target)
+        assert report.layout == "nnunet_ssl_run" and converted["metadata"]["conversion"]["preset"] == "tiny"
+        assert all(torch.equal(v, payload["network_weights"][k]) for k, v in converted["network_weights"].items())
+    with pytest.raises(ValueError, match="pretrained with preset 'tiny', not 'smit'"):
+        convert_file(out, target, preset_name="smit")
 
 
 def test_argument_errors_and_resume_without_checkpoint_leave_nothing_behind(

@@ -79,6 +79,34 @@ class SwinSMITpTrainer(SwinTrainerBase):
     method = "smit"
 
 
+class SwinMONAISSLTrainer(SwinTrainerBase):
+    """MONAI's self-supervised Swin UNETR encoder (``nnunet-ssl convert model_swinvit.pt``)."""
+
+    preset_name = "monai_ssl"
+    method = "swinunetr"
+
+
+class SwinMONAIMergingTrainer(SwinTrainerBase):
+    """A MONAI SwinUNETR built with ``downsample="merging"`` on MONAI >= 1.5 (``nnunet-ssl convert``)."""
+
+    preset_name = "monai_merging"
+    method = "monai_swinunetr"
+
+
+class SwinMONAIv2Trainer(SwinTrainerBase):
+    """A MONAI SwinUNETR built with ``downsample="mergingv2"`` (``nnunet-ssl convert``)."""
+
+    preset_name = "monai_v2"
+    method = "monai_swinunetr"
+
+
+class SwinSMITPublicTrainer(SwinTrainerBase):
+    """The SMIT authors' public encoder configuration (``nnunet-ssl convert`` of their checkpoints)."""
+
+    preset_name = "smit_public"
+    method = "smit"
+
+
 class SwinScratchTrainer_tiny_2epochs(SwinScratchTrainer):
     preset_name, recipe = "tiny", SHORT_RECIPE
 
@@ -134,6 +162,7 @@ TRAINERS: dict[str, type[SwinTrainerBase]] = {
         SwinScratchTrainer, SwinSMITTrainer, SwinSimMIMTrainer, SwinInpaintingTrainer, SwinReconstructionTrainer,
         SwinContrastiveTrainer, SwinRotationTrainer, SwinDINOTrainer, SwiniBOTTrainer, SwinUNETRTrainer,
         SwinSMIT128Trainer, SwinSMITsTrainer, SwinSMITpTrainer,
+        SwinMONAISSLTrainer, SwinMONAIMergingTrainer, SwinMONAIv2Trainer, SwinSMITPublicTrainer,
         SwinScratchTrainer_tiny_2epochs, SwinSMITTrainer_tiny_2epochs, SwinSimMIMTrainer_tiny_2epochs,
         SwinInpaintingTrainer_tiny_2epochs, SwinReconstructionTrainer_tiny_2epochs,
         SwinContrastiveTrainer_tiny_2epochs, SwinRotationTrainer_tiny_2epochs, SwinDINOTrainer_tiny_2epochs,

@@ -17,14 +17,15 @@ def load_run_encoder(run_dir: Path, source: str = "default") -> tuple[dict[str, 
     """Encoder weights of a run's final (else latest) checkpoint.
 
     Args:
-        run_dir: A ``nnunet-ssl pretrain`` output folder.
+        run_dir: A ``nnunet-ssl pretrain`` output folder, or one of its checkpoint files.
         source: ``"default"`` (the teacher for methods that have one, else the student),
             ``"teacher"`` or ``"student"``.
 
     Returns:
         ``(encoder_state, run_config, checkpoint_path)``.
     """
-    checkpoint_path = find_checkpoint(Path(run_dir))
+    run_dir = Path(run_dir)
+    checkpoint_path = run_dir if run_dir.is_file() else find_checkpoint(run_dir)
     if checkpoint_path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint_final.pt or checkpoint_latest.pt; is this a pretraining run?")
     checkpoint = load_checkpoint(checkpoint_path)
