@@ -5,12 +5,14 @@ and preprocessed once with ``nnUNetv2_plan_and_preprocess``; a copy of nnU-Net's
 (``nnUNetPlansCost``, same ``data_identifier``, so the same preprocessed files) fixes the patch and
 batch size for both. Then, for ``SwinScratchTrainer`` (smit preset) and nnU-Net's ``nnUNetTrainer``:
 
-* **epoch**: the trainer is built and initialised in this process as ``nnUNetv2_train`` does
-  (network, optimizer, loss, torch.compile where nnU-Net would use it), ``--warmup`` steps are
+* **epoch**: both trainers are built and initialised in this process as ``nnUNetv2_train`` does
+  (network, optimizer, loss, torch.compile where nnU-Net would use it); ``--warmup`` steps are
   run untimed, then ``--iterations`` ``train_step`` calls are timed on batches drawn beforehand from
-  the trainer's own nnU-Net data loader (the same augmentation pipeline for both; loading itself is
-  left out of the timing because it is identical for both and runs in background workers in
-  real training). Reported: ms per iteration and the projected epoch of 250 iterations.
+  each trainer's own nnU-Net data loader (the same augmentation pipeline for both; loading itself
+  is left out of the timing because it is the same for both and runs in background workers in
+  real training). The two trainers' steps alternate (A B, B A, ...) so a busy phase of a shared
+  machine slows both alike. Reported: the median ms per iteration and the projected epoch of 250
+  iterations.
 * **predict**: the trainer's weights are saved as ``checkpoint_final.pth`` in a normal nnU-Net
   results folder, and ``nnUNetv2_predict`` (a subprocess, default test-time mirroring unless
   ``--disable-tta``) predicts one test case; reported: its wall time.
@@ -31,6 +33,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,28 +87,42 @@ def build_trainer(name: str, env: dict[str, str], device: torch.device):
     return trainer
 
 
-def time_epoch(name: str, env: dict[str, str], device: torch.device, iterations: int, warmup: int):
-    """Mean seconds per ``train_step`` over ``iterations`` batches drawn beforehand from the trainer's own loader.
+def prepare_steps(name: str, env: dict[str, str], device: torch.device, count: int):
+    """A trainer (initialised, data loaders started and stopped) and ``count`` batches from its own loader.
 
     Each trainer draws its own batches: the deep-supervision targets differ (nnU-Net's follow its
     plans' pooling, the Swin trainer's its decoder's strides).
     """
     trainer = build_trainer(name, env, device)
     trainer.on_train_start()  # data loaders, plans.json/dataset.json in the results folder
-    batches = [next(trainer.dataloader_train) for _ in range(warmup + iterations)]
+    batches = [next(trainer.dataloader_train) for _ in range(count)]
     for loader in (trainer.dataloader_train, trainer.dataloader_val):
         if hasattr(loader, "_finish"):
             loader._finish()
     trainer.network.train()
     trainer.lr_scheduler.step(0)
-    for batch in batches[:warmup]:
-        trainer.train_step(batch)
+    return trainer, batches
+
+
+def timed_step(trainer, batch: dict, device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
-    for batch in batches[warmup:]:
-        trainer.train_step(batch)
+    trainer.train_step(batch)
     _sync(device)
-    return (time.perf_counter() - start) / iterations, trainer
+    return time.perf_counter() - start
+
+
+def time_epochs(env: dict[str, str], device: torch.device, iterations: int, warmup: int) -> dict[str, tuple[float, object]]:
+    """Median seconds per ``train_step`` of each trainer; the two trainers' steps alternate, so a busy
+    phase of the machine slows both alike."""
+    prepared = {name: prepare_steps(name, env, device, warmup + iterations) for name in (NNUNET, SWIN)}
+    times: dict[str, list[float]] = {name: [] for name in prepared}
+    for i in range(warmup + iterations):
+        for name, (trainer, batches) in (prepared.items() if i % 2 == 0 else reversed(prepared.items())):
+            seconds = timed_step(trainer, batches[i], device)
+            if i >= warmup:
+                times[name].append(seconds)
+    return {name: (statistics.median(times[name]), prepared[name][0]) for name in prepared}
 
 
 def _sync(device: torch.device) -> None:
@@ -115,7 +132,6 @@ def _sync(device: torch.device) -> None:
 
 def time_predict(name: str, trainer, env: dict[str, str], work: Path, device: torch.device, tta: bool) -> float:
     """Wall time of ``nnUNetv2_predict`` on one test case with the trainer's current weights."""
-    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the mirroring axes it saves
     trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
     images = work / "nnUNet_raw" / "Dataset501_Phantom" / "imagesTs"
     one = work / "predict_input"
@@ -158,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = prepare_dataset(work, args.patch, args.batch)
         results = {}
-        for name in (NNUNET, SWIN):
-            step, trainer = time_epoch(name, env, device, args.iterations, args.warmup)
+        for name, (step, trainer) in time_epochs(env, device, args.iterations, args.warmup).items():
             parameters = sum(p.numel() for p in trainer.network.parameters())
             logger.info("%s: %.0f ms/iteration (%.1f M parameters)", name, step * 1000, parameters / 1e6)
             predict = time_predict(name, trainer, env, work, device, not args.disable_tta)

@@ -1,6 +1,8 @@
 """Do decoder warm-up or LLRD stop pretrained fine-tunes from predicting only background? (issue 11)
 
-Runs ``nnUNetv2_train`` on a few-shot fold of a demo work folder (``nnunet-ssl demo`` stages 1-5:
+Runs ``nnUNetv2_train`` (study trainers: the demo's tiny network and recipe, 10 epochs of 6
+iterations; found by nnU-Net through a re-export shim this script writes) on a few-shot fold of a
+demo work folder (``nnunet-ssl demo`` stages 1-5:
 phantoms, SMIT pretraining, ``nnunet-ssl plan``, ``export``, ``split --shots 5``) for each
 configuration and repeat, each in its own ``nnUNet_results`` folder (the same trainer class is
 used with several policies), then tabulates from nnU-Net's own checkpoint logs:
@@ -9,7 +11,7 @@ used with several policies), then tabulates from nnU-Net's own checkpoint logs:
 * the last epoch's pseudo-Dice and EMA pseudo-Dice;
 * the foreground mean Dice of nnU-Net's final validation (``validation/summary.json``).
 
-Usage (CPU, about 10 minutes per run on 2 busy cores)::
+Usage (CPU: 10-40 minutes per run, depending on how busy the 2 cores are)::
 
     python -m benchmarks.finetune_policies --work demo_work --repeats 1
     python -m benchmarks.finetune_policies --work demo_work --table-only
@@ -28,14 +30,32 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from nnunet_ssl.trainers.named import DEMO_RECIPE, SwinScratchTrainer, SwinSMITTrainer
 
 logger = logging.getLogger("finetune_policies")
 
-SCRATCH = "SwinScratchTrainer_tiny_16epochs"
-SMIT = "SwinSMITTrainer_tiny_16epochs"
+#: The study's schedule: the demo recipe (tiny network, lr 1e-3, 1 warm-up epoch, cosine) shortened
+#: to 10 epochs of 6 iterations, to fit a 2-core CPU shared with other jobs.
+STUDY_RECIPE = replace(DEMO_RECIPE, num_epochs=10, iterations_per_epoch=6)
+
+
+class SwinScratchTrainer_tiny_policystudy(SwinScratchTrainer):  # noqa: N801 (nnU-Net trainer naming)
+    preset_name, recipe = "tiny", STUDY_RECIPE
+
+
+class SwinSMITTrainer_tiny_policystudy(SwinSMITTrainer):  # noqa: N801
+    preset_name, recipe = "tiny", STUDY_RECIPE
+
+
+SCRATCH = SwinScratchTrainer_tiny_policystudy.__name__
+SMIT = SwinSMITTrainer_tiny_policystudy.__name__
 PLANS = "nnUNetSwinPlans"
+#: nnU-Net finds the study trainers through a re-export shim written into the work folder.
+SHIM = f"from benchmarks.finetune_policies import {SCRATCH}, {SMIT}  # noqa: F401\n"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -49,9 +69,9 @@ class RunConfig:
 CONFIGS = (
     RunConfig("scratch", SCRATCH, False, ""),
     RunConfig("smit", SMIT, True, ""),
-    RunConfig("smit+warmup", SMIT, True, "freeze_encoder_epochs=4,encoder_lr_warmup_epochs=2"),
+    RunConfig("smit+warmup", SMIT, True, "freeze_encoder_epochs=2,encoder_lr_warmup_epochs=2"),
     RunConfig("smit+llrd", SMIT, True, "llrd=0.75"),
-    RunConfig("smit+warmup+llrd", SMIT, True, "freeze_encoder_epochs=4,encoder_lr_warmup_epochs=2,llrd=0.75"),
+    RunConfig("smit+warmup+llrd", SMIT, True, "freeze_encoder_epochs=2,encoder_lr_warmup_epochs=2,llrd=0.75"),
 )
 
 
@@ -79,9 +99,14 @@ def train(work: Path, config: RunConfig, repeat: int, fold: int) -> float:
     if (out / "checkpoint_final.pth").is_file():
         logger.info("%s repeat %d: done already", config.name, repeat)
         return 0.0
+    shim = work / "policy_runs" / "ext"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "nnunet_ssl_policystudy_trainers.py").write_text(SHIM, encoding="utf-8")
     env = {
         **os.environ, "nnUNet_raw": str(work / "nnUNet_raw"), "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
-        "nnUNet_results": str(results_root(work, config, repeat)), "nnUNet_extTrainer": str(ext_trainer_path()),
+        "nnUNet_results": str(results_root(work, config, repeat)),
+        "nnUNet_extTrainer": f"{ext_trainer_path()}{os.pathsep}{shim}",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1", "NNUNET_SSL_FINETUNE": config.policy,
         "NNUNET_SSL_SEED": str(repeat),
     }
