@@ -348,3 +348,52 @@ def test_readme_experiment_file_is_valid(tmp_path: Path) -> None:
     assert [a.name for a in experiment.arms] == ["scratch", "smit", "simmim"]
     assert experiment.few_shot.sizes == (5, 10, 20) and experiment.few_shot.seeds == (0, 1, 2)
     assert experiment.full_folds == (0, 1, 2, 3, 4) and experiment.epochs.few_shot == 3000
+
+
+def test_report_cka_few_shot_vs_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report's feature-reuse table: an arm whose few-shot and full-data encoders are equal scores 1 per stage."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from nnunet_ssl.experiment.runner import prepare
+    from nnunet_ssl.experiment.tables import make_experiment_report
+    from nnunet_ssl.networks import PRESETS, SwinEncoder
+    from nnunet_ssl.weights import build_weights_file
+    from test_cka import _plans
+
+    root = tmp_path / "pre"
+    folder = fake_preprocessed_dataset(root)
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
+                    "file_ending": ".nii.gz"}
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    images = tmp_path / "raw" / "Dataset777_Fake" / "imagesTr"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        image = sitk.GetImageFromArray((rng.standard_normal((40, 48, 48)) * 100).astype(np.float32))
+        sitk.WriteImage(image, str(images / f"case_{i:03d}_0000.nii.gz"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(root))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    path = write_experiment(tmp_path, dataset="Dataset777_Fake", arms=[{"name": "scratch"}],
+                            settings={"full": {"folds": [0]}, "few_shot": {"shots": [3], "seeds": [0]}})
+    experiment = load_experiment(path)
+    prepared = prepare(experiment)
+    torch.manual_seed(1)
+    payload = build_weights_file(SwinEncoder(PRESETS["tiny"]).state_dict(), "tiny", 1, 3, method="smit")
+    splits = json.loads((folder / "splits_final.json").read_text())
+    for fold in (0, 5):
+        fold_dir = prepared.paths.fold_dir("scratch", "SwinScratchTrainer_tiny_2epochs", fold)
+        _fake_fold(fold_dir, splits[fold]["val"], {c: (0.5, 0.5) for c in splits[fold]["val"]}, [0.2, 0.4])
+        torch.save({"network_weights": payload["network_weights"], "trainer_name": "SwinScratchTrainer_tiny_2epochs",
+                    "init_args": {"configuration": "3d_fullres"}, "logging": {"ema_fg_dice": [0.2, 0.4]}},
+                   fold_dir / "checkpoint_final.pth")
+        (fold_dir.parent / "plans.json").write_text(json.dumps(_plans(64)))
+        (fold_dir.parent / "dataset.json").write_text(json.dumps(dataset_json))
+    report = make_experiment_report(experiment, cka=True)
+    assert len(report.cka) == 1
+    row = report.cka[0]
+    assert (row.arm, row.setting, row.pairs) == ("scratch", "few_shot3", 1)
+    assert row.layers == [f"stage{s}.block2" for s in range(1, 5)]
+    assert row.values == pytest.approx([1.0] * 4, abs=1e-6)
+    assert "stage1.block2" in (prepared.paths.report / "cka.csv").read_text()

@@ -34,8 +34,10 @@ def test_worker_seeds_are_pure_distinct_and_epoch_dependent() -> None:
     assert len(set(train)) == 3
     assert not set(train) & set(worker_seeds(7, "val", 0, 3))
     assert train != worker_seeds(7, "train", 5, 3) != worker_seeds(8, "train", 0, 3)
+    assert not set(train) & set(worker_seeds(7, "train", 0, 3, rank=1))  # DDP ranks draw different patches
     assert all(0 <= s < 2**32 for s in train)
     assert process_seed(7, 0) == 7 and process_seed(7, 5) == process_seed(7, 5) != 7
+    assert process_seed(7, 0, rank=1) != 7
     with pytest.raises(ValueError, match="stream"):
         worker_seeds(7, "test", 0, 1)
 

@@ -226,10 +226,10 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
 
         nnU-Net starts its ``NonDetMultiThreadedAugmenter`` workers with ``seeds=None``. With a seed
         they are stopped and restarted on the same data loaders and transforms with seeds from
-        (seed, stream, epoch); the training process is reseeded for the epoch training starts at.
+        (seed, stream, epoch, DDP rank); the training process is reseeded for the epoch training starts at.
         """
         if self.seed is not None:
-            seed_process(process_seed(self.seed, self.current_epoch))
+            seed_process(process_seed(self.seed, self.current_epoch, self.local_rank))
         train, val = super().get_dataloaders()
         if self.seed is None:
             return train, val
@@ -240,7 +240,7 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
             self.print_to_log_file(f"{stream} data loaded in the training process (seeded with it)")
             return augmenter  # SingleThreadedAugmenter (nnUNet_n_proc_DA=0): the process RNG is seeded
         augmenter._finish()
-        seeds = worker_seeds(self.seed, stream, self.current_epoch, augmenter.num_processes)
+        seeds = worker_seeds(self.seed, stream, self.current_epoch, augmenter.num_processes, self.local_rank)
         seeded = NonDetMultiThreadedAugmenter(
             augmenter.generator, augmenter.transform, augmenter.num_processes, num_cached=augmenter.num_cached,
             seeds=seeds, pin_memory=augmenter.pin_memory, wait_time=augmenter.wait_time,

@@ -3,7 +3,7 @@
 nnU-Net 2.8.1 does not seed training: the process RNGs start from OS entropy and its background
 augmenters (``NonDetMultiThreadedAugmenter`` with ``seeds=None``) call ``np.random.seed(None)`` in
 every worker. With a seed the trainer seeds Python's ``random``, NumPy and torch in the training
-process, and hands each data-loader worker its own seed, derived from (seed, stream, epoch) with
+process, and hands each data-loader worker its own seed, derived from (seed, stream, epoch, rank) with
 NumPy's ``SeedSequence``. The epoch is the one training starts (or continues) at, so a run
 continued with ``--c`` draws other batches than the epochs before the interruption did, and two
 runs continued at the same epoch draw the same ones.
@@ -46,11 +46,11 @@ def seed_from_environment(environ: Mapping[str, str]) -> int | None:
     return seed
 
 
-def process_seed(seed: int, epoch: int) -> int:
-    """The seed of the training process when training starts at ``epoch`` (``seed`` itself at 0)."""
-    if epoch == 0:
+def process_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of training process ``rank`` when training starts at ``epoch`` (``seed`` itself at 0, rank 0)."""
+    if epoch == 0 and rank == 0:
         return seed
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 def seed_process(seed: int) -> None:
@@ -60,10 +60,11 @@ def seed_process(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def worker_seeds(seed: int, stream: str, epoch: int, count: int) -> list[int]:
+def worker_seeds(seed: int, stream: str, epoch: int, count: int, rank: int = 0) -> list[int]:
     """One seed per background worker of a data-loader ``stream`` (``"train"`` or ``"val"``).
 
-    Distinct across workers and streams; a pure function of its arguments.
+    Distinct across workers, streams and DDP ranks (so GPUs do not draw the same patches); a pure
+    function of its arguments.
 
     Raises:
         ValueError: for an unknown stream or a count below 1.
@@ -72,5 +73,5 @@ def worker_seeds(seed: int, stream: str, epoch: int, count: int) -> list[int]:
         raise ValueError(f"stream must be one of {sorted(STREAMS)}, got {stream!r}")
     if count < 1:
         raise ValueError(f"need at least one worker, got {count}")
-    states = np.random.SeedSequence([seed, STREAMS[stream], epoch]).generate_state(count)
+    states = np.random.SeedSequence([seed, STREAMS[stream], epoch, rank]).generate_state(count)
     return [int(s) for s in states]

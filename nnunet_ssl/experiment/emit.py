@@ -41,7 +41,7 @@ def preamble(experiment_file: Path, output: Path) -> list[str]:
         value = os.environ.get(variable)
         if value:
             lines.append(f"export {variable}={shlex.quote(str(Path(value).resolve()))}")
-    lines.append('export nnUNet_extTrainer="$(nnunet-ssl ext-path)"')
+    lines.append('export nnUNet_extTrainer="$(nnunet-ssl ext-path)${nnUNet_extTrainer:+:$nnUNet_extTrainer}"')
     lines.append(f"mkdir -p {shlex.quote(str(output / 'logs'))}")
     return lines
 

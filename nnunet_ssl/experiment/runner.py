@@ -101,13 +101,20 @@ def executable(name: str) -> str:
     return str(candidate) if candidate.is_file() else name
 
 
+def ext_trainer_variable(environ: dict[str, str] | os._Environ) -> str:
+    """``nnUNet_extTrainer`` with the plugin's trainer folder first, keeping folders already set."""
+    current = [p for p in environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    folder = str(ext_trainer_path())
+    return os.pathsep.join([folder, *(p for p in current if p != folder)])
+
+
 def run_job(job: Job) -> tuple[str, str]:
     """Run one job now; returns (status, detail)."""
     action, argv = decide(job)
     if action == SKIP or argv is None:
         return SKIPPED, "already done"
     job.log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "nnUNet_extTrainer": str(ext_trainer_path()), **dict(job.env)}
+    env = {**os.environ, "nnUNet_extTrainer": ext_trainer_variable(os.environ), **dict(job.env)}
     command = [executable(argv[0]), *argv[1:]]
     started = time.monotonic()
     with open(job.log, "a", encoding="utf-8") as log:

@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -182,8 +183,6 @@ def compare_arms(table: SettingTable, structures: list[str]) -> None:
 
 
 def _preprocessed_root() -> Path | None:
-    import os
-
     value = os.environ.get("nnUNet_preprocessed")
     return Path(value) if value else None
 
@@ -244,8 +243,6 @@ def build_experiment_report(prepared: Prepared, cka: bool = True, device: str = 
 
 def _raw_images(dataset_name: str) -> Path | None:
     """The raw dataset's imagesTr (CKA inputs when there is no test set), or None."""
-    import os
-
     raw = os.environ.get("nnUNet_raw")
     folder = Path(raw) / dataset_name / "imagesTr" if raw else None
     return folder if folder is not None and folder.is_dir() else None
