@@ -10,6 +10,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nnunet_ssl.weights.targets import DatasetTarget
 
 from nnunet_ssl.nnunet_ext import ext_trainer_path
 
@@ -213,17 +217,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from nnunet_ssl.weights.export import export_run
-    from nnunet_ssl.weights.format import save_weights_file
+def _target_of(args: argparse.Namespace) -> DatasetTarget:
+    """The dataset a weights file is for: ``-p PLANS.json``, or ``-d`` with a plans identifier."""
     from nnunet_ssl.weights.targets import resolve_target, target_from_plans_file
 
     if args.plans.endswith(".json"):
-        target = target_from_plans_file(Path(args.plans), args.configuration)
-    elif args.dataset is not None:
-        target = resolve_target(args.dataset, args.configuration, args.plans)
-    else:
-        raise ValueError("say which dataset the weights are for: --dataset ID, or --plans PLANS.json")
+        return target_from_plans_file(Path(args.plans), args.configuration)
+    if args.dataset is not None:
+        return resolve_target(args.dataset, args.configuration, args.plans)
+    raise ValueError("say which dataset the weights are for: --dataset ID, or --plans PLANS.json")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from nnunet_ssl.weights.export import export_run
+    from nnunet_ssl.weights.format import save_weights_file
+
+    target = _target_of(args)
     policy = ""
     if args.policy:
         from nnunet_ssl.trainers.policy import parse_policy
@@ -242,16 +251,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         target.in_channels, target.num_classes, meta["channel_adaptation"], policy or "none",
     )
     return 0
-
-
-def _target_of(args: argparse.Namespace):
-    from nnunet_ssl.weights.targets import resolve_target, target_from_plans_file
-
-    if args.plans.endswith(".json"):
-        return target_from_plans_file(Path(args.plans), args.configuration)
-    if args.dataset is not None:
-        return resolve_target(args.dataset, args.configuration, args.plans)
-    raise ValueError("say which dataset the weights are for: --dataset ID, or --plans PLANS.json")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -480,3 +480,14 @@ def test_weights_and_pretraining_import_one_way() -> None:
         bad = {n for n in imported(path) if n.startswith(("nnunet_ssl.weights", "nnunetv2"))}
         assert not bad, f"{path} imports {bad}"
     assert not {n for n in imported(root / "nnunet_ssl" / "checkpoints.py") if n.startswith("nnunet_ssl.pretraining")}
+
+
+def test_preset_options_are_validated() -> None:
+    from nnunet_ssl.networks.presets import SwinPreset
+
+    for field_name, value in (("merge_order", "zigzag"), ("window_fit", "crop"), ("relative_position", "sliced")):
+        with pytest.raises(ValueError, match=field_name):
+            SwinPreset("bad", embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), **{field_name: value})
+    # every merge order is a permutation of the 8 sub-voxels, except MONAI's pre-1.5 one (2 repeated, 2 dropped)
+    for name, order in MERGE_ORDERS.items():
+        assert len(order) == 8 and (len(set(order)) == 6 if name == "monai_merging_v09" else len(set(order)) == 8)
