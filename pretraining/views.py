@@ -133,8 +133,8 @@ def draw_blocks(spatial: tuple[int, int, int], settings: CutoutSettings, generat
     ``randint(0, size - low)`` and has side ``randint(low, high)`` per axis (clipped at the far
     edge); cuboids are added while the summed volumes (overlaps counted twice) are below the
     budget. The union therefore covers at most ``max_fraction`` of the crop plus one cuboid.
-    Candidates are drawn in vectorised chunks; the accepted prefix is the same sequence the
-    one-at-a-time loop would take.
+    Candidates are drawn in vectorised chunks of independent cuboids (the same distribution as
+    [TANG]'s one-at-a-time draws) and accepted up to where that loop would stop.
     """
     limits = [settings.side_limits(s) for s in spatial]
     budget = float(torch.rand((), generator=generator)) * settings.max_fraction * spatial[0] * spatial[1] * spatial[2]
