@@ -107,12 +107,6 @@ class Contrastive(nn.Module):
         cosine = nn.functional.cosine_similarity(z[:, 0].detach().float(), z[:, 1].detach().float(), dim=-1)
         return {"loss": loss, "loss_contrast": loss.detach(), "positive_cosine": cosine.mean()}
 
-    def before_optimizer_step(self, context: StepContext) -> None:
-        """Nothing to do."""
-
-    def after_step(self, context: StepContext) -> None:
-        """Nothing to do (no teacher)."""
-
     def student_modules(self) -> nn.Module:
         """Encoder and projection: everything the optimiser updates."""
         return nn.ModuleDict({"encoder": self.encoder, "projection": self.projection})

@@ -109,12 +109,6 @@ class Inpainting(nn.Module):
             "corrupted_fraction": corrupted.mask.float().mean().detach(),
         }
 
-    def before_optimizer_step(self, context: StepContext) -> None:
-        """Nothing to do."""
-
-    def after_step(self, context: StepContext) -> None:
-        """Nothing to do (no teacher)."""
-
     def student_modules(self) -> nn.Module:
         """Encoder and pixel head: everything the optimiser updates."""
         return nn.ModuleDict({"encoder": self.encoder, "pixel_head": self.pixel_head})

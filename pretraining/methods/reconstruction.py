@@ -103,12 +103,6 @@ class Reconstruction(nn.Module):
         loss = reconstruction_loss(prediction, target, self.config.pixel_loss)
         return {"loss": loss, "loss_rec": loss.detach()}
 
-    def before_optimizer_step(self, context: StepContext) -> None:
-        """Nothing to do."""
-
-    def after_step(self, context: StepContext) -> None:
-        """Nothing to do (no teacher)."""
-
     def student_modules(self) -> nn.Module:
         """Encoder and pixel head: everything the optimiser updates."""
         return nn.ModuleDict({"encoder": self.encoder, "pixel_head": self.pixel_head})

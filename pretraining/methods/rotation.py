@@ -94,12 +94,6 @@ class Rotation(nn.Module):
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "loss_rot": loss.detach(), "rotation_accuracy": accuracy}
 
-    def before_optimizer_step(self, context: StepContext) -> None:
-        """Nothing to do."""
-
-    def after_step(self, context: StepContext) -> None:
-        """Nothing to do (no teacher)."""
-
     def student_modules(self) -> nn.Module:
         """Encoder and classifier: everything the optimiser updates."""
         return nn.ModuleDict({"encoder": self.encoder, "classifier": self.classifier})

@@ -150,12 +150,6 @@ class SwinUNETRPretraining(nn.Module):
             "rotation_accuracy": (rotation.detach().argmax(dim=1) == labels).float().mean(),
         }
 
-    def before_optimizer_step(self, context: StepContext) -> None:
-        """Nothing to do."""
-
-    def after_step(self, context: StepContext) -> None:
-        """Nothing to do (no teacher)."""
-
     def student_modules(self) -> nn.Module:
         """Encoder and the three heads: everything the optimiser updates."""
         return nn.ModuleDict({
