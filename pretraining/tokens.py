@@ -58,3 +58,14 @@ def stride16_tokens(encoder: SwinEncoder, x: Tensor, token_mask: Tensor | None =
     for stage in encoder.stages[:3]:
         tokens = stage(tokens)
     return F.layer_norm(tokens, tokens.shape[-1:]).flatten(1, 3)
+
+
+def freeze_skipped_stage(encoder: SwinEncoder) -> None:
+    """``requires_grad = False`` on the last stage, which :func:`stride16_tokens` never runs.
+
+    A method that reads only the stride-16 tokens (DINO, iBOT) would otherwise hold parameters
+    that get no gradient: DDP refuses those ("parameters that were not used in producing loss"),
+    and the optimiser would carry dead weights. The stage keeps its initialisation and is exported
+    as such; fine-tuning trains it.
+    """
+    encoder.stages[3].requires_grad_(False)

@@ -22,7 +22,8 @@ from nnunet_ssl.pretraining.metrics_log import read_metrics
 BIN = Path(sys.executable).parent
 SMALL = ["--preset", "tiny", "--crop-size", "64", "--batch-size", "1", "--workers", "0", "--no-progress", "--amp", "off"]
 #: Small DINO heads keep SMIT fast in tests.
-METHOD_SETTINGS = {"smit": ["--set", "out_dim=64", "head_hidden_dim=64", "head_bottleneck_dim=32"], "simmim": []}
+SMALL_HEADS = ["--set", "out_dim=64", "head_hidden_dim=64", "head_bottleneck_dim=32"]
+METHOD_SETTINGS = {"smit": SMALL_HEADS, "simmim": [], "dino": SMALL_HEADS, "ibot": SMALL_HEADS}
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +86,12 @@ def test_short_run_writes_checkpoint_metrics_and_curves(volumes: Path, tmp_path:
     assert load_checkpoint(out / "checkpoint_final.pt")["step"] == 3
 
 
-def test_kill_9_then_resume_continues_at_the_right_step(volumes: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["smit", "ibot"])
+def test_kill_9_then_resume_continues_at_the_right_step(volumes: Path, tmp_path: Path, method: str) -> None:
     out = tmp_path / "killed"
-    total = 10
+    total = 8
     args = ("--max-steps", str(total), "--checkpoint-every", "2", "--epochs", "100", "--warmup-epochs", "1")
-    process = subprocess.Popen(pretrain_command("smit", volumes, out, *args), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(pretrain_command(method, volumes, out, *args), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     latest = out / "checkpoint_latest.pt"
     deadline = time.monotonic() + 400
@@ -107,7 +109,7 @@ def test_kill_9_then_resume_continues_at_the_right_step(volumes: Path, tmp_path:
     killed_at = load_checkpoint(latest)["step"]
     assert not (out / "checkpoint_final.pt").exists()
 
-    run(pretrain_command("smit", volumes, out, *args, "--resume"))
+    run(pretrain_command(method, volumes, out, *args, "--resume"))
     final = load_checkpoint(out / "checkpoint_final.pt")
     assert final["step"] == total
     records = read_metrics(out / "metrics.jsonl")
@@ -122,15 +124,17 @@ def test_kill_9_then_resume_continues_at_the_right_step(volumes: Path, tmp_path:
     assert killed_at < total
     # the resumed run drew the crops, masks and drop-paths the uninterrupted run draws: same losses
     reference = tmp_path / "uninterrupted"
-    run(pretrain_command("smit", volumes, reference, *args))
+    run(pretrain_command(method, volumes, reference, *args))
     expected_losses = [r["loss"] for r in read_metrics(reference / "metrics.jsonl")]
     assert [r["loss"] for r in records] == expected_losses
 
 
-def test_ddp_two_cpu_processes(volumes: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["simmim", "ibot"])  # ibot: centres averaged over ranks, stage 4 frozen
+def test_ddp_two_cpu_processes(volumes: Path, tmp_path: Path, method: str) -> None:
     out = tmp_path / "ddp"
-    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "nnunet_ssl.pretraining",
-               "--method", "simmim", "--data", str(volumes), "--out", str(out), *SMALL, "--max-steps", "3"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "nnunet_ssl.pretraining", "--method", method, "--data", str(volumes), "--out", str(out), *SMALL,
+               *METHOD_SETTINGS[method], "--max-steps", "3"]
     result = run(command)
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]  # only rank 0 writes: no duplicate lines

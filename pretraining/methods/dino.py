@@ -33,7 +33,7 @@ from nnunet_ssl.pretraining.methods.distillation import (
     teacher_entropy,
 )
 from nnunet_ssl.pretraining.teacher import EMATeacher, export_encoder_state
-from nnunet_ssl.pretraining.tokens import by_view, dense_and_pooled, stride16_tokens
+from nnunet_ssl.pretraining.tokens import by_view, dense_and_pooled, freeze_skipped_stage, stride16_tokens
 from nnunet_ssl.pretraining.views import local_crops
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class DINO(nn.Module):
             preset = dataclasses.replace(preset, drop_path_rate=cfg.drop_path_rate)
         self.preset = preset
         self.student = student_branch(preset, in_channels, False, {"head": cfg.head(preset.feature_dims[3])})
+        freeze_skipped_stage(self.student["encoder"])  # stage 4 never runs: no unused parameters under DDP
         self.teacher = EMATeacher(self.student, cfg.ema_base, cfg.ema_final)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         logger.debug("DINO built: %s, %s", preset, cfg)

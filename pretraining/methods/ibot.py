@@ -43,7 +43,14 @@ from nnunet_ssl.pretraining.methods.distillation import (
     teacher_entropy,
 )
 from nnunet_ssl.pretraining.teacher import EMATeacher, export_encoder_state
-from nnunet_ssl.pretraining.tokens import DENSE_STRIDE, by_view, dense_and_pooled, dense_token_mask, stride16_tokens
+from nnunet_ssl.pretraining.tokens import (
+    DENSE_STRIDE,
+    by_view,
+    dense_and_pooled,
+    dense_token_mask,
+    freeze_skipped_stage,
+    stride16_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +114,7 @@ class IBOT(nn.Module):
             preset = dataclasses.replace(preset, drop_path_rate=cfg.drop_path_rate)
         self.preset = preset
         self.student = student_branch(preset, in_channels, True, {"head": cfg.head(preset.feature_dims[3])})
+        freeze_skipped_stage(self.student["encoder"])  # stage 4 never runs: no unused parameters under DDP
         self.teacher = EMATeacher(self.student, cfg.ema_base, cfg.ema_final)
         self.register_buffer("center_cls", torch.zeros(1, cfg.out_dim))
         self.register_buffer("center_patch", torch.zeros(1, 1, cfg.out_dim))
