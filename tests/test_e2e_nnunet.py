@@ -318,11 +318,22 @@ def small_head_settings(method: str) -> list[str]:
     return ["--set", *pairs] if pairs else []
 
 
+def smallest_crop(method: str) -> int:
+    """32^3 where the method accepts it, else 64^3 (the conv up-sampling head needs >= 64^3)."""
+    from nnunet_ssl.pretraining.methods import build_config
+
+    try:
+        build_config(method, {"crop_size": 32})
+    except ValueError:
+        return 64
+    return 32
+
+
 @pytest.mark.parametrize("method", pretraining_methods())
 def test_every_method_pretrains_exports_and_its_trainer_loads_the_weights(
     nnunet: NnUNet, method: str, request: pytest.FixtureRequest
 ) -> None:
-    """Every registered method: ``nnunet-ssl pretrain`` (tiny preset, 2 steps, 32^3 crops) on the
+    """Every registered method: ``nnunet-ssl pretrain`` (tiny preset, 2 steps of 2 volumes, 32^3 crops or 64^3 where the head needs them) on the
     phantom pool and ``nnunet-ssl export``, through the CLI. Then its ``Swin<Method>Trainer_tiny_2epochs``
     loads the file: through a real ``nnUNetv2_train`` for iBOT (and for SMIT in
     ``test_pretrained_weights_are_loaded_and_logged``, whose pretraining run this test reuses); for
@@ -342,7 +353,9 @@ def test_every_method_pretrains_exports_and_its_trainer_loads_the_weights(
         nnunet.run(
             "nnunet-ssl", "pretrain", "--method", method, "--data", str(nnunet.root / "unlabeled"),
             "--out", str(run_dir), "--cache-dir", str(nnunet.root / "pretraining_cache"), "--preset", "tiny",
-            "--crop-size", "32", "--batch-size", "1", "--workers", "0", "--max-steps", "2", "--no-progress",
+            # batch 2: the contrastive methods need another volume for their negatives
+            "--crop-size", str(smallest_crop(method)), "--batch-size", "2", "--workers", "0", "--max-steps", "2",
+            "--no-progress",
             *small_head_settings(method),
         )
         path = nnunet.root / f"{method}_tiny_501.pt"
