@@ -77,12 +77,12 @@ def prepare_dataset(work: Path, patch: list[int], batch: int) -> dict[str, str]:
 
 
 def build_trainer(name: str, env: dict[str, str], device: torch.device):
-    """A trainer built as nnUNetv2_train builds it (plans, dataset.json, fold 0), initialised."""
+    """A trainer built as nnUNetv2_train builds it (plans, dataset.json, fold ``all``), initialised."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer",
                                           "nnUNet_def_n_proc", "nnUNet_n_proc_DA")})
-    trainer = get_trainer_from_args("501", "3d_fullres", 0, name, COST_PLANS, device=device)
+    trainer = get_trainer_from_args("501", "3d_fullres", "all", name, COST_PLANS, device=device)
     trainer.initialize()
     return trainer
 
@@ -141,7 +141,7 @@ def time_predict(name: str, trainer, env: dict[str, str], work: Path, device: to
     out = work / "predictions" / name
     shutil.rmtree(out, ignore_errors=True)
     command = [str(BIN / "nnUNetv2_predict"), "-i", str(one), "-o", str(out), "-d", "501", "-c", "3d_fullres",
-               "-p", COST_PLANS, "-tr", name, "-f", "0", "-device", device.type, "-npp", "1", "-nps", "1"]
+               "-p", COST_PLANS, "-tr", name, "-f", "all", "-device", device.type, "-npp", "1", "-nps", "1"]
     if not tta:
         command.append("--disable_tta")
     start = time.perf_counter()

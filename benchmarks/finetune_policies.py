@@ -7,8 +7,10 @@ phantoms, SMIT pretraining, ``nnunet-ssl plan``, ``export``, ``split --shots 5``
 configuration and repeat, each in its own ``nnUNet_results`` folder (the same trainer class is
 used with several policies), then tabulates from nnU-Net's own checkpoint logs:
 
-* the first epoch (0-based, as nnU-Net's log numbers them) whose pseudo-Dice exceeds 0.1;
-* the last epoch's pseudo-Dice and EMA pseudo-Dice;
+* the first epoch (0-based, as nnU-Net's log numbers them) whose pseudo-Dice (nnU-Net's mean over
+  the foreground structures) exceeds 0.1, and the first whose best single structure does;
+* the epochs whose pseudo-Dice is 0 for every structure (background only);
+* the last epoch's pseudo-Dice, EMA pseudo-Dice and validation loss;
 * the foreground mean Dice of nnU-Net's final validation (``validation/summary.json``).
 
 Usage (CPU: 10-40 minutes per run, depending on how busy the 2 cores are)::
@@ -111,8 +113,8 @@ def train(work: Path, config: RunConfig, repeat: int, fold: int) -> float:
         "NNUNET_SSL_SEED": str(repeat),
     }
     args = ["501", "3d_fullres", str(fold), "-tr", config.trainer, "-p", PLANS, "-device", "cpu"]
-    if (out / "checkpoint_latest.pth").is_file():
-        args.append("--c")
+    if (out / "checkpoint_latest.pth").is_file() or (out / "checkpoint_best.pth").is_file():
+        args.append("--c")  # nnU-Net continues from latest, else best (a killed run keeps its policy)
     elif config.pretrained:
         args += ["-pretrained_weights", str(work / "weights" / "smit_Dataset501_Phantom.pt")]
     log = work / "policy_runs" / f"{config.name}_repeat{repeat}.log"
@@ -140,20 +142,29 @@ def summarize(work: Path, config: RunConfig, repeat: int, fold: int) -> dict[str
     curves = load_curves(out, config.trainer, fold)
     if curves is None or not (out / "checkpoint_final.pth").is_file():
         return None
+    import torch
+
     dice, ema = curves.series["mean_fg_dice"], curves.series["ema_fg_dice"]
+    logged = torch.load(curves.source, map_location="cpu", weights_only=False, mmap=True)["logging"]
+    per_class = [[float(v) for v in epoch] for epoch in logged["dice_per_class_or_region"]]
+    best_class = [max((v for v in epoch if math.isfinite(v)), default=math.nan) for epoch in per_class]
     summary = out / "validation" / "summary.json"
     final = json.loads(summary.read_text(encoding="utf-8"))["foreground_mean"]["Dice"] if summary.is_file() else math.nan
     return {
         "config": config.name, "policy": config.policy or "none", "repeat": repeat, "epochs": curves.epochs,
         "first_epoch_pseudo_dice_gt_0.1": first_epoch_above(dice, 0.1),
+        "first_epoch_any_structure_gt_0.1": first_epoch_above(best_class, 0.1),
+        "background_only_epochs": sum(1 for epoch in per_class if all(v == 0 for v in epoch)),
+        "pseudo_dice_per_epoch": " ".join(f"{v:.3f}" for v in dice),
         "last_pseudo_dice": round(dice[-1], 4), "last_ema_pseudo_dice": round(ema[-1], 4),
+        "last_val_loss": round(curves.series["val_losses"][-1], 4),
         "validation_dice": round(final, 4),
     }
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
-    columns = ["config", "policy", "repeat", "first_epoch_pseudo_dice_gt_0.1", "last_pseudo_dice",
-               "last_ema_pseudo_dice", "validation_dice"]
+    columns = ["config", "policy", "repeat", "first_epoch_pseudo_dice_gt_0.1", "first_epoch_any_structure_gt_0.1",
+               "background_only_epochs", "last_pseudo_dice", "last_ema_pseudo_dice", "last_val_loss", "validation_dice"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         value = {k: ("never" if row[k] is None else row[k]) for k in columns}
