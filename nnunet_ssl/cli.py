@@ -261,6 +261,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     payload, report = convert_file(
         args.source, target, preset_name=args.preset, layout=args.layout, prefix=args.prefix,
         allow_partial=args.allow_partial, method=args.method, decoder_seed=args.decoder_seed,
+        channels=args.channels,
     )
     for line in report.lines(limit=10**6 if args.verbose else 8):
         sys.stdout.write(f"  {line}\n")
@@ -350,6 +351,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_channels_argument(parser: argparse.ArgumentParser) -> None:
+    """``--channels``: how a weights file's stem meets a dataset with another channel count (export, convert)."""
+    parser.add_argument(
+        "--channels", choices=["replicate", "first", "mean"], default="replicate",
+        help="stem adaptation when the dataset's channel count differs from the weights': replicate "
+        "(copy x C, scale 1/C; default), first (channel 0 only, others zero), mean (many to fewer)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ssl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -406,9 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", choices=["default", "teacher", "student"], default="default",
                    help="which encoder: default = teacher for distillation methods, else the student")
     p.add_argument("--decoder-seed", type=int, default=0)
-    p.add_argument("--channels", choices=["replicate", "first", "mean"], default="replicate",
-                   help="stem adaptation when the dataset's channel count differs from pretraining: replicate "
-                   "(copy x C, scale 1/C; default), first (channel 0 only, others zero), mean (many to fewer)")
+    add_channels_argument(p)
     p.add_argument("--policy", default="", metavar="POLICY",
                    help="fine-tuning policy stored in the file for the trainer, e.g. "
                    "freeze_encoder_epochs=50,encoder_lr_warmup_epochs=10 (NNUNET_SSL_FINETUNE overrides it)")
@@ -428,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-partial", action="store_true",
                    help="write the file even if keys are missing, unplaced or of another shape (they stay fresh)")
     p.add_argument("--decoder-seed", type=int, default=0)
+    add_channels_argument(p)
 
     p = add("plan", cmd_plan, "plan and preprocess a dataset with the paper's setup (own plans file)")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id in nnUNet_raw")

@@ -163,6 +163,30 @@ def test_model_swinvit_layout_converts_with_no_flag_and_matches(tmp_path: Path) 
             assert relative_error(mine, theirs) < 1e-5, f"hidden state {i}"
 
 
+def test_convert_adapts_the_stem_to_the_datasets_channels(tmp_path: Path) -> None:
+    """``--channels``: a 1-channel MONAI checkpoint into a 2-channel dataset, replicated or first-only."""
+    reference = swin_unetr.SwinTransformer(
+        in_chans=1, embed_dim=12, window_size=(7, 7, 7), patch_size=(2, 2, 2), depths=(2, 2, 2, 2),
+        num_heads=(3, 6, 12, 24), downsample=PatchMergingV09,
+    )
+    randomize(reference, seed=6)
+    source = tmp_path / "model_swinvit.pt"
+    write_model_swinvit(source, reference)
+    stem = reference.patch_embed.proj.weight.detach()
+    target = DatasetTarget("Dataset990_Test", tmp_path / "plans.json", "3d_fullres", in_channels=2, num_classes=3)
+    preset = dataclasses.replace(PRESETS["monai_ssl"], embed_dim=12)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(PRESETS, "monai_ssl12", preset)
+        replicated, _ = convert_file(source, target, preset_name="monai_ssl12")
+        first, _ = convert_file(source, target, preset_name="monai_ssl12", channels="first")
+    kernel = replicated["network_weights"]["encoder.patch_embed.weight"]
+    torch.testing.assert_close(kernel, stem.repeat(1, 2, 1, 1, 1) / 2)
+    kernel = first["network_weights"]["encoder.patch_embed.weight"]
+    torch.testing.assert_close(kernel[:, :1], stem)
+    assert not kernel[:, 1:].any()
+    assert replicated["metadata"]["channel_mode"] == "replicate" and first["metadata"]["channel_mode"] == "first"
+
+
 def test_an_sslhead_checkpoint_drops_its_heads(tmp_path: Path) -> None:
     encoder = SwinEncoder(dataclasses.replace(PRESETS["monai_ssl"], name="x", embed_dim=12))
     monai_keys = {

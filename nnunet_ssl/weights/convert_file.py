@@ -76,6 +76,7 @@ def convert_file(
     allow_partial: bool = False,
     method: str | None = None,
     decoder_seed: int = 0,
+    channels: str = "replicate",
 ) -> tuple[dict[str, Any], ConversionReport]:
     """Build the ``-pretrained_weights`` payload of ``source`` for ``target``.
 
@@ -88,6 +89,8 @@ def convert_file(
         allow_partial: Write the file even when keys are missing, unplaced or of another shape.
         method: Method recorded in the metadata; default: the layout's (:data:`DEFAULT_METHODS`).
         decoder_seed: Seed of the fresh decoder parts.
+        channels: Stem adaptation when the source's input channels differ from the target's
+            (``replicate``, ``first`` or ``mean``; :mod:`nnunet_ssl.weights.channels`).
 
     Returns:
         ``(payload, report)``; the payload's metadata has a ``conversion`` entry (source, layout,
@@ -101,7 +104,7 @@ def convert_file(
         raise FileNotFoundError(f"{path}: no such file or folder")
     payload = None if path.is_dir() else read_torch_file(path, "checkpoint")
     if path.is_dir() or (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT):
-        return _convert_run(path, target, preset_name, decoder_seed)
+        return _convert_run(path, target, preset_name, decoder_seed, channels)
     state, container = unwrap_checkpoint(payload, path)
     try:
         detected, _ = detect_layout(state, prefix)
@@ -126,7 +129,8 @@ def convert_file(
     if report.missing:
         encoder_state = _fill_fresh_encoder(encoder_state, preset_name, decoder_seed)
     result = build_weights_for_target(
-        encoder_state, preset_name, target, method=method, source=str(path), decoder_seed=decoder_seed
+        encoder_state, preset_name, target, method=method, source=str(path), decoder_seed=decoder_seed,
+        channels=channels,
     )
     if decoder_state:
         result["network_weights"] = _overlay_decoder(result["network_weights"], decoder_state, preset_name,
@@ -192,10 +196,10 @@ def _preset_options(preset_name: str) -> dict[str, Any]:
 
 
 def _convert_run(
-    path: Path, target: DatasetTarget, preset_name: str | None, decoder_seed: int
+    path: Path, target: DatasetTarget, preset_name: str | None, decoder_seed: int, channels: str
 ) -> tuple[dict[str, Any], ConversionReport]:
     """One of our pretraining runs: exactly ``nnunet-ssl export``."""
-    result = export_run(path, target, decoder_seed=decoder_seed)
+    result = export_run(path, target, decoder_seed=decoder_seed, channels=channels)
     run_preset = result["metadata"]["preset"]
     if preset_name is not None and preset_name != run_preset:
         raise ConversionError(
