@@ -539,3 +539,13 @@ def test_ignore_label_voxels_are_not_scored(tmp_path: Path) -> None:
 def test_dataset_json_refused_by_nnunet_names_the_problem() -> None:
     with pytest.raises(ValueError, match="ignore label"):
         dataset_info({"labels": {"background": 0, "liver": 1, "ignore": 5, "spleen": 2}, "file_ending": ".nii.gz"})
+
+
+def test_no_import_circle_through_the_cli() -> None:
+    """testset, report and demo find the trainer folder in nnunet_ssl.nnunet_ext; none of them imports the CLI."""
+    import subprocess
+    import sys
+
+    code = ("import sys, nnunet_ssl.analysis.testset, nnunet_ssl.analysis.report, nnunet_ssl.demo, "
+            "nnunet_ssl.experiment.tables; assert 'nnunet_ssl.cli' not in sys.modules, 'cli imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
