@@ -8,6 +8,11 @@ output folder (that would train everything twice): a plain shell loop runs them 
 output after one training was set back to ``checkpoint_latest.pth`` and one prediction was deleted,
 and must skip every finished job, continue that training with ``--c`` and predict that case again,
 leaving the same files as ``experiment run``.
+
+Cost: 4 one-epoch trainings with validation, 4 one-case predictions, a 2-step pretraining and one
+preprocessing, i.e. several minutes on 2 idle cores; on the shared, heavily loaded development machine
+(load ~27 on 2 cores) a single tiny training took 4-13 minutes, so this test was not run to the end
+inside pytest there (see the branch report).
 """
 from __future__ import annotations
 
