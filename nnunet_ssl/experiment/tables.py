@@ -280,13 +280,19 @@ def setting_markdown(table: SettingTable, structures: list[str]) -> str:
         if arm.vs_best is not None and not arm.vs_best.tests[OVERALL].tested:
             notes.append(f"{arm.arm} vs {table.best}: no test, {arm.vs_best.tests[OVERALL].reason}")
     better = [a.arm for a in table.arms if a.arm != table.best and (a.p_best_holm.get(OVERALL) or 1.0) < ALPHA]
+    if table.best is None:
+        winner = "No arm has a complete run yet."
+    else:
+        winner = (
+            f"★ best arm (highest mean {OVERALL} Dice)"
+            + (f"; significantly better than {', '.join(better)}" if better else
+               "; not significantly better than any other arm")
+            + f" (two-sided paired Wilcoxon on per-case {OVERALL} Dice, Holm across arms, alpha {ALPHA})."
+        )
     text = markdown_table(header, rows)
     text += (
         f"\n\n{table.setting.title}: folds {', '.join(map(str, table.setting.folds))}. Cells: mean ± sd over "
-        f"{seeds_word} of each run's mean Dice ({OVERALL}: mean over structures). ★ best arm (highest mean "
-        f"{OVERALL} Dice)"
-        + (f"; significantly better than {', '.join(better)}" if better else "; not significantly better than any other arm")
-        + f" (two-sided paired Wilcoxon on per-case {OVERALL} Dice, Holm across arms, alpha {ALPHA}). "
+        f"{seeds_word} of each run's mean Dice ({OVERALL}: mean over structures). {winner} "
         f"Epochs to 90%: epochs until the EMA pseudo-Dice first reached 90 % of its final value, mean over runs."
     )
     missing = [f"{a.arm} fold {r.fold}: {r.status}: {r.reason}" for a in table.arms for r in a.runs if not r.complete]
