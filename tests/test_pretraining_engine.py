@@ -164,7 +164,7 @@ def test_export_builds_nnunet_weights(volumes: Path, tmp_path: Path) -> None:
     meta = payload["metadata"]
     assert meta["method"] == "smit" and meta["preset"] == "tiny" and meta["in_channels"] == 2
     assert meta["intensity"]["window"] == [-500.0, 500.0]
-    assert "stem replicated x2" in meta["channel_adaptation"]
+    assert meta["channel_adaptation"] == "replicate 1->2: stem copied x2 and scaled by 1/2"
     net = SwinUNETRSeg(PRESETS["tiny"], 2, 4)
     net.load_state_dict(payload["network_weights"])
     torch.testing.assert_close(net.encoder.stages[2].blocks[0].attn.qkv.weight, teacher["stages.2.blocks.0.attn.qkv.weight"])
