@@ -23,14 +23,14 @@ from torch import Tensor, nn
 
 from nnunet_ssl.networks.presets import SwinPreset
 from nnunet_ssl.pretraining.heads import DINOHead
-from nnunet_ssl.pretraining.losses import cross_view_distillation_loss, updated_center
+from nnunet_ssl.pretraining.losses import cross_view_distillation_loss
 from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_crop_settings
 from nnunet_ssl.pretraining.methods.distillation import (
     DistillationConfig,
+    advance_center,
     freeze_last_layers,
     student_branch,
-    teacher_entropy,
 )
 from nnunet_ssl.pretraining.teacher import EMATeacher, export_encoder_state
 from nnunet_ssl.pretraining.tokens import by_view, dense_and_pooled, freeze_skipped_stage, stride16_tokens
@@ -126,9 +126,7 @@ class DINO(nn.Module):
             teacher = self._logits(self.teacher, x, b)
         tau_t = cfg.teacher_temp(context)
         loss = cross_view_distillation_loss(student, teacher, self.center, cfg.student_temp, tau_t)
-        entropy = teacher_entropy(teacher, self.center, tau_t)
-        with torch.no_grad():
-            self.center.copy_(updated_center(self.center, teacher, cfg.center_momentum, context.collectives))
+        entropy = advance_center(self.center, teacher, tau_t, cfg, context)
         scalar = loss.detach().new_tensor
         return {
             "loss": loss,

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from nnunet_ssl.networks.presets import SwinPreset
 from nnunet_ssl.networks.swin import SwinEncoder
 from nnunet_ssl.pretraining.heads import DINOHead
-from nnunet_ssl.pretraining.losses import entropy, teacher_probabilities
+from nnunet_ssl.pretraining.losses import entropy, teacher_probabilities, updated_center
 from nnunet_ssl.pretraining.methods.base import StepContext
 from nnunet_ssl.pretraining.schedules import linear_warmup
 
@@ -99,3 +99,14 @@ def freeze_last_layers(heads: Iterable[DINOHead], config: DistillationConfig, co
 def teacher_entropy(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
     """Mean entropy (nats) of the centred, sharpened teacher distribution: 0 = collapse, ln K = uniform."""
     return entropy(teacher_probabilities(teacher_logits, center, teacher_temp)).mean()
+
+
+@torch.no_grad()
+def advance_center(
+    center: Tensor, teacher_logits: Tensor, teacher_temp: float, config: DistillationConfig, context: StepContext
+) -> Tensor:
+    """After the loss: the teacher entropy under the current centre (returned for the log), then the
+    centre's EMA update in place, averaged over ranks through ``context.collectives``."""
+    mean_entropy = teacher_entropy(teacher_logits, center, teacher_temp)
+    center.copy_(updated_center(center, teacher_logits, config.center_momentum, context.collectives))
+    return mean_entropy

@@ -31,16 +31,15 @@ from nnunet_ssl.pretraining.heads import DINOHead
 from nnunet_ssl.pretraining.losses import (
     cross_view_distillation_loss,
     masked_patch_distillation_loss,
-    updated_center,
 )
 from nnunet_ssl.pretraining.masking import random_unit_masks, validate_mask_settings
 from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_crop_settings
 from nnunet_ssl.pretraining.methods.distillation import (
     DistillationConfig,
+    advance_center,
     freeze_last_layers,
     student_branch,
-    teacher_entropy,
 )
 from nnunet_ssl.pretraining.teacher import EMATeacher, export_encoder_state
 from nnunet_ssl.pretraining.tokens import (
@@ -154,13 +153,8 @@ class IBOT(nn.Module):
             patch_s, patch_t, token_mask, self.center_patch, cfg.student_temp, tau_t
         )
         loss = cfg.lambda_cls * loss_cls + cfg.lambda_patch * loss_patch
-        entropy_cls = teacher_entropy(cls_t, self.center_cls, tau_t)
-        entropy_patch = teacher_entropy(patch_t, self.center_patch, tau_t)
-        with torch.no_grad():
-            self.center_cls.copy_(updated_center(self.center_cls, cls_t, cfg.center_momentum, context.collectives))
-            self.center_patch.copy_(
-                updated_center(self.center_patch, patch_t, cfg.center_momentum, context.collectives)
-            )
+        entropy_cls = advance_center(self.center_cls, cls_t, tau_t, cfg, context)
+        entropy_patch = advance_center(self.center_patch, patch_t, tau_t, cfg, context)
         scalar = loss.detach().new_tensor
         return {
             "loss": loss,

@@ -33,16 +33,15 @@ from nnunet_ssl.pretraining.losses import (
     cross_view_distillation_loss,
     masked_patch_distillation_loss,
     masked_pixel_loss,
-    updated_center,
 )
 from nnunet_ssl.pretraining.masking import random_unit_masks
 from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings
 from nnunet_ssl.pretraining.methods.distillation import (
     DistillationConfig,
+    advance_center,
     freeze_last_layers,
     student_branch,
-    teacher_entropy,
 )
 from nnunet_ssl.pretraining.teacher import EMATeacher, export_encoder_state
 from nnunet_ssl.pretraining.tokens import DENSE_STRIDE, by_view, dense_and_pooled, dense_token_mask
@@ -167,13 +166,8 @@ class SMIT(nn.Module):
         )
         loss = loss_mip + cfg.lambda_mpd * loss_mpd + cfg.lambda_itd * loss_itd
 
-        entropy_cls = teacher_entropy(cls_t, self.center_cls, tau_t)
-        entropy_patch = teacher_entropy(patch_t, self.center_patch, tau_t)
-        with torch.no_grad():
-            self.center_cls.copy_(updated_center(self.center_cls, cls_t, cfg.center_momentum, context.collectives))
-            self.center_patch.copy_(
-                updated_center(self.center_patch, patch_t, cfg.center_momentum, context.collectives)
-            )
+        entropy_cls = advance_center(self.center_cls, cls_t, tau_t, cfg, context)
+        entropy_patch = advance_center(self.center_patch, patch_t, tau_t, cfg, context)
         scalar = loss.detach().new_tensor
         return {
             "loss": loss,
