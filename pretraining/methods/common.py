@@ -71,11 +71,14 @@ def validate_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def with_drop_path(preset: SwinPreset, drop_path_rate: float | None) -> SwinPreset:
+    """``preset`` with the method's student stochastic depth (None keeps the preset's)."""
+    return preset if drop_path_rate is None else dataclasses.replace(preset, drop_path_rate=drop_path_rate)
+
+
 def student_encoder(preset: SwinPreset, drop_path_rate: float | None, in_channels: int) -> SwinEncoder:
     """A student encoder without mask token, with the method's stochastic depth (None keeps the preset's)."""
-    if drop_path_rate is not None:
-        preset = dataclasses.replace(preset, drop_path_rate=drop_path_rate)
-    return SwinEncoder(preset, in_channels, use_mask_token=False)
+    return SwinEncoder(with_drop_path(preset, drop_path_rate), in_channels, use_mask_token=False)
 
 
 def student_encoder_state(encoder: SwinEncoder, source: str, method: str) -> dict[str, Tensor]:

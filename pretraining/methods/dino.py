@@ -13,7 +13,6 @@ The heads read the stride-16 tokens (pool6), so stage 4 is neither run nor train
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar, cast
@@ -25,7 +24,7 @@ from nnunet_ssl.networks.presets import SwinPreset
 from nnunet_ssl.pretraining.heads import DINOHead
 from nnunet_ssl.pretraining.losses import cross_view_distillation_loss
 from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
-from nnunet_ssl.pretraining.methods.common import checked_views, validate_crop_settings
+from nnunet_ssl.pretraining.methods.common import checked_views, validate_crop_settings, with_drop_path
 from nnunet_ssl.pretraining.methods.distillation import (
     DistillationConfig,
     advance_center,
@@ -90,8 +89,7 @@ class DINO(nn.Module):
         super().__init__()
         cfg = config if config is not None else DINOConfig()
         self.config = cfg
-        if cfg.drop_path_rate is not None:
-            preset = dataclasses.replace(preset, drop_path_rate=cfg.drop_path_rate)
+        preset = with_drop_path(preset, cfg.drop_path_rate)
         self.preset = preset
         self.student = student_branch(preset, in_channels, False, {"head": cfg.head(preset.feature_dims[3])})
         freeze_skipped_stage(self.student["encoder"])  # stage 4 never runs: no unused parameters under DDP

@@ -18,7 +18,6 @@ The heads read the stride-16 tokens, so stage 4 is neither run nor trained.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar, cast
@@ -34,7 +33,7 @@ from nnunet_ssl.pretraining.losses import (
 )
 from nnunet_ssl.pretraining.masking import random_unit_masks, validate_mask_settings
 from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
-from nnunet_ssl.pretraining.methods.common import checked_views, validate_crop_settings
+from nnunet_ssl.pretraining.methods.common import checked_views, validate_crop_settings, with_drop_path
 from nnunet_ssl.pretraining.methods.distillation import (
     DistillationConfig,
     advance_center,
@@ -109,8 +108,7 @@ class IBOT(nn.Module):
         super().__init__()
         cfg = config if config is not None else IBOTConfig()
         self.config = cfg
-        if cfg.drop_path_rate is not None:
-            preset = dataclasses.replace(preset, drop_path_rate=cfg.drop_path_rate)
+        preset = with_drop_path(preset, cfg.drop_path_rate)
         self.preset = preset
         self.student = student_branch(preset, in_channels, True, {"head": cfg.head(preset.feature_dims[3])})
         freeze_skipped_stage(self.student["encoder"])  # stage 4 never runs: no unused parameters under DDP

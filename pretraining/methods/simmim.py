@@ -7,7 +7,6 @@ There is no teacher, so SimMIM defines neither optional hook (``before_optimizer
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,7 +15,7 @@ from nnunet_ssl.pretraining.heads import LinearPixelHead
 from nnunet_ssl.pretraining.losses import masked_pixel_loss
 from nnunet_ssl.pretraining.masking import random_unit_masks
 from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
-from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings
+from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings, with_drop_path
 from torch import Tensor, nn
 
 from nnunet_ssl.networks.presets import ENCODER_STRIDE, SwinPreset
@@ -68,8 +67,7 @@ class SimMIM(nn.Module):
     def __init__(self, preset: SwinPreset, config: SimMIMConfig | None = None, in_channels: int = 1) -> None:
         super().__init__()
         self.config = config if config is not None else SimMIMConfig()
-        if self.config.drop_path_rate is not None:
-            preset = dataclasses.replace(preset, drop_path_rate=self.config.drop_path_rate)
+        preset = with_drop_path(preset, self.config.drop_path_rate)
         self.preset = preset
         self.encoder = SwinEncoder(preset, in_channels, use_mask_token=True)
         self.pixel_head = LinearPixelHead(preset.feature_dims[4], ENCODER_STRIDE, in_channels)

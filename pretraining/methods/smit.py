@@ -19,7 +19,6 @@ Per step, with two crops per volume, each masked independently for the student:
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar, cast
@@ -36,7 +35,7 @@ from nnunet_ssl.pretraining.losses import (
 )
 from nnunet_ssl.pretraining.masking import random_unit_masks
 from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
-from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings
+from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings, with_drop_path
 from nnunet_ssl.pretraining.methods.distillation import (
     DistillationConfig,
     advance_center,
@@ -111,8 +110,7 @@ class SMIT(nn.Module):
         super().__init__()
         cfg = config if config is not None else SMITConfig()
         self.config = cfg
-        if cfg.drop_path_rate is not None:
-            preset = dataclasses.replace(preset, drop_path_rate=cfg.drop_path_rate)
+        preset = with_drop_path(preset, cfg.drop_path_rate)
         self.preset = preset
         dense_dim = preset.feature_dims[3]
         self.student = student_branch(
