@@ -20,9 +20,9 @@ demo: $(INSTALLED)
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -ra; status=$$?; \
+	$(BIN)/python -m pytest -ra --durations=15; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 test-fast: $(INSTALLED)
-	$(BIN)/python -m pytest -ra -m "not e2e"; status=$$?; \
+	$(BIN)/python -m pytest -ra --durations=15 -m "not e2e"; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status

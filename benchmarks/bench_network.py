@@ -151,7 +151,7 @@ def build_network(variant: Variant, num_classes: int) -> torch.nn.Module:
 
 def _current_rss_bytes() -> int:
     try:
-        with open("/proc/self/statm") as f:
+        with open("/proc/self/statm", encoding="utf-8") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return _peak_rss_bytes()
@@ -358,7 +358,7 @@ def machine_description(args: argparse.Namespace) -> list[str]:
     else:
         cpu = platform.processor() or "unknown CPU"
         try:
-            with open("/proc/cpuinfo") as f:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
                 info = f.read()
             cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
             flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()

@@ -143,7 +143,7 @@ def time_loader(manifest, config: DataConfig, batches: int, warmup: int, seed: i
 def machine_description(args: argparse.Namespace) -> list[str]:
     cpu = platform.processor() or "unknown CPU"
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass

@@ -5,6 +5,7 @@ Only this module parses arguments and configures logging.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -522,7 +523,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tolerate_narrow_terminals() -> None:
+    """Let tables with +/- signs and arrows reach a terminal whose encoding lacks them (an ASCII locale).
+
+    Python encodes stdout strictly in such a locale, so ``nnunet-ssl report`` would die on its own
+    table after the work was done; escaping the few characters instead keeps the output readable.
+    Files are always written as UTF-8.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.encoding.lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    tolerate_narrow_terminals()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -50,7 +50,7 @@ def atomic_json_dump(obj: Any, path: str | os.PathLike[str]) -> Path:
     """Write JSON atomically, indented and key-sorted."""
 
     def write(tmp: str) -> None:
-        with open(tmp, "w") as handle:
+        with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(obj, handle, indent=2, sort_keys=True)
             handle.write("\n")
 

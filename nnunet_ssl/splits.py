@@ -331,7 +331,7 @@ def _atomic_json_list(splits: list[dict[str, Any]], path: Path) -> None:
     """nnU-Net's split file layout (a list; key order train, val)."""
 
     def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(splits, indent=4) + "\n")
+        Path(tmp).write_text(json.dumps(splits, indent=4) + "\n", encoding="utf-8")
 
     atomic_write(path, write)
 

@@ -267,8 +267,8 @@ def cka_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     results = root / "Dataset990_CKA" / "SwinSMITTrainer_tiny_2epochs__nnUNetPlans__3d_fullres"
     fold = results / "fold_0"
     fold.mkdir(parents=True)
-    (results / "plans.json").write_text(json.dumps(_plans(64)))
-    (results / "dataset.json").write_text(json.dumps(dataset_json))
+    (results / "plans.json").write_text(json.dumps(_plans(64)), encoding="utf-8")
+    (results / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
     checkpoint = {
         "network_weights": {f"_orig_mod.{k}": v for k, v in payload["network_weights"].items()},
         "trainer_name": "SwinSMITTrainer_tiny_2epochs",
@@ -299,11 +299,11 @@ def test_cka_command_writes_tables_and_figures_and_identical_encoders_score_one(
     assert main(argv) == 0
     for name in ("cka_per_layer.csv", "cka_matrix.csv", "cka_per_layer.png", "cka_heatmap.png", "cka_settings.json"):
         assert (out / name).stat().st_size > 0, name
-    with open(out / "cka_per_layer.csv") as handle:
+    with open(out / "cka_per_layer.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["layer"] for r in rows] == encoder_layer_names(PRESETS["tiny"])
     assert all(float(r["cka"]) == pytest.approx(1.0, abs=1e-6) for r in rows)
-    with open(out / "cka_matrix.csv") as handle:
+    with open(out / "cka_matrix.csv", encoding="utf-8") as handle:
         matrix = list(csv.reader(handle))
     assert len(matrix) == 1 + 9 and all(len(row) == 1 + 9 for row in matrix)
     summary = json.loads((out / "cka_settings.json").read_text(encoding="utf-8"))

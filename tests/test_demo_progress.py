@@ -35,7 +35,7 @@ def test_epoch_progress_line_from_nnunet_output(caplog: pytest.LogCaptureFixture
 def test_keep_structures_merges_lesions_into_liver_and_is_idempotent(tmp_path: Path) -> None:
     (tmp_path / "labelsTr").mkdir()
     labels = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "lesion": 4}
-    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".nii.gz"}))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".nii.gz"}), encoding="utf-8")
     array = np.array([[[0, 1, 2, 3, 4]]], dtype=np.uint8)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((0.8, 0.8, 2.5))
@@ -45,6 +45,6 @@ def test_keep_structures_merges_lesions_into_liver_and_is_idempotent(tmp_path: P
     out = sitk.ReadImage(str(tmp_path / "labelsTr" / "c1.nii.gz"))
     assert sitk.GetArrayFromImage(out).tolist() == [[[0, 1, 2, 0, 1]]]  # kidney -> background, lesion -> liver
     assert out.GetSpacing() == pytest.approx((0.8, 0.8, 2.5))
-    assert json.loads((tmp_path / "dataset.json").read_text())["labels"] == {"background": 0, "liver": 1, "spleen": 2}
+    assert json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))["labels"] == {"background": 0, "liver": 1, "spleen": 2}
     with pytest.raises(ValueError, match="pancreas"):
         keep_structures(tmp_path, ["pancreas"])

@@ -47,7 +47,7 @@ def test_demo_runs_every_stage_and_writes_report_and_cka(demo: tuple[Demo, Path]
     text = report.read_text(encoding="utf-8")
     assert f"{SCRATCH} (reference)" in text and SMIT in text
     assert "few-shot, 3 training cases" in text
-    manifest = json.loads((runner.preprocessed / runner.dataset_name / "splits_manifest.json").read_text())
+    manifest = json.loads((runner.preprocessed / runner.dataset_name / "splits_manifest.json").read_text(encoding="utf-8"))
     assert [(f["fold"], f["size"]) for f in manifest["folds"]] == [(5, 3)] and runner.fold == 5
 
     rows = read_csv(runner.root / "report" / "dice_per_case.csv")

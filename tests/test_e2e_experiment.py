@@ -57,7 +57,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[NnUNet, Path]:
         "test_set": "imagesTs",
     }
     path = root / "exp.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     return runner, path
 
 
@@ -105,7 +105,7 @@ def resume_emit_report(nnunet: NnUNet, path: Path) -> None:
 
     # 2. resumed: the finished jobs are skipped, the rest run
     resumed = nnunet.run("nnunet-ssl", "experiment", "run", str(path), "--no-progress", timeout=3600)
-    status = json.loads((out / "jobs.json").read_text())
+    status = json.loads((out / "jobs.json").read_text(encoding="utf-8"))
     assert status["train-scratch-few_shot3-fold5"]["status"] == "skipped"
     assert status["predict-scratch-few_shot3-fold5"]["status"] == "skipped"
     assert status["export-smit"]["status"] == "skipped"  # exported before the interruption
@@ -113,14 +113,14 @@ def resume_emit_report(nnunet: NnUNet, path: Path) -> None:
     assert "9 job(s): " in resumed.stderr and " 0 failed" in resumed.stderr
     assert all((d / "validation" / "summary.json").is_file() for d in fold_dirs.values())
     log = (fold_dirs["smit", 6] / next(iter(sorted(p.name for p in fold_dirs["smit", 6].glob("training_log_*.txt")))))
-    text = log.read_text()
+    text = log.read_text(encoding="utf-8")
     assert "NNUNET_SSL_SEED=0" in text and "NNUNET_SSL_EPOCHS=1" in text and "Pretrained weights loaded" in text
     layout = _relative_files(out)
 
     # 3. the emitted commands, run by a plain shell loop, agree with `run` on every job
     jobs_sh = path.parent / "jobs.sh"
     nnunet.run("nnunet-ssl", "experiment", "emit", str(path), "--format", "commands", "--out", str(jobs_sh))
-    lines = jobs_sh.read_text().splitlines()
+    lines = jobs_sh.read_text(encoding="utf-8").splitlines()
     assert sum(line.startswith("{ ") for line in lines) == len(status)
     scratch6 = fold_dirs["scratch", 6]
     os.replace(scratch6 / "checkpoint_final.pth", scratch6 / "checkpoint_latest.pth")  # an interrupted training
@@ -131,17 +131,17 @@ def resume_emit_report(nnunet: NnUNet, path: Path) -> None:
     loop = f'while IFS= read -r line; do eval "$line" || exit 1; done < {jobs_sh}'
     subprocess.run(["bash", "-c", loop], env=nnunet.env, check=True, timeout=2400)
     assert _relative_files(out) == layout
-    assert "train-scratch-few_shot3-fold5: already done" in (out / "logs" / "train-scratch-few_shot3-fold5.log").read_text()
+    assert "train-scratch-few_shot3-fold5: already done" in (out / "logs" / "train-scratch-few_shot3-fold5.log").read_text(encoding="utf-8")
     new_logs = set(scratch6.glob("training_log_*.txt")) - logs_before
     assert len(new_logs) == 1  # one nnUNetv2_train start, continued (--c) at epoch 1 of 1: no epoch trained again
-    assert " Epoch 0" not in new_logs.pop().read_text()
+    assert " Epoch 0" not in new_logs.pop().read_text(encoding="utf-8")
     assert prediction.is_file()
 
     # 4. the report, checked against nnU-Net's own evaluation of the same predictions
     nnunet.run("nnunet-ssl", "experiment", "report", str(path), "--no-cka")
     report = out / "report"
-    assert "few-shot, 3 training cases" in (report / "report.md").read_text()
-    with open(report / "runs.csv") as handle:
+    assert "few-shot, 3 training cases" in (report / "report.md").read_text(encoding="utf-8")
+    with open(report / "runs.csv", encoding="utf-8") as handle:
         runs = list(csv.DictReader(handle))
     labels = Path(nnunet.env["nnUNet_raw"]) / "Dataset501_Phantom" / "labelsTs"
     run_means = {}
@@ -152,7 +152,7 @@ def resume_emit_report(nnunet: NnUNet, path: Path) -> None:
                        "-djfile", str(Path(nnunet.env["nnUNet_preprocessed"]) / "Dataset501_Phantom" / "dataset.json"),
                        "-pfile", str(Path(nnunet.env["nnUNet_preprocessed"]) / "Dataset501_Phantom" / "nnUNetPlans.json"),
                        "-o", str(summary_file), "-np", "1")
-            nnunet_means = json.loads(summary_file.read_text())["mean"]
+            nnunet_means = json.loads(summary_file.read_text(encoding="utf-8"))["mean"]
             ours = {r["structure"]: r["mean_dice"] for r in runs if r["arm"] == arm and r["fold"] == str(fold)}
             finite = []
             for name, label in LABELS.items():
@@ -164,7 +164,7 @@ def resume_emit_report(nnunet: NnUNet, path: Path) -> None:
                     finite.append(expected)
             run_means[arm, fold] = sum(finite) / len(finite)
             assert float(ours["overall"]) == pytest.approx(run_means[arm, fold])
-    with open(report / "tables.csv") as handle:
+    with open(report / "tables.csv", encoding="utf-8") as handle:
         tables = {r["arm"]: r for r in csv.DictReader(handle) if r["structure"] == "overall"}
     for arm in ("scratch", "smit"):
         assert float(tables[arm]["mean"]) == pytest.approx((run_means[arm, 5] + run_means[arm, 6]) / 2)

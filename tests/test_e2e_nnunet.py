@@ -191,7 +191,7 @@ def add_second_channel(dataset_dir: Path) -> None:
     """Turn a phantom CT dataset into a 2-channel one (CT + a synthetic 'T2' with other contrast)."""
     dataset_json = json.loads((dataset_dir / "dataset.json").read_text(encoding="utf-8"))
     dataset_json["channel_names"] = {"0": "CT", "1": "T2"}
-    (dataset_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (dataset_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
     rng = np.random.default_rng(5)
     for image_file in sorted(dataset_dir.glob("images*/*_0000.nii.gz")):
         ct = sitk.ReadImage(str(image_file))
@@ -235,7 +235,7 @@ def test_report_scores_validation_and_test_set_and_reuses_predictions(nnunet: Nn
         return result
 
     def rows(path: Path) -> list[dict[str, str]]:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
 
     # nnU-Net's own validation (real validation/summary.json)

@@ -63,7 +63,7 @@ def write_ct_dataset(raw: Path, num_cases: int = 3) -> Path:
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT", "1": "T1"}, "labels": {"background": 0, "ball": 1},
         "numTraining": num_cases, "file_ending": ".nii.gz",
-    }))
+    }), encoding="utf-8")
     return folder
 
 
@@ -145,7 +145,7 @@ def test_refuses_nnunets_own_and_foreign_plans_files(window_ct: NnUNet) -> None:
     result = window_ct.run("nnunet-ssl", "plan", "-d", "601", "--plans-name", "nnUNetPlans", check=False)
     assert result.returncode == 1 and "nnU-Net's own plans file" in result.stderr
     foreign = window_ct.preprocessed / "MyPlans.json"
-    foreign.write_text(json.dumps({"experiment_planner_used": "ExperimentPlanner", "configurations": {}}))
+    foreign.write_text(json.dumps({"experiment_planner_used": "ExperimentPlanner", "configurations": {}}), encoding="utf-8")
     result = window_ct.run("nnunet-ssl", "plan", "-d", "601", "--plans-name", "MyPlans", check=False)
     assert result.returncode == 1 and "not `nnunet-ssl plan`" in result.stderr
     assert json.loads(foreign.read_text(encoding="utf-8"))["experiment_planner_used"] == "ExperimentPlanner"

@@ -42,7 +42,7 @@ def write_experiment(tmp_path: Path, **changes) -> Path:
     }
     data.update(changes)
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
 
 
@@ -87,7 +87,7 @@ def test_bad_fields_are_named(tmp_path: Path, change: dict, message: str) -> Non
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
-    (tmp_path / "bad.yaml").write_text("arms: [unclosed\n")
+    (tmp_path / "bad.yaml").write_text("arms: [unclosed\n", encoding="utf-8")
     with pytest.raises(ExperimentError, match="bad.yaml"):
         load_experiment(tmp_path / "bad.yaml")
     with pytest.raises(FileNotFoundError):
@@ -156,7 +156,7 @@ def test_decide_and_shell_agree_on_every_state(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("nnUNetv2_train", "nnUNetv2_predict", "nnunet-ssl"):  # stand-ins that print their arguments
-        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*"\n')
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*"\n', encoding="utf-8")
         (bin_dir / tool).chmod(0o755)
     for expected, files in states.items():
         for name in ("checkpoint_latest.pth", "checkpoint_final.pth", "validation/summary.json"):
@@ -169,7 +169,7 @@ def test_decide_and_shell_agree_on_every_state(tmp_path: Path) -> None:
         job.log.parent.mkdir(parents=True, exist_ok=True)
         job.log.unlink(missing_ok=True)
         subprocess.run(["sh", "-c", job_line(job)], check=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
-        logged = job.log.read_text().strip()
+        logged = job.log.read_text(encoding="utf-8").strip()
         assert logged == (f"{job.id}: already done" if argv is None else " ".join(argv)), expected
 
 
@@ -194,8 +194,8 @@ def test_runner_records_failures_and_blocks_dependents(tmp_path: Path, monkeypat
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "ok").write_text('#!/bin/sh\ntouch "$1"\n')
-    (bin_dir / "fail").write_text("#!/bin/sh\necho broken >&2\nexit 3\n")
+    (bin_dir / "ok").write_text('#!/bin/sh\ntouch "$1"\n', encoding="utf-8")
+    (bin_dir / "fail").write_text("#!/bin/sh\necho broken >&2\nexit 3\n", encoding="utf-8")
     for tool in ("ok", "fail"):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
@@ -210,8 +210,8 @@ def test_runner_records_failures_and_blocks_dependents(tmp_path: Path, monkeypat
     ]
     status = run_jobs(jobs, 2, tmp_path / "jobs.json", progress=False)
     assert {k: v[0] for k, v in status.items()} == {"a": DONE, "b": FAILED, "c": BLOCKED, "d": DONE}
-    assert "exit 3" in status["b"][1] and "broken" in (logs / "b.log").read_text()
-    assert json.loads((tmp_path / "jobs.json").read_text())["c"]["status"] == BLOCKED
+    assert "exit 3" in status["b"][1] and "broken" in (logs / "b.log").read_text(encoding="utf-8")
+    assert json.loads((tmp_path / "jobs.json").read_text(encoding="utf-8"))["c"]["status"] == BLOCKED
     again = run_jobs(jobs, 1, tmp_path / "jobs.json", progress=False)
     assert again["a"][0] == "skipped" and again["d"][0] == "skipped"
 
@@ -241,13 +241,13 @@ def test_splits_made_by_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     root = tmp_path / "pre"
     folder = fake_preprocessed_dataset(root)
-    (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}), encoding="utf-8")
     monkeypatch.setenv("nnUNet_preprocessed", str(root))
     monkeypatch.delenv("nnUNet_raw", raising=False)
     path = write_experiment(tmp_path, dataset="Dataset777_Fake",
                             settings={"few_shot": {"shots": [3], "seeds": [0, 1]}, "full": {"folds": [0]}})
     prepared = prepare(load_experiment(path))
-    manifest = json.loads((folder / "splits_manifest.json").read_text())
+    manifest = json.loads((folder / "splits_manifest.json").read_text(encoding="utf-8"))
     assert [(f["fold"], f["size"], f["seed"]) for f in manifest["folds"]] == [(5, 3, 0), (6, 3, 1)]
     assert [s.folds for s in prepared.settings] == [{0: 0}, {5: 0, 6: 1}]
     assert prepare(load_experiment(path)).jobs == prepared.jobs  # idempotent
@@ -264,7 +264,7 @@ def _fake_fold(fold_dir: Path, cases: list[str], dice: dict[str, tuple[float, fl
     torch.save({"logging": {"ema_fg_dice": ema, "mean_fg_dice": ema}}, fold_dir / "checkpoint_final.pth")
     per_case = [{"reference_file": f"/gt/{c}.nii.gz", "prediction_file": f"/p/{c}.nii.gz",
                  "metrics": {"1": {"Dice": dice[c][0]}, "2": {"Dice": dice[c][1]}}} for c in cases]
-    (fold_dir / "validation" / "summary.json").write_text(json.dumps({"metric_per_case": per_case}))
+    (fold_dir / "validation" / "summary.json").write_text(json.dumps({"metric_per_case": per_case}), encoding="utf-8")
 
 
 def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -278,7 +278,7 @@ def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     root = tmp_path / "pre"
     folder = fake_preprocessed_dataset(root)
     (folder / "dataset.json").write_text(json.dumps(
-        {"labels": {"background": 0, "liver": 1, "spleen": 2}, "file_ending": ".nii.gz"}))
+        {"labels": {"background": 0, "liver": 1, "spleen": 2}, "file_ending": ".nii.gz"}), encoding="utf-8")
     monkeypatch.setenv("nnUNet_preprocessed", str(root))
     monkeypatch.delenv("nnUNet_raw", raising=False)
     path = write_experiment(tmp_path, dataset="Dataset777_Fake", arms=[
@@ -286,7 +286,7 @@ def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         settings={"full": {"folds": [0]}, "few_shot": {"shots": [3], "seeds": [0, 1]}})
     experiment = load_experiment(path)
     prepared = prepare(experiment)
-    val = json.loads((folder / "splits_final.json").read_text())[0]["val"]
+    val = json.loads((folder / "splits_final.json").read_text(encoding="utf-8"))[0]["val"]
     index = {c: i for i, c in enumerate(sorted(val))}
 
     def dice(arm: str, fold: int, case: str) -> tuple[float, float]:
@@ -329,7 +329,7 @@ def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert scratch.epochs_to_converge.mean == 3 and smit.epochs_to_converge.mean == 2
     text = report.markdown
     assert "smit ★" in text and "1/2" in text and "smit fold 6: missing" in text
-    rows = list(__import__("csv").DictReader(open(prepared.paths.report / "tables.csv")))
+    rows = list(__import__("csv").DictReader(open(prepared.paths.report / "tables.csv", encoding="utf-8")))
     overall = {(r["setting"], r["size"], r["arm"]): r for r in rows if r["structure"] == "overall"}
     assert float(overall[("few_shot", "3", "scratch")]["p_vs_best_holm"]) == pytest.approx(expected_p)
     assert overall[("full", "", "smit")]["best"] == "True"
@@ -366,7 +366,7 @@ def test_report_cka_few_shot_vs_full(tmp_path: Path, monkeypatch: pytest.MonkeyP
     folder = fake_preprocessed_dataset(root)
     dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
                     "file_ending": ".nii.gz"}
-    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
     images = tmp_path / "raw" / "Dataset777_Fake" / "imagesTr"
     images.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -381,19 +381,19 @@ def test_report_cka_few_shot_vs_full(tmp_path: Path, monkeypatch: pytest.MonkeyP
     prepared = prepare(experiment)
     torch.manual_seed(1)
     payload = build_weights_file(SwinEncoder(PRESETS["tiny"]).state_dict(), "tiny", 1, 3, method="smit")
-    splits = json.loads((folder / "splits_final.json").read_text())
+    splits = json.loads((folder / "splits_final.json").read_text(encoding="utf-8"))
     for fold in (0, 5):
         fold_dir = prepared.paths.fold_dir("scratch", "SwinScratchTrainer_tiny_2epochs", fold)
         _fake_fold(fold_dir, splits[fold]["val"], {c: (0.5, 0.5) for c in splits[fold]["val"]}, [0.2, 0.4])
         torch.save({"network_weights": payload["network_weights"], "trainer_name": "SwinScratchTrainer_tiny_2epochs",
                     "init_args": {"configuration": "3d_fullres"}, "logging": {"ema_fg_dice": [0.2, 0.4]}},
                    fold_dir / "checkpoint_final.pth")
-        (fold_dir.parent / "plans.json").write_text(json.dumps(_plans(64)))
-        (fold_dir.parent / "dataset.json").write_text(json.dumps(dataset_json))
+        (fold_dir.parent / "plans.json").write_text(json.dumps(_plans(64)), encoding="utf-8")
+        (fold_dir.parent / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
     report = make_experiment_report(experiment, cka=True)
     assert len(report.cka) == 1
     row = report.cka[0]
     assert (row.arm, row.setting, row.pairs) == ("scratch", "few_shot3", 1)
     assert row.layers == [f"stage{s}.block2" for s in range(1, 5)]
     assert row.values == pytest.approx([1.0] * 4, abs=1e-6)
-    assert "stage1.block2" in (prepared.paths.report / "cka.csv").read_text()
+    assert "stage1.block2" in (prepared.paths.report / "cka.csv").read_text(encoding="utf-8")

@@ -192,8 +192,8 @@ def nnunet_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     preprocessed = tmp_path / "preprocessed" / PLANS["dataset_name"]
     (preprocessed / "nnUNetPlans_3d_fullres").mkdir(parents=True)
     (preprocessed / "nnUNetPlans_3d_fullres" / "case_000.b2nd").write_bytes(b"")  # nnU-Net infers the format
-    (preprocessed / "nnUNetPlans.json").write_text(json.dumps(PLANS))
-    (preprocessed / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    (preprocessed / "nnUNetPlans.json").write_text(json.dumps(PLANS), encoding="utf-8")
+    (preprocessed / "dataset.json").write_text(json.dumps(DATASET_JSON), encoding="utf-8")
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))

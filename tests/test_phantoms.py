@@ -52,7 +52,7 @@ def test_layout_and_dataset_json(small_dataset: PhantomPaths) -> None:
         f"Unlabeled_{i:03d}.nii.gz" for i in range(4)
     ]
 
-    meta = json.loads((ds / "dataset.json").read_text())
+    meta = json.loads((ds / "dataset.json").read_text(encoding="utf-8"))
     assert meta["channel_names"] == {"0": "CT"}
     assert meta["labels"] == LABELS
     assert meta["numTraining"] == 3
@@ -206,13 +206,13 @@ def test_idempotent_and_refuses_other_config(small_dataset: PhantomPaths) -> Non
         write_phantom_datasets(out_dir, replace(SMALL, seed=1))
     with pytest.raises(FileExistsError, match="Dataset501_Phantom"):
         write_phantom_datasets(out_dir, replace(SMALL, num_train=2))
-    assert json.loads(meta.read_text())["phantom_config"] == SMALL.to_json()
+    assert json.loads(meta.read_text(encoding="utf-8"))["phantom_config"] == SMALL.to_json()
 
 
 def test_refuses_foreign_folders(tmp_path: Path) -> None:
     foreign = tmp_path / "a" / "nnUNet_raw" / "Dataset501_Phantom"
     foreign.mkdir(parents=True)
-    (foreign / "dataset.json").write_text("{}")
+    (foreign / "dataset.json").write_text("{}", encoding="utf-8")
     with pytest.raises(FileExistsError, match="Dataset501_Phantom"):
         write_phantom_datasets(tmp_path / "a", SMALL)
     pool = tmp_path / "b" / "unlabeled"

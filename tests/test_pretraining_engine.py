@@ -56,7 +56,7 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def test_config_precedence_defaults_file_flags(tmp_path: Path) -> None:
     config_file = tmp_path / "c.json"
-    config_file.write_text(json.dumps({"engine": {"epochs": 7, "weight_decay": 0.1}, "method_overrides": {"mask_ratio": 0.6}}))
+    config_file.write_text(json.dumps({"engine": {"epochs": 7, "weight_decay": 0.1}, "method_overrides": {"mask_ratio": 0.6}}), encoding="utf-8")
     args = build_parser().parse_args(
         ["pretrain", "--method", "smit", "--data", "x", "--out", str(tmp_path / "r"), "--config", str(config_file),
          "--epochs", "3", "--set", "lambda_mpd=0.2"]
@@ -79,7 +79,7 @@ def test_short_run_writes_checkpoint_metrics_and_curves(volumes: Path, tmp_path:
     assert [r["step"] for r in records] == [0, 1, 2]
     assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in records)
     assert (out / "loss_curves.png").stat().st_size > 1000
-    assert json.loads((out / "config.json").read_text())["method"] == "simmim"
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["method"] == "simmim"
     # a second run into the same folder without --resume is refused, nothing is lost
     again = subprocess.run(pretrain_command("simmim", volumes, out, "--max-steps", "3"), capture_output=True, encoding="utf-8", errors="replace")
     assert again.returncode == 1 and "--resume" in again.stderr

@@ -213,21 +213,21 @@ def nnunet_tree(tmp_path: Path) -> tuple[Path, Path]:
     results, preprocessed = tmp_path / "results", tmp_path / "preprocessed"
     dataset_dir = preprocessed / DATASET
     dataset_dir.mkdir(parents=True)
-    (dataset_dir / "dataset.json").write_text(json.dumps(DATASET_JSON))
-    (dataset_dir / "splits_final.json").write_text(json.dumps(SPLITS))
-    (dataset_dir / "splits_manifest.json").write_text(json.dumps(MANIFEST))
+    (dataset_dir / "dataset.json").write_text(json.dumps(DATASET_JSON), encoding="utf-8")
+    (dataset_dir / "splits_final.json").write_text(json.dumps(SPLITS), encoding="utf-8")
+    (dataset_dir / "splits_manifest.json").write_text(json.dumps(MANIFEST), encoding="utf-8")
     for (trainer, fold), scores in DICE.items():
         fold_dir = results / DATASET / f"{trainer}__nnUNetPlans__3d_fullres" / f"fold_{fold}"
         (fold_dir / "validation").mkdir(parents=True)
         torch.save({"logging": LOGGING}, fold_dir / "checkpoint_final.pth")
         if scores is not None:
             summary = summary_json(scores, fold_dir, dataset_dir)
-            (fold_dir / "validation" / "summary.json").write_text(json.dumps(summary, sort_keys=True, indent=4))
+            (fold_dir / "validation" / "summary.json").write_text(json.dumps(summary, sort_keys=True, indent=4), encoding="utf-8")
     return results, preprocessed
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -242,7 +242,7 @@ def test_validation_summary_is_read_per_case_and_checked_against_the_split(nnune
     # a summary lacking a validation case of the split is incomplete
     splits = json.loads((preprocessed / DATASET / "splits_final.json").read_text(encoding="utf-8"))
     splits[0]["val"].append("c9")
-    (preprocessed / DATASET / "splits_final.json").write_text(json.dumps(splits))
+    (preprocessed / DATASET / "splits_final.json").write_text(json.dumps(splits), encoding="utf-8")
     run = collect_validation_run(layout, info, "SMIT", 0)
     assert run.status == INCOMPLETE and "lacks 1 of 3 cases (c9)" in run.reason
     assert collect_validation_run(layout, info, "SMIT", 6).reason.startswith("no validation/summary.json")
@@ -327,7 +327,7 @@ def test_few_shot_grouping_mean_std_over_seeds(nnunet_tree: tuple[Path, Path], t
 
 def test_few_shot_rows_from_hand_written_manifest(tmp_path: Path) -> None:
     path = tmp_path / "splits_manifest.json"
-    path.write_text(json.dumps(MANIFEST))
+    path.write_text(json.dumps(MANIFEST), encoding="utf-8")
     manifest = manifest_by_fold(path)
     assert (manifest[6].kind, manifest[6].size, manifest[6].seed) == ("few_shot", 2, 1)
     runs = [RunResult("A", 5, COMPLETE, "", {"c1": {"liver": 0.4}}), RunResult("A", 6, COMPLETE, "", {"c1": {"liver": 0.6}})]
@@ -335,7 +335,7 @@ def test_few_shot_rows_from_hand_written_manifest(tmp_path: Path) -> None:
     liver = next(r for r in rows if r.size == 2 and r.structure == "liver")
     assert liver.stats.mean == pytest.approx(0.5) and liver.gap_pct == 0.0
     assert next(r for r in rows if r.size == 4).missing == {7: "not run"}
-    path.write_text(json.dumps({**MANIFEST, "version": 2}))
+    path.write_text(json.dumps({**MANIFEST, "version": 2}), encoding="utf-8")
     with pytest.raises(ValueError, match="version 2"):
         manifest_by_fold(path)
 
@@ -343,7 +343,7 @@ def test_few_shot_rows_from_hand_written_manifest(tmp_path: Path) -> None:
 def test_report_without_any_complete_run_marks_everything_missing(tmp_path: Path) -> None:
     results, preprocessed = tmp_path / "results", tmp_path / "preprocessed"
     (preprocessed / DATASET).mkdir(parents=True)
-    (preprocessed / DATASET / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    (preprocessed / DATASET / "dataset.json").write_text(json.dumps(DATASET_JSON), encoding="utf-8")
     report = make_report(ReportConfig(dataset=DATASET, trainers=("A", "B"), out_dir=tmp_path / "r",
                                       results_root=results, preprocessed_root=preprocessed))
     assert [r.status for r in report.runs] == [MISSING, MISSING]
@@ -399,7 +399,7 @@ def test_existing_predictions_are_reused_not_predicted_again(
     fold_dir = layout.fold_dir("Scratch", 0)
     out = tmp_path / "report" / "predictions" / "Scratch" / "fold_0"
     out.mkdir(parents=True)
-    (out / SOURCE_FILE).write_text(json.dumps(checkpoint_source(fold_dir / "checkpoint_final.pth")))
+    (out / SOURCE_FILE).write_text(json.dumps(checkpoint_source(fold_dir / "checkpoint_final.pth")), encoding="utf-8")
     prediction = reference.copy()
     prediction[1:3, 2:4, 2:6] = 0  # half the liver missed: Dice 2*16/(16+32) = 2/3
     write_volume(prediction, out / "t1.nii.gz")
@@ -415,7 +415,7 @@ def test_existing_predictions_are_reused_not_predicted_again(
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
     # predictions made from another checkpoint are stale: removed, and those cases predicted again
-    (out / SOURCE_FILE).write_text(json.dumps({"checkpoint": "elsewhere", "size": 1, "mtime_ns": 1}))
+    (out / SOURCE_FILE).write_text(json.dumps({"checkpoint": "elsewhere", "size": 1, "mtime_ns": 1}), encoding="utf-8")
     source = checkpoint_source(fold_dir / "checkpoint_final.pth")
     assert cases_to_predict(out, test_set.cases, ".nii.gz", source) == ["t1", "t2"]
     assert not (out / "t1.nii.gz").exists()
@@ -485,7 +485,7 @@ def _nnunet_summary(labels: Path, predictions: Path, dataset_json: dict, tmp_pat
     out = tmp_path / "summary.json"
     compute_metrics_on_folder(str(labels), str(predictions), str(out), SimpleITKIO(), ".nii.gz",
                               list(info.labels_or_regions), info.ignore_label, num_processes=1)
-    summary = json.loads(out.read_text())
+    summary = json.loads(out.read_text(encoding="utf-8"))
     return {Path(e["reference_file"]).name[:-7]: e["metrics"] for e in summary["metric_per_case"]}
 
 
@@ -549,7 +549,7 @@ def test_headline_counts_cases_per_structure_names_folds_and_explains_a_zero_ref
         fold_dir = results / DATASET / "Scratch__nnUNetPlans__3d_fullres" / f"fold_{fold}"
         scores = {case: (liver, 0.0) for case, (liver, _) in DICE[("Scratch", fold)].items()}
         summary = summary_json(scores, fold_dir, preprocessed / DATASET)
-        (fold_dir / "validation" / "summary.json").write_text(json.dumps(summary, sort_keys=True, indent=4))
+        (fold_dir / "validation" / "summary.json").write_text(json.dumps(summary, sort_keys=True, indent=4), encoding="utf-8")
     config = ReportConfig(dataset=DATASET, trainers=("SMIT",), reference="Scratch", out_dir=tmp_path / "r",
                           results_root=results, preprocessed_root=preprocessed, folds=(0, 1, 2))
     headline = headline_markdown(make_report(config))

@@ -30,7 +30,7 @@ def fake_preprocessed_dataset(root: Path, cases: list[str] = CASES) -> Path:
     data.mkdir(parents=True)
     (folder / "nnUNetPlans.json").write_text(
         json.dumps({"configurations": {"3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres"}}})
-    )
+    , encoding="utf-8")
     for case in cases:
         for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
             (data / f"{case}{suffix}").write_bytes(b"")
@@ -102,7 +102,7 @@ def test_rerun_is_idempotent_and_extensions_reuse_folds(tmp_path):
 def test_existing_user_folds_are_kept_and_validation_from_another_fold(tmp_path):
     folder = fake_preprocessed_dataset(tmp_path)
     own = [{"train": CASES[:25], "val": CASES[25:]}, {"train": CASES[5:], "val": CASES[:5]}]
-    (folder / SPLITS_FILE).write_text(json.dumps(own))
+    (folder / SPLITS_FILE).write_text(json.dumps(own), encoding="utf-8")
     result = apply_split_request(folder, few_shot(shots=(3,), seeds=(0,), val_from_fold=1))
     splits = json.loads((folder / SPLITS_FILE).read_text(encoding="utf-8"))
     assert splits[:2] == own and len(splits) == 3
@@ -144,14 +144,14 @@ def test_refuses_unpreprocessed_corrupt_and_tampered(tmp_path):
         apply_split_request(empty, few_shot())
 
     folder = fake_preprocessed_dataset(tmp_path)
-    (folder / SPLITS_FILE).write_text("[{")
+    (folder / SPLITS_FILE).write_text("[{", encoding="utf-8")
     with pytest.raises(SplitError, match="not valid JSON"):
         apply_split_request(folder, few_shot())
 
     (folder / SPLITS_FILE).unlink()
     apply_split_request(folder, few_shot(shots=(5,), seeds=(0,)))
     splits = json.loads((folder / SPLITS_FILE).read_text(encoding="utf-8"))
-    (folder / SPLITS_FILE).write_text(json.dumps(splits[:5]))  # someone dropped the appended fold
+    (folder / SPLITS_FILE).write_text(json.dumps(splits[:5]), encoding="utf-8")  # someone dropped the appended fold
     with pytest.raises(SplitError, match="lists fold 5"):
         apply_split_request(folder, few_shot(shots=(5,), seeds=(0,)))
 
@@ -197,12 +197,12 @@ def test_cli_list_fails_on_a_corrupt_split_file(tmp_path, monkeypatch, capsys, c
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
     assert main(["split", "-d", "Dataset777_Fake", "--shots", "5", "--seeds", "0"]) == 0
     if corrupt == "splits_not_json":
-        (folder / SPLITS_FILE).write_text("[{\"train\": [")
+        (folder / SPLITS_FILE).write_text("[{\"train\": [", encoding="utf-8")
     elif corrupt == "splits_truncated":  # valid JSON, but the appended fold is gone
-        splits = json.loads((folder / SPLITS_FILE).read_text())
-        (folder / SPLITS_FILE).write_text(json.dumps(splits[:5]))
+        splits = json.loads((folder / SPLITS_FILE).read_text(encoding="utf-8"))
+        (folder / SPLITS_FILE).write_text(json.dumps(splits[:5]), encoding="utf-8")
     else:
-        (folder / MANIFEST_FILE).write_text("{")
+        (folder / MANIFEST_FILE).write_text("{", encoding="utf-8")
     capsys.readouterr()
     assert main(["split", "-d", "Dataset777_Fake", "--list"]) == 1
     assert "Dataset777_Fake" in caplog.text

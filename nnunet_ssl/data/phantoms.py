@@ -731,7 +731,7 @@ def write_phantom_datasets(out_dir: Path, config: PhantomConfig = PhantomConfig(
                     "training" if split == "Tr" else "test",
                     paths.dataset_dir / f"images{split}",
                 )
-            (folder / "dataset.json").write_text(json.dumps(_dataset_json(config), indent=2))
+            (folder / "dataset.json").write_text(json.dumps(_dataset_json(config), indent=2), encoding="utf-8")
 
         _atomic_folder(paths.dataset_dir, fill_dataset)
 
@@ -745,7 +745,7 @@ def write_phantom_datasets(out_dir: Path, config: PhantomConfig = PhantomConfig(
                 fov = (1.25 if (i // 4) % 2 == 0 else 0.85) if i % 4 == 3 else 1.0
                 image, _, spacing = _generate(_case_rng(config.seed, 2, i), config.shape, fov_scale=fov)
                 _write_volume(image, spacing, folder / f"{UNLABELED_PREFIX}_{i:03d}{FILE_ENDING}")
-            (folder / UNLABELED_MARKER).write_text(json.dumps(config.to_json(), indent=2))
+            (folder / UNLABELED_MARKER).write_text(json.dumps(config.to_json(), indent=2), encoding="utf-8")
             logger.info("phantoms: wrote %d unlabeled cases to %s", config.num_unlabeled, paths.unlabeled_dir)
 
         _atomic_folder(paths.unlabeled_dir, fill_unlabeled)

@@ -69,7 +69,7 @@ def bad_manifest(tmp_path_factory):
     text = (root / "ok.nrrd").read_bytes().replace(b"(0,0,2.5)", b"(0,0,0)")
     (d / "zero_spacing.nrrd").write_bytes(text)
     # A list naming a missing file.
-    (root / "list.txt").write_text(f"{d / 'good.nii.gz'}\n{root / 'missing.nii.gz'}\n")
+    (root / "list.txt").write_text(f"{d / 'good.nii.gz'}\n{root / 'missing.nii.gz'}\n", encoding="utf-8")
     cfg = config([d, root / "list.txt", root / "nowhere"], root / "cache")
     return build_cache(cfg, progress=False)
 
@@ -169,7 +169,7 @@ def test_ignored_files_are_named(tmp_path, caplog):
     from nnunet_ssl.pretraining.data import scan_inputs
 
     write(ct_volume(seed=1), tmp_path / "in" / "a.nii.gz")
-    (tmp_path / "in" / "notes.csv").write_text("x")
+    (tmp_path / "in" / "notes.csv").write_text("x", encoding="utf-8")
     (tmp_path / "in" / "sub").mkdir()
     (tmp_path / "in" / "sub" / "protocol.pdf").write_bytes(b"%PDF")
     with caplog.at_level("INFO"):

@@ -24,7 +24,7 @@ def test_folder_of_nifti_nrrd_mha(tmp_path):
     write(ct_volume(seed=2), folder / "sub" / "b.nii")
     write(ct_volume(seed=3), folder / "c.nrrd")
     write(ct_volume(seed=4), folder / "d.mha")
-    (folder / "notes.txt").write_text("not an image")  # inside a folder: ignored, not an input list
+    (folder / "notes.txt").write_text("not an image", encoding="utf-8")  # inside a folder: ignored, not an input list
     manifest = build_cache(config([folder], tmp_path / "cache"))
     entries = by_name(manifest)
     assert sorted(entries) == ["a.nii.gz", "b.nii", "c.nrrd", "d.mha"]
@@ -91,13 +91,13 @@ def test_txt_and_json_lists(tmp_path):
     b = write(ct_volume(seed=2), tmp_path / "img" / "b.mha")
     c = write(mr_volume(seed=3), tmp_path / "img" / "c.nrrd")
     txt = tmp_path / "list.txt"
-    txt.write_text(f"# pretraining volumes\n{a}\n\nimg/b.mha\n")  # absolute and relative to the list
+    txt.write_text(f"# pretraining volumes\n{a}\n\nimg/b.mha\n", encoding="utf-8")  # absolute and relative to the list
     manifest = build_cache(config([txt], tmp_path / "cache_txt"))
     assert sorted(by_name(manifest)) == ["a.nii.gz", "b.mha"]
     assert all(e.origin == str(txt) for e in manifest.entries)
 
     js = tmp_path / "list.json"
-    js.write_text(json.dumps([b, {"path": "img/c.nrrd", "modality": "mr"}]))
+    js.write_text(json.dumps([b, {"path": "img/c.nrrd", "modality": "mr"}]), encoding="utf-8")
     manifest = build_cache(config([js], tmp_path / "cache_json"))
     entries = by_name(manifest)
     assert sorted(entries) == ["b.mha", "c.nrrd"]
@@ -109,6 +109,6 @@ def test_txt_and_json_lists(tmp_path):
 def test_same_volume_through_two_inputs_is_used_once(tmp_path):
     a = write(ct_volume(), tmp_path / "img" / "a.nii.gz")
     txt = tmp_path / "list.txt"
-    txt.write_text(a + "\n")
+    txt.write_text(a + "\n", encoding="utf-8")
     sources, _ = scan_inputs(config([tmp_path / "img", txt], tmp_path / "cache"))
     assert len(sources) == 1
