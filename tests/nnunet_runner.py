@@ -25,13 +25,17 @@ class NnUNet:
             "nnUNet_extTrainer": str(ext_trainer_path()),
             "nnUNet_def_n_proc": "1",
             "nnUNet_n_proc_DA": "1",
-            "OMP_NUM_THREADS": "2",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),  # conftest lowers it for parallel workers
         }
 
-    def run(self, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, check: bool = True, timeout: int = 900, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run a command from the environment's bin folder; ``env`` adds to (or overrides) the folders' variables."""
         command = [str(BIN / args[0]), *args[1:]]
         result = subprocess.run(
-            command, env=self.env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout
+            command, env={**self.env, **(env or {})}, capture_output=True, encoding="utf-8", errors="replace",
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(

@@ -5,10 +5,8 @@ with the nnU-Net variables set only for them.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +17,6 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
-from nnunet_ssl.networks import PRESETS, SwinEncoder
 from nnunet_ssl.weights import encoder_digest, load_weights_file
 from nnunet_ssl.weights.export import load_run_encoder
 from nnunet_runner import BIN, NnUNet
@@ -28,11 +25,6 @@ pytestmark = pytest.mark.e2e
 
 SCRATCH = "SwinScratchTrainer_tiny_2epochs"
 
-
-def pretraining_methods() -> list[str]:
-    from nnunet_ssl.pretraining.methods import METHODS
-
-    return list(METHODS)
 
 SMIT = "SwinSMITTrainer_tiny_2epochs"
 
@@ -110,31 +102,6 @@ def weights_file(nnunet: NnUNet) -> tuple[Path, str]:
     return path, metadata["encoder_digest"]
 
 
-def test_pretrained_weights_are_loaded_and_logged(nnunet: NnUNet, weights_file: tuple[Path, str]) -> None:
-    path, digest = weights_file
-    nnunet.env["NNUNET_SSL_FINETUNE"] = "freeze_encoder_epochs=1,llrd=0.5"  # a policy through nnU-Net's own CLI
-    try:
-        nnunet.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", SMIT, "-device", "cpu", "-pretrained_weights", str(path))
-    finally:
-        del nnunet.env["NNUNET_SSL_FINETUNE"]
-    log = nnunet.training_log(SMIT)
-    assert f"Pretrained weights loaded: method=smit preset=tiny digest={digest} (verified)" in log
-    assert "Fine-tuning policy (from environment variable NNUNET_SSL_FINETUNE): freeze_encoder_epochs=1,llrd=0.5" in log
-    assert "Epoch 1: encoder unfrozen" in log and "Learning rates: decoder" in log
-    checkpoint = torch.load(nnunet.fold_dir(SMIT) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    assert checkpoint["init_args"]["nnunet_ssl_finetune_policy"]["text"] == "freeze_encoder_epochs=1,llrd=0.5"
-    # unfrozen at epoch 1, the encoder trained after all
-    exported, _ = load_weights_file(path)
-    final = checkpoint["network_weights"]
-    assert not torch.equal(final["encoder.stages.3.blocks.0.attn.qkv.weight"], exported["encoder.stages.3.blocks.0.attn.qkv.weight"])
-    # the starting encoder was the file's, not a fresh initialisation
-    torch.manual_seed(0)
-    fresh = SwinEncoder(PRESETS["tiny"], in_channels=1)
-    assert encoder_digest(fresh.state_dict()) != digest
-    # and the default z-scoring plans trigger the intensity warning
-    assert "but pretraining mapped intensities to [0, 1]" in log
-
-
 def test_inspect_weights_checks_against_trainer(nnunet: NnUNet, weights_file: tuple[Path, str]) -> None:
     path, digest = weights_file
     ok = nnunet.run("nnunet-ssl", "inspect-weights", str(path), "--trainer", SMIT, "-d", "501")
@@ -209,7 +176,7 @@ def test_multichannel_dataset_trains_from_scratch(tmp_path: Path) -> None:
     add_second_channel(paths.dataset_dir)
     runner = NnUNet(tmp_path, paths.raw_root)
     runner.run("nnUNetv2_plan_and_preprocess", "-d", "502", "-c", "3d_fullres", "-np", "1")
-    runner.run("nnUNetv2_train", "502", "3d_fullres", "0", "-tr", SCRATCH, "-device", "cpu")
+    runner.run("nnUNetv2_train", "502", "3d_fullres", "0", "-tr", SCRATCH, "-device", "cpu", env={"NNUNET_SSL_EPOCHS": "1"})
     fold = tmp_path / "results" / "Dataset502_Phantom" / f"{SCRATCH}__nnUNetPlans__3d_fullres" / "fold_0"
     checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["network_weights"]["encoder.patch_embed.weight"].shape[1] == 2
@@ -281,99 +248,3 @@ def test_report_scores_validation_and_test_set_and_reuses_predictions(nnunet: Nn
     second = report(out, *test_args)
     assert "0 test case(s) predicted now, 2 reused" in second.stderr
     assert {p.name: p.stat().st_mtime_ns for p in predictions.glob("*.nii.gz")} == before
-
-
-#: Runs what ``nnUNetv2_train -pretrained_weights FILE`` runs before its first epoch, with nnU-Net's
-#: own functions: the trainer lookup (``get_trainer_from_args``, searching ``nnUNet_extTrainer``), the
-#: plugin's pre-check in ``initialize`` (it reads ``-pretrained_weights`` from ``sys.argv``),
-#: ``maybe_load_checkpoint`` (nnU-Net's ``load_pretrained_weights``) and the provenance line that
-#: ``on_train_start`` writes. Only the training epochs are left out.
-LOAD_LIKE_NNUNET_TRAIN = """
-import sys, torch
-trainer_name, path = sys.argv[1], sys.argv[2]
-sys.argv = ["nnUNetv2_train", "501", "3d_fullres", "0", "-tr", trainer_name, "-pretrained_weights", path]
-from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
-trainer = get_trainer_from_args("501", "3d_fullres", 0, trainer_name, device=torch.device("cpu"))
-maybe_load_checkpoint(trainer, False, False, path)
-trainer.log_weights_provenance()
-"""
-#: New methods that also go through a real ``nnUNetv2_train`` (SMIT does in the test above).
-REAL_NNUNET_TRAIN = ("ibot",)
-
-
-def tiny_trainer_for(method: str) -> str:
-    from nnunet_ssl.trainers.named import TRAINERS
-
-    names = [n for n, cls in TRAINERS.items() if cls.method == method and n.endswith("_tiny_2epochs")]
-    assert len(names) == 1, f"no single *_tiny_2epochs trainer for {method}: {names}"
-    return names[0]
-
-
-def small_head_settings(method: str) -> list[str]:
-    from nnunet_ssl.pretraining.methods import METHODS
-
-    fields = {f.name for f in dataclasses.fields(METHODS[method][1])}
-    wanted = {"out_dim": 64, "head_hidden_dim": 64, "head_bottleneck_dim": 32}
-    pairs = [f"{k}={v}" for k, v in wanted.items() if k in fields]
-    return ["--set", *pairs] if pairs else []
-
-
-def smallest_crop(method: str) -> int:
-    """32^3 where the method accepts it, else 64^3 (the conv up-sampling head needs >= 64^3)."""
-    from nnunet_ssl.pretraining.methods import build_config
-
-    try:
-        build_config(method, {"crop_size": 32})
-    except ValueError:
-        return 64
-    return 32
-
-
-@pytest.mark.parametrize("method", pretraining_methods())
-def test_every_method_pretrains_exports_and_its_trainer_loads_the_weights(
-    nnunet: NnUNet, method: str, request: pytest.FixtureRequest
-) -> None:
-    """Every registered method: ``nnunet-ssl pretrain`` (tiny preset, 2 steps of 2 volumes, 32^3 crops or 64^3 where the head needs them) on the
-    phantom pool and ``nnunet-ssl export``, through the CLI. Then its ``Swin<Method>Trainer_tiny_2epochs``
-    loads the file: through a real ``nnUNetv2_train`` for iBOT (and for SMIT in
-    ``test_pretrained_weights_are_loaded_and_logged``, whose pretraining run this test reuses); for
-    the other methods through the same loading and verification code ``nnUNetv2_train`` runs,
-    called on a trainer built by nnU-Net's own lookup (:data:`LOAD_LIKE_NNUNET_TRAIN`), since a full
-    ``nnUNetv2_train`` per method would cost about a minute each on 2 cores. In both cases the log
-    must say the weights of this method were loaded and verified.
-    """
-    from nnunet_ssl.pretraining.methods import METHODS
-    from nnunet_ssl.pretraining.metrics_log import read_metrics
-
-    if method == "smit":
-        path, digest = request.getfixturevalue("weights_file")
-        run_dir = nnunet.root / "smit_run"
-    else:
-        run_dir = nnunet.root / f"{method}_run"
-        nnunet.run(
-            "nnunet-ssl", "pretrain", "--method", method, "--data", str(nnunet.root / "unlabeled"),
-            "--out", str(run_dir), "--cache-dir", str(nnunet.root / "pretraining_cache"), "--preset", "tiny",
-            # batch 2: the contrastive methods need another volume for their negatives
-            "--crop-size", str(smallest_crop(method)), "--batch-size", "2", "--workers", "0", "--max-steps", "2",
-            "--no-progress",
-            *small_head_settings(method),
-        )
-        path = nnunet.root / f"{method}_tiny_501.pt"
-        nnunet.run("nnunet-ssl", "export", str(run_dir), "-d", "501", "-c", "3d_fullres", "--out", str(path))
-        _, metadata = load_weights_file(path)
-        digest = metadata["encoder_digest"]
-        assert metadata["method"] == method
-    # every loss term the method names is in every metrics record, and the curves were drawn
-    terms = set(re.findall(r"[\d.]+ (loss_\w+)", METHODS[method][0].info.losses))
-    assert terms and all(terms <= set(r) for r in read_metrics(run_dir / "metrics.jsonl"))
-    assert (run_dir / "loss_curves.png").stat().st_size > 1000
-
-    trainer = tiny_trainer_for(method)
-    if method in REAL_NNUNET_TRAIN:
-        nnunet.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", trainer, "-device", "cpu",
-                   "-pretrained_weights", str(path))
-        assert (nnunet.fold_dir(trainer) / "checkpoint_final.pth").is_file()
-    else:
-        nnunet.run("python", "-c", LOAD_LIKE_NNUNET_TRAIN, trainer, str(path))
-    log = nnunet.training_log(trainer)
-    assert f"Pretrained weights loaded: method={method} preset=tiny digest={digest} (verified)" in log

@@ -173,7 +173,8 @@ def test_training_on_an_appended_fold_uses_exactly_its_cases(phantoms: NnUNet) -
     assert entry["fold"] == 8  # after nnU-Net's five: (2, s0)=5, (3, s0)=6, (2, s1)=7, (3, s1)=8
 
     fold = str(entry["fold"])
-    phantoms.run("nnUNetv2_train", "501", "3d_fullres", fold, "-tr", TRAINER, "-p", PLANS, "-device", "cpu")
+    phantoms.run("nnUNetv2_train", "501", "3d_fullres", fold, "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
+                 env={"NNUNET_SSL_EPOCHS": "1"})  # one epoch shows which cases it trains and validates on
     log = phantoms.training_log(TRAINER, entry["fold"], PLANS)
     assert f"fold {fold}: 3-shot fold (seed 1) from splits_manifest.json" in log
     assert f"fold {fold} training cases (3): {', '.join(sorted(entry['train']))}" in log
