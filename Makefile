@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.nnunet_ssl_installed
+# pytest-xdist workers: the end-to-end tests spend much of their time in single-threaded work
+# (imports, preprocessing, export), so two workers on two cores finish well before one.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast
 
@@ -20,9 +23,9 @@ demo: $(INSTALLED)
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -ra --durations=15; status=$$?; \
+	$(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 test-fast: $(INSTALLED)
-	$(BIN)/python -m pytest -ra --durations=15 -m "not e2e"; status=$$?; \
+	$(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not e2e"; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status

@@ -46,6 +46,6 @@ setup(
         "tqdm",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest", "monai"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "monai"]},
     entry_points={"console_scripts": ["nnunet-ssl=nnunet_ssl.cli:main"]},
 )
