@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -172,6 +173,32 @@ def markdown(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    return f"{mean:.3f} +/- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def aggregate_markdown(rows: list[dict[str, object]]) -> str:
+    """One line per configuration over its repeats: how many repeats ever passed 0.1 (and the mean
+    first epoch of those), background-only epochs, and mean +/- sd of the last pseudo-Dice and the
+    final validation Dice."""
+    columns = ["config", "policy", "repeats", "repeats with pseudo-Dice > 0.1 (mean first epoch)",
+               "background-only epochs (mean)", "last pseudo-Dice", "validation Dice"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for name in dict.fromkeys(str(r["config"]) for r in rows):
+        group = [r for r in rows if r["config"] == name]
+        firsts = [int(r["first_epoch_pseudo_dice_gt_0.1"]) for r in group if r["first_epoch_pseudo_dice_gt_0.1"] is not None]
+        reached = f"{len(firsts)}/{len(group)}" + (f" ({statistics.fmean(firsts):.1f})" if firsts else "")
+        background = statistics.fmean(float(r["background_only_epochs"]) for r in group)
+        cells = [name, str(group[0]["policy"]), str(len(group)), reached, f"{background:.1f}",
+                 _mean_sd([float(r["last_pseudo_dice"]) for r in group]),
+                 _mean_sd([float(r["validation_dice"]) for r in group if math.isfinite(float(r["validation_dice"]))])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, type=Path, help="demo work folder (stages 1-5 done)")
@@ -191,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 train(work, config, repeat, fold)
     rows = [r for repeat in range(args.repeats) for c in configs if (r := summarize(work, c, repeat, fold))]
     table = markdown(rows)
-    sys.stdout.write(table + "\n")
+    sys.stdout.write(table + "\n\n" + aggregate_markdown(rows) + "\n")
     with (work / "policy_runs" / "table.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["config"])
         writer.writeheader()
