@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-#: End-to-end files, longest first (quiet serial run, 2026-11-29: 6.5, 5.4, 5.3, 3.2 and 1.7 minutes).
+#: End-to-end files, longest first (by their durations in a two-worker run on 2 cores, 2026-11-29).
 LONGEST_FIRST = ("test_e2e_methods.py", "test_e2e_experiment.py", "test_e2e_nnunet.py", "test_e2e_demo.py",
                  "test_e2e_plan_split.py")
 
