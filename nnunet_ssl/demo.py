@@ -55,7 +55,9 @@ class DemoConfig:
     configuration: str = "3d_fullres"
     shots: int = 5
     split_seed: int = 0
-    phantoms: PhantomConfig = PhantomConfig(num_train=8, num_test=3, num_unlabeled=4, shape=(40, 64, 64))
+    # (64, 96, 96) nominal voxels fill the 64^3 patch at the paper's 2 x 1.5 x 1.5 mm; at (40, 64, 64)
+    # the organs covered ~3 % of a mostly padded patch and neither arm found them in 160 iterations.
+    phantoms: PhantomConfig = PhantomConfig(num_train=8, num_test=3, num_unlabeled=4, shape=(64, 96, 96))
     structures: tuple[str, ...] | None = ("liver", "spleen")
     seed: int = 0
     processes: int = 2
