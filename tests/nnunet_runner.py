@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 from nnunet_ssl.nnunet_ext import ext_trainer_path
 
 BIN = Path(sys.executable).parent
@@ -42,6 +43,15 @@ class NnUNet:
                 f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
             )
         return result
+
+    @classmethod
+    def with_phantoms(cls, root: Path, config: PhantomConfig, *plan_args: str) -> NnUNet:
+        """Phantoms of ``config`` under ``root``, planned and preprocessed by nnU-Net's own command (3d_fullres)."""
+        paths = write_phantom_datasets(root, config)
+        runner = cls(root, paths.raw_root)
+        runner.run("nnUNetv2_plan_and_preprocess", "-d", str(config.dataset_id), "-c", "3d_fullres", "-np", "1",
+                   *plan_args, timeout=1800)
+        return runner
 
     @property
     def preprocessed(self) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
+from nnunet_ssl.data.phantoms import PhantomConfig
 from nnunet_runner import BIN, NnUNet
 
 pytestmark = pytest.mark.e2e
@@ -40,10 +40,8 @@ LABELS = {"liver": 1, "spleen": 2, "kidney": 3, "lesion": 4}
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[NnUNet, Path]:
     root = tmp_path_factory.mktemp("experiment")
-    paths = write_phantom_datasets(root, PhantomConfig(num_train=5, num_test=1, num_unlabeled=2, shape=(40, 64, 64)))
-    runner = NnUNet(root, paths.raw_root)
+    runner = NnUNet.with_phantoms(root, PhantomConfig(num_train=5, num_test=1, num_unlabeled=2, shape=(40, 64, 64)))
     runner.env["PATH"] = f"{BIN}{os.pathsep}{runner.env.get('PATH', '')}"
-    runner.run("nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "1", timeout=1800)
     runner.run(
         "nnunet-ssl", "pretrain", "--method", "smit", "--data", str(root / "unlabeled"), "--out", str(root / "smit_run"),
         "--preset", "tiny", "--crop-size", "64", "--batch-size", "1", "--workers", "0", "--max-steps", "2",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
+from nnunet_ssl.data.phantoms import PhantomConfig
 from nnunet_ssl.pretraining.methods import METHODS, build_config
 from nnunet_ssl.pretraining.metrics_log import read_metrics
 from nnunet_ssl.trainers.named import TRAINERS
@@ -30,10 +30,8 @@ POLICY = "freeze_encoder_epochs=1,llrd=0.5"
 
 @pytest.fixture(scope="module")
 def nnunet(tmp_path_factory: pytest.TempPathFactory) -> NnUNet:
-    root = tmp_path_factory.mktemp("methods")
-    paths = write_phantom_datasets(root, PhantomConfig(num_train=5, num_test=0, num_unlabeled=2, shape=(40, 64, 64)))
-    runner = NnUNet(root, paths.raw_root)
-    runner.run("nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "1")
+    config = PhantomConfig(num_train=5, num_test=0, num_unlabeled=2, shape=(40, 64, 64))
+    runner = NnUNet.with_phantoms(tmp_path_factory.mktemp("methods"), config)
     runner.env["NNUNET_SSL_EPOCHS"] = "1"
     return runner
 

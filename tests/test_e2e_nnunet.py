@@ -31,11 +31,8 @@ SMIT = "SwinSMITTrainer_tiny_2epochs"
 
 @pytest.fixture(scope="module")
 def nnunet(tmp_path_factory: pytest.TempPathFactory) -> NnUNet:
-    root = tmp_path_factory.mktemp("nnunet")
-    paths = write_phantom_datasets(root, PhantomConfig(num_train=5, num_test=2, num_unlabeled=2, shape=(40, 64, 64)))
-    runner = NnUNet(root, paths.raw_root)
-    runner.run("nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity")
-    return runner
+    config = PhantomConfig(num_train=5, num_test=2, num_unlabeled=2, shape=(40, 64, 64))
+    return NnUNet.with_phantoms(tmp_path_factory.mktemp("nnunet"), config, "--verify_dataset_integrity")
 
 
 @pytest.fixture(scope="module")
