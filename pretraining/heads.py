@@ -121,6 +121,13 @@ class ConvUpHead(nn.Module):
     only (no skip connections), upsampling stride 32 back to the crop size. InstanceNorm needs
     more than one voxel per channel, so x4 must be at least 2 voxels along some axis (crops >= 64).
 
+    The forward pass applies the final 1x1x1 conv *before* the last upsampling: both are linear, the
+    conv mixes channels at each voxel and trilinear upsampling mixes voxels within each channel with
+    weights that sum to 1, so they commute (bias included) and the output is [TANG]'s up to float
+    rounding. Upsampling ``out_channels`` maps instead of ``in_dim // 16`` spares the largest tensors of
+    the step (e.g. 48 x 96^3 floats per crop and their gradients; docs/benchmarks.md). The module
+    layout, and so the state dict, is [TANG]'s.
+
     Args:
         in_dim: Channels of x4 (``16 E``); a multiple of 16.
         out_channels: Image channels to predict.
@@ -147,7 +154,10 @@ class ConvUpHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_dim, d, h, w)`` -> ``(B, out_channels, 32 d, 32 h, 32 w)``."""
-        return self.layers(x)
+        *blocks, last_upsampling, to_image = self.layers
+        for block in blocks:
+            x = block(x)
+        return last_upsampling(to_image(x))
 
 
 #: How a vector per crop is read from x4: the token mean, or one token as [TANG] does.

@@ -116,6 +116,17 @@ def test_conv_up_head_widths_and_shapes() -> None:
         ConvUpHead(100)
 
 
+def test_conv_up_head_equals_tangs_order_of_upsampling_then_1x1_conv() -> None:
+    """The head convolves to the image channels before its last upsampling; [TANG] after. Same output."""
+    torch.manual_seed(0)
+    head = ConvUpHead(192, out_channels=2).double()
+    torch.nn.init.normal_(head.layers[-1].bias)  # a bias must commute too
+    x4 = torch.randn(2, 192, 2, 3, 2, dtype=torch.float64)
+    tangs_order = head.layers(x4)  # the Sequential as [TANG] runs it: ..., Upsample, Conv3d(1x1x1)
+    torch.testing.assert_close(head(x4), tangs_order, rtol=1e-12, atol=1e-12)
+    assert tangs_order.shape == (2, 2, 64, 96, 64)
+
+
 def test_x4_readouts() -> None:
     x4 = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 2, 2, 2)
     torch.testing.assert_close(x4_vector(x4, "pool"), x4.flatten(2).mean(2))
