@@ -1,7 +1,7 @@
 """Named trainers: one per pretraining method and preset. Each only sets data on SwinTrainerBase.
 
 The name fixes the preset and the results folder, so studies of different methods stay apart.
-``*_tiny_2epochs`` variants (tiny preset, 2 epochs of 4 iterations) exercise every nnU-Net stage in tests;
+``*_tiny_2epochs`` variants (tiny preset, 2 epochs of 2 iterations) exercise every nnU-Net stage in tests;
 the two ``*_tiny_16epochs`` variants run the demo. Both validate and predict without test-time mirroring.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from nnunet_ssl.trainers.recipe import FineTuneRecipe
 
 #: Recipe of the short variants: a few iterations, enough to exercise every nnU-Net stage on CPU.
 SHORT_RECIPE = FineTuneRecipe(
-    initial_lr=1e-3, warmup_epochs=0, num_epochs=2, iterations_per_epoch=4, val_iterations_per_epoch=2,
+    initial_lr=1e-3, warmup_epochs=0, num_epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1,
     few_shot_epochs=None, test_time_mirroring=False,
 )
 
