@@ -1,17 +1,29 @@
 """Pretraining step time and peak memory of every registered method, relative to SimMIM, in one run.
 
 A full step is what the engine does: forward, loss, backward, the optional hooks (frozen last
-layer), AdamW step and the EMA update. Every method gets the same number of crops through its
-student per step (``--crops``, default 4): a 2-view method gets ``crops / 2`` volumes x 2 views,
-SimMIM (1 view) ``crops`` volumes x 1 view; so "per crop" compares like with like. Teacher
-forwards, heads and losses are what the ratio measures.
+layer), AdamW step and the EMA update. Every method gets the same number of input crops per step
+(``--crops``, default 4): a 2-view method gets ``crops / 2`` volumes x 2 views, SimMIM (1 view)
+``crops`` volumes x 1 view. The crops that actually pass through the student encoder are counted
+(a hook on its patch embedding, which every path through the encoder runs), since a method may make several student inputs from one view (SwinUNETR
+rotates each crop twice), and "per crop" divides by that count, so it compares like with like.
+Teacher forwards, heads and losses are what the ratio measures.
+
+``--keep-freed-memory`` (CPU, glibc) starts the measuring processes with ``MALLOC_MMAP_MAX_=0`` and a
+huge ``MALLOC_TRIM_THRESHOLD_``: freed tensors stay in the heap and are reused instead of being
+returned to the kernel and faulted in, zeroed, on the next step. At 96^3 that page-fault work is a
+large share of a CPU step and grows with a method's working set, which a GPU's caching allocator
+never pays (docs/benchmarks.md). Peak memory cannot be read from the resident size then and is
+not reported.
+
+``--rounds N`` measures every method N times, interleaved (all methods, then all again), and
+takes the median over all timed steps, so slow drift of a shared machine hits every method alike.
 
 Each method runs in its own spawned process, one after the other, so peak memory is its own:
 on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size during the
 steps minus the resident size just before them (the step's working set: activations,
 gradients, optimiser moments; the built model is excluded).
 
-Run: ``python -m benchmarks.bench_pretraining_step [--preset tiny --size 64 --crops 4]``.
+Run: ``python -m benchmarks.bench_pretraining_step [--preset tiny --size 64 --crops 4] [--methods simmim smit]``.
 """
 from __future__ import annotations
 
@@ -19,6 +31,7 @@ import argparse
 import dataclasses
 import logging
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import time
@@ -27,6 +40,7 @@ from typing import Any
 import torch
 
 from nnunet_ssl.networks.presets import get_preset
+from nnunet_ssl.networks.swin import SwinEncoder
 from nnunet_ssl.optim import decay_parameter_groups
 from nnunet_ssl.pretraining.methods import METHODS, build_method
 from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step
@@ -53,6 +67,7 @@ def measure(name: str, preset: str, size: int, crops: int, repeats: int, warmup:
         raise ValueError(f"--crops {crops} is not a multiple of {name}'s {views} views")
     optimizer = torch.optim.AdamW(decay_parameter_groups(method.student_modules(), 0.05), lr=1e-4)
     batch = {"views": torch.rand(crops // views, views, 1, size, size, size, device=device)}
+    student_crops = _crop_counter(method.student_modules())
 
     def step(index: int) -> float:
         context = StepContext(step=10 + index, steps_per_epoch=5, total_steps=1000)  # epoch > 1: all heads train
@@ -68,8 +83,12 @@ def measure(name: str, preset: str, size: int, crops: int, repeats: int, warmup:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for i in range(warmup):  # also allocates the optimiser moments
+    for i in range(max(warmup, 1)):  # also allocates the optimiser moments; the first step counts the crops
         step(i)
+        if i == 0:
+            crops_through_student = student_crops[0]
+    if crops_through_student == 0:
+        raise RuntimeError(f"{name}: no crop reached the student encoder's patch embedding")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -80,8 +99,22 @@ def measure(name: str, preset: str, size: int, crops: int, repeats: int, warmup:
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"method": name, "views": views, "volumes": crops // views, "crops": crops,
-            "seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+    return {"method": name, "views": views, "volumes": crops // views, "crops": crops_through_student,
+            "times": times, "seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+
+
+def _crop_counter(student: torch.nn.Module) -> list[int]:
+    """``[n]``: n counts the crops passed through the student's (only) Swin encoder so far."""
+    encoders = [m for m in student.modules() if isinstance(m, SwinEncoder)]
+    if len(encoders) != 1:
+        raise ValueError(f"expected one Swin encoder in the student, found {len(encoders)}")
+    counts = [0]
+
+    def count(_module: torch.nn.Module, args: tuple) -> None:
+        counts[0] += args[0].shape[0]
+
+    encoders[0].patch_embed.register_forward_pre_hook(count)  # DINO and iBOT skip encoder.forward (tokens.py)
+    return counts
 
 
 def _worker(queue: Any, args: tuple) -> None:
@@ -91,39 +124,50 @@ def _worker(queue: Any, args: tuple) -> None:
         queue.put({"method": args[0], "error": str(error)})
 
 
-def run_all(preset: str, size: int, crops: int, repeats: int, warmup: int, device: str, threads: int) -> list[dict]:
-    """:func:`measure` for every method in ``METHODS``, each in a spawned process."""
+def run_all(preset: str, size: int, crops: int, repeats: int, warmup: int, device: str, threads: int,
+            methods: list[str] | None = None, rounds: int = 1) -> list[dict]:
+    """:func:`measure` for ``methods`` (default: every method in ``METHODS``), each in a spawned process,
+    ``rounds`` times interleaved; a method's result pools the timed steps of all its rounds."""
     context = mp.get_context("spawn")
-    results = []
-    for name in METHODS:
-        queue = context.Queue()
-        process = context.Process(
-            target=_worker, args=(queue, (name, preset, size, crops, repeats, warmup, device, threads))
-        )
-        process.start()
-        results.append(queue.get())
-        process.join()
-        if "error" in results[-1]:
-            logger.warning("%s: not measured: %s", name, results[-1]["error"])
-        else:
-            logger.info("%s: %.3f s/step", name, results[-1]["seconds"])
-    return results
+    names = list(methods or METHODS)
+    pooled: dict[str, dict] = {}
+    for round_index in range(rounds):
+        for name in names:
+            queue = context.Queue()
+            process = context.Process(
+                target=_worker, args=(queue, (name, preset, size, crops, repeats, warmup, device, threads))
+            )
+            process.start()
+            result = queue.get()
+            process.join()
+            if "error" in result:
+                logger.warning("%s: not measured: %s", name, result["error"])
+                pooled[name] = result
+                continue
+            logger.info("round %d, %s: %.3f s/step", round_index + 1, name, result["seconds"])
+            if name in pooled:
+                result["times"] = pooled[name]["times"] + result["times"]
+                result["peak_bytes"] = max(pooled[name]["peak_bytes"], result["peak_bytes"])
+                result["seconds"] = statistics.median(result["times"])
+            pooled[name] = result
+    return [pooled[name] for name in names]
 
 
-def table(results: list[dict], header: str) -> str:
-    """Markdown table with per-crop time and memory relative to SimMIM."""
+def table(results: list[dict], header: str, memory: bool = True) -> str:
+    """Markdown table with per-crop time and (if ``memory``) memory relative to SimMIM."""
     ref = next(r for r in results if r["method"] == "simmim")
-    lines = [header, "", "| method | volumes x views | time/step (s) | time/crop vs SimMIM | "
-             "peak step memory (MiB) | memory/crop vs SimMIM |", "|---|---|---|---|---|---|"]
+    lines = [header, "", "| method | volumes x views | crops through the student | time/step (s) | time/crop vs SimMIM | "
+             "peak step memory (MiB) | memory/crop vs SimMIM |", "|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | not measured: {r['error']} | | | | |")
+            lines.append(f"| {r['method']} | not measured: {r['error']} | | | | | |")
             continue
         time_ratio = (r["seconds"] / r["crops"]) / (ref["seconds"] / ref["crops"])
         mem_ratio = (r["peak_bytes"] / r["crops"]) / max(ref["peak_bytes"] / ref["crops"], 1)
+        memory_cells = f"{r['peak_bytes'] / 2**20:.0f} | {mem_ratio:.2f}x" if memory else "not measured | "
         lines.append(
-            f"| {r['method']} | {r['volumes']} x {r['views']} | {r['seconds']:.3f} | {time_ratio:.2f}x | "
-            f"{r['peak_bytes'] / 2**20:.0f} | {mem_ratio:.2f}x |"
+            f"| {r['method']} | {r['volumes']} x {r['views']} | {r['crops']} | {r['seconds']:.3f} | {time_ratio:.2f}x | "
+            f"{memory_cells} |"
         )
     return "\n".join(lines)
 
@@ -139,12 +183,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=None,
+                        help="methods to measure (default: all); simmim, the reference, is always added")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved measurements of every method")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU: glibc keeps freed memory for reuse (no page faults per step); no memory figures")
     args = parser.parse_args()
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = run_all(args.preset, args.size, args.crops, args.repeats, args.warmup, args.device, args.threads)
-    header = (f"preset {args.preset}, {args.size}^3 crops, {args.crops} crops/step through the student, "
-              f"device {args.device} ({args.threads} threads), median of {args.repeats} steps after {args.warmup}")
-    logger.info("\n%s", table(results, header))
+    methods = None if args.methods is None else list(dict.fromkeys(["simmim", *args.methods]))
+    if args.keep_freed_memory:  # read by glibc when each spawned measuring process starts
+        os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**40))
+    results = run_all(args.preset, args.size, args.crops, args.repeats, args.warmup, args.device, args.threads,
+                      methods, args.rounds)
+    header = (f"preset {args.preset}, {args.size}^3 crops, {args.crops} input crops/step, "
+              f"device {args.device} ({args.threads} threads), median of {args.repeats} steps after {args.warmup}"
+              f" x {args.rounds} interleaved round(s)" + (", freed memory kept (MALLOC_MMAP_MAX_=0)"
+                                                            if args.keep_freed_memory else ""))
+    logger.info("\n%s", table(results, header, memory=not args.keep_freed_memory))
 
 
 if __name__ == "__main__":
