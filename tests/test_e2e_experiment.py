@@ -10,8 +10,8 @@ and must skip every finished job, continue that training with ``--c`` and predic
 leaving the same files as ``experiment run``.
 
 Cost: 4 one-epoch trainings with validation (one continued with ``--c``), 5 one-case predictions, a 2-step
-pretraining and one preprocessing: 286 s alone on 2 quiet cores (2026-11-29), about 8 minutes beside the
-other xdist worker. nnU-Net's evaluation runs in this process (its ``compute_metrics`` per case), not as
+pretraining and one preprocessing: 286 s alone on 2 quiet cores (2026-11-29), 370 s beside the other
+xdist worker in a fresh clone (2026-11-30). nnU-Net's evaluation runs in this process (its ``compute_metrics`` per case), not as
 `nnUNetv2_evaluate_folder` commands, to spare 4 interpreter and worker-pool starts.
 """
 from __future__ import annotations
