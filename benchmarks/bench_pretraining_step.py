@@ -9,7 +9,7 @@ rotates each crop twice), and "per crop" divides by that count, so it compares l
 Teacher forwards, heads and losses are what the ratio measures.
 
 ``--keep-freed-memory`` (CPU, glibc) starts the measuring processes with ``MALLOC_MMAP_MAX_=0`` and a
-huge ``MALLOC_TRIM_THRESHOLD_``: freed tensors stay in the heap and are reused instead of being
+huge ``MALLOC_TRIM_THRESHOLD_`` (:mod:`nnunet_ssl.cpu_memory`): freed tensors stay in the heap and are reused instead of being
 returned to the kernel and faulted in, zeroed, on the next step. At 96^3 that page-fault work is a
 large share of a CPU step and grows with a method's working set, which a GPU's caching allocator
 never pays (docs/benchmarks.md). Peak memory cannot be read from the resident size then and is
@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from nnunet_ssl.cpu_memory import KEEP_FREED_MEMORY_ENV
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.swin import SwinEncoder
 from nnunet_ssl.optim import decay_parameter_groups
@@ -194,7 +195,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     methods = None if args.methods is None else list(dict.fromkeys(["simmim", *args.methods]))
     if args.keep_freed_memory:  # read by glibc when each spawned measuring process starts
-        os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**40))
+        os.environ.update(KEEP_FREED_MEMORY_ENV)
     results = run_all(args.preset, args.size, args.crops, args.repeats, args.warmup, args.device, args.threads,
                       methods, args.rounds)
     header = (f"preset {args.preset}, {args.size}^3 crops, {args.crops} input crops/step, "

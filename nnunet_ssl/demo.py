@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from nnunet_ssl.cpu_memory import with_freed_memory_kept
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 from nnunet_ssl.demo_progress import EpochProgress, keep_structures
 from nnunet_ssl.io import atomic_json_dump
@@ -45,6 +46,9 @@ class DemoConfig:
             liver, other structures become background. None keeps all four phantom structures.
         seed: ``NNUNET_SSL_SEED`` for the nnU-Net commands (seeded Swin trainers give the same table
             on every run of one machine).
+        keep_freed_memory: Start the commands with glibc keeping freed memory for reuse
+            (:mod:`nnunet_ssl.cpu_memory`; about 15 % less time per nnU-Net training on CPU). A
+            ``MALLOC_*`` variable set in the caller's environment wins.
     """
 
     work_dir: Path
@@ -63,6 +67,7 @@ class DemoConfig:
     processes: int = 2
     augmentation_processes: int = 1
     cka_patches_per_case: int = 2
+    keep_freed_memory: bool = True
 
 
 class DemoError(RuntimeError):
@@ -94,6 +99,8 @@ class Demo:
             "NNUNET_SSL_SEED": str(config.seed),
             "PYTHONUNBUFFERED": "1",  # nnU-Net's epoch lines as they happen, not when the pipe's buffer fills
         }
+        if config.keep_freed_memory:
+            self.env = with_freed_memory_kept(self.env)
 
     @property
     def dataset_name(self) -> str:
