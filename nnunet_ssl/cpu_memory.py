@@ -5,7 +5,7 @@ freed, so each training step faults its whole working set in again and the kerne
 page. With ``MALLOC_MMAP_MAX_=0`` large blocks come from the heap, and with a huge
 ``MALLOC_TRIM_THRESHOLD_`` freed heap memory is kept: the process holds its peak between steps
 and reuses it. Measured on 2 CPU cores (docs/benchmarks.md): a SimMIM pretraining step at 96^3
-9.5 s instead of 13.8 s, an nnU-Net epoch of the demo's trainer about 20 % shorter. The variables
+9.5 s instead of 13.8 s, a 2-epoch ``nnUNetv2_train`` of the demo's trainer 55-58 s instead of 66 s. The variables
 are read when a process starts, so they are set for child processes; other C libraries ignore them.
 """
 from __future__ import annotations

@@ -47,7 +47,7 @@ class DemoConfig:
         seed: ``NNUNET_SSL_SEED`` for the nnU-Net commands (seeded Swin trainers give the same table
             on every run of one machine).
         keep_freed_memory: Start the commands with glibc keeping freed memory for reuse
-            (:mod:`nnunet_ssl.cpu_memory`; about 15 % less time per nnU-Net training on CPU). A
+            (:mod:`nnunet_ssl.cpu_memory`; up to about 15 % less time per nnU-Net training on CPU). A
             ``MALLOC_*`` variable set in the caller's environment wins.
     """
 
