@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nnunet_ssl.cpu_memory import with_freed_memory_kept
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 from nnunet_ssl.nnunet_ext import ext_trainer_path
 
@@ -18,7 +19,8 @@ class NnUNet:
     def __init__(self, root: Path, raw: Path, dataset: str = "Dataset501_Phantom") -> None:
         self.root = root
         self.dataset = dataset
-        self.env = {
+        # nnU-Net's commands keep freed memory for reuse, as the demo starts them (nnunet_ssl/cpu_memory.py)
+        self.env = with_freed_memory_kept({
             **os.environ,
             "nnUNet_raw": str(raw),
             "nnUNet_preprocessed": str(root / "preprocessed"),
@@ -27,7 +29,7 @@ class NnUNet:
             "nnUNet_def_n_proc": "1",
             "nnUNet_n_proc_DA": "1",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),  # conftest lowers it for parallel workers
-        }
+        })
 
     def run(
         self, *args: str, check: bool = True, timeout: int = 900, env: dict[str, str] | None = None
