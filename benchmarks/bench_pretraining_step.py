@@ -84,7 +84,7 @@ def measure(name: str, preset: str, size: int, crops: int, repeats: int, warmup:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for i in range(max(warmup, 1)):  # also allocates the optimiser moments; the first step counts the crops
+    for i in range(max(warmup, 1)):  # allocates the optimiser moments; the first step counts the crops
         step(i)
         if i == 0:
             crops_through_student = student_crops[0]
@@ -190,8 +190,9 @@ def main() -> None:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="CPU: glibc keeps freed memory for reuse (no page faults per step); no memory figures")
     args = parser.parse_args()
-    if args.rounds < 1 or args.repeats < 1:
-        parser.error("--rounds and --repeats must be >= 1")
+    if args.rounds < 1 or args.repeats < 1 or args.warmup < 1:
+        parser.error("--rounds, --repeats and --warmup must be >= 1 (the untimed first step counts the crops "
+                     "through the student and allocates the optimiser moments)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     methods = None if args.methods is None else list(dict.fromkeys(["simmim", *args.methods]))
     if args.keep_freed_memory:  # read by glibc when each spawned measuring process starts
