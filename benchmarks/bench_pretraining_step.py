@@ -35,6 +35,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,7 +69,6 @@ def measure(name: str, preset: str, size: int, crops: int, repeats: int, warmup:
         raise ValueError(f"--crops {crops} is not a multiple of {name}'s {views} views")
     optimizer = torch.optim.AdamW(decay_parameter_groups(method.student_modules(), 0.05), lr=1e-4)
     batch = {"views": torch.rand(crops // views, views, 1, size, size, size, device=device)}
-    student_crops = _crop_counter(method.student_modules())
 
     def step(index: int) -> float:
         context = StepContext(step=10 + index, steps_per_epoch=5, total_steps=1000)  # epoch > 1: all heads train
@@ -84,12 +84,12 @@ def measure(name: str, preset: str, size: int, crops: int, repeats: int, warmup:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for i in range(max(warmup, 1)):  # allocates the optimiser moments; the first step counts the crops
-        step(i)
-        if i == 0:
-            crops_through_student = student_crops[0]
+    # untimed: the first step allocates the optimiser moments and counts the crops through the student
+    crops_through_student = _count_student_crops(method.student_modules(), lambda: step(0))
     if crops_through_student == 0:
         raise RuntimeError(f"{name}: no crop reached the student encoder's patch embedding")
+    for i in range(1, warmup):
+        step(i)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -104,18 +104,24 @@ def measure(name: str, preset: str, size: int, crops: int, repeats: int, warmup:
             "times": times, "seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
 
 
-def _crop_counter(student: torch.nn.Module) -> list[int]:
-    """``[n]``: n counts the crops passed through the student's (only) Swin encoder so far."""
+def _count_student_crops(student: torch.nn.Module, run_step: Callable[[], object]) -> int:
+    """Crops that pass through the student's (only) Swin encoder during ``run_step()``."""
     encoders = [m for m in student.modules() if isinstance(m, SwinEncoder)]
     if len(encoders) != 1:
         raise ValueError(f"expected one Swin encoder in the student, found {len(encoders)}")
-    counts = [0]
+    counted = 0
 
     def count(_module: torch.nn.Module, args: tuple) -> None:
-        counts[0] += args[0].shape[0]
+        nonlocal counted
+        counted += args[0].shape[0]
 
-    encoders[0].patch_embed.register_forward_pre_hook(count)  # DINO and iBOT skip encoder.forward (tokens.py)
-    return counts
+    # at the patch embedding: DINO and iBOT skip encoder.forward (pretraining/tokens.py)
+    handle = encoders[0].patch_embed.register_forward_pre_hook(count)
+    try:
+        run_step()
+    finally:
+        handle.remove()
+    return counted
 
 
 def _worker(queue: Any, args: tuple) -> None:
