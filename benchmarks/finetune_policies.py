@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from nnunet_ssl.analysis.stats import spread
 from nnunet_ssl.trainers.named import DEMO_RECIPE, SwinScratchTrainer, SwinSMITTrainer
 
 logger = logging.getLogger("finetune_policies")
@@ -174,10 +175,11 @@ def markdown(rows: list[dict[str, object]]) -> str:
 
 
 def _mean_sd(values: list[float]) -> str:
-    if not values:
+    """Mean +/- sample sd of the finite ``values`` (the report's :func:`spread`), as plain text."""
+    s = spread(values)
+    if s.n == 0:
         return "n/a"
-    mean = statistics.fmean(values)
-    return f"{mean:.3f} +/- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+    return f"{s.mean:.3f} +/- {s.std:.3f}" if s.n > 1 else f"{s.mean:.3f}"
 
 
 def aggregate_markdown(rows: list[dict[str, object]]) -> str:
@@ -194,7 +196,7 @@ def aggregate_markdown(rows: list[dict[str, object]]) -> str:
         background = statistics.fmean(float(r["background_only_epochs"]) for r in group)
         cells = [name, str(group[0]["policy"]), str(len(group)), reached, f"{background:.1f}",
                  _mean_sd([float(r["last_pseudo_dice"]) for r in group]),
-                 _mean_sd([float(r["validation_dice"]) for r in group if math.isfinite(float(r["validation_dice"]))])]
+                 _mean_sd([float(r["validation_dice"]) for r in group])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
