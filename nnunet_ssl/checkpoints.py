@@ -20,6 +20,8 @@ CHECKPOINT_FORMAT = "nnunet-ssl-pretraining-checkpoint"
 #: File names of a pretraining run's checkpoints.
 LATEST = "checkpoint_latest.pt"
 FINAL = "checkpoint_final.pt"
+#: The latest checkpoint before the current one (kept so that a damaged latest file loses one interval).
+PREVIOUS = "checkpoint_previous.pt"
 #: Encoder keys that exist only for pretraining and are never exported.
 PRETRAINING_ONLY_KEYS = ("mask_token",)
 

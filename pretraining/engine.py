@@ -27,6 +27,7 @@ from nnunet_ssl.checkpoints import (  # noqa: F401 (load_checkpoint, find_checkp
     CHECKPOINT_FORMAT,
     FINAL,
     LATEST,
+    PREVIOUS,
     encoder_digest,
     find_checkpoint,
     load_checkpoint,
@@ -41,6 +42,7 @@ from nnunet_ssl.pretraining.data import steps_per_epoch as volume_steps_per_epoc
 from nnunet_ssl.pretraining.methods import METHODS, build_config, build_method
 from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step
 from nnunet_ssl.pretraining.metrics_log import MetricsLog, plot_loss_curves
+from nnunet_ssl.pretraining.resume import RESUME_ORDER, ResumePoint, check_resume_config, find_resume_point
 
 logger = logging.getLogger(__name__)
 
@@ -166,26 +168,24 @@ class Engine:
             manifest = Manifest.load(self.config.data.cache_dir)  # the cache rank 0 just built
         return manifest
 
-    def _check_run_dir(self) -> dict[str, Any] | None:
-        """Refuse to overwrite another run; return the checkpoint to resume from, if any."""
-        latest = self.run_dir / LATEST
-        final = self.run_dir / FINAL
+    def _check_run_dir(self) -> ResumePoint | None:
+        """Refuse to overwrite another run or to change a resumed one; return the point to resume from."""
         if self.resume:
-            source = latest if latest.is_file() else final if final.is_file() else None
-            if source is None:
+            point = find_resume_point(self.run_dir)
+            if point is None:
                 raise FileNotFoundError(
                     f"--resume: {self.run_dir} holds no {LATEST} or {FINAL} to continue from; leave out --resume "
                     "to start a new run there"
                 )
-            checkpoint = load_checkpoint(source)
-            saved = RunConfig.from_dict(checkpoint["config"])
-            if saved.method != self.config.method or saved.preset != self.config.preset:
-                raise ValueError(
-                    f"{source}: was a {saved.method}/{saved.preset} run, not {self.config.method}/{self.config.preset}"
-                )
-            return checkpoint
-        if latest.is_file() or final.is_file():
-            raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose --out")
+            for key, (saved, now) in check_resume_config(point, self.config).items():
+                logger.info("resume changes %s: %r -> %r", key, saved, now)
+            return point
+        existing = [name for name in RESUME_ORDER if (self.run_dir / name).is_file()]
+        if existing:
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
+                "choose another --out"
+            )
         return None
 
     # ------------------------------------------------------------------ main loop
@@ -193,7 +193,7 @@ class Engine:
         """Train to the end (or continue a killed run); returns the final checkpoint path."""
         config = self.config
         validate_run_config(config)  # argument errors before anything is created or cached
-        checkpoint = self._check_run_dir()
+        resume_point = self._check_run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.engine.seed)
         manifest = self._prepare_data()
@@ -219,13 +219,19 @@ class Engine:
         warmup_steps = round(engine.warmup_epochs * steps_per_epoch)
 
         start_step = 0
-        if checkpoint is not None:
+        if resume_point is not None:
+            checkpoint = resume_point.checkpoint
             method.load_state_dict(checkpoint["method"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scaler.load_state_dict(checkpoint["scaler"])
             restore_rng_state(checkpoint["rng"][min(self.dist.rank, len(checkpoint["rng"]) - 1)])
             start_step = int(checkpoint["step"])
-            logger.info("resumed from step %d of %d", start_step, total_steps)
+            if start_step > total_steps:
+                raise ValueError(
+                    f"{resume_point.path} is at step {start_step}, beyond the {total_steps} steps of the requested "
+                    "run; give at least as many --epochs (or --max-steps) as it already trained"
+                )
+            logger.info("resumed from %s at step %d of %d", resume_point.path.name, start_step, total_steps)
         if self.dist.is_main:
             atomic_json_dump(config.to_dict(), self.run_dir / "config.json")
         collectives = Collectives(self.dist.rank, self.dist.world_size)
@@ -267,7 +273,8 @@ class Engine:
         self._check_ranks_in_sync(method)
         final = self._save(FINAL, method, optimizer, scaler, total_steps, steps_per_epoch)
         if self.dist.is_main:
-            (self.run_dir / LATEST).unlink(missing_ok=True)
+            for name in (LATEST, PREVIOUS):
+                (self.run_dir / name).unlink(missing_ok=True)
             plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png",
                              title=f"Pretraining losses ({config.method}, preset {config.preset})")
             logger.info("done: %s (loss curves: %s)", final, self.run_dir / "loss_curves.png")
@@ -357,5 +364,7 @@ class Engine:
                 "rng": states,
                 "config": self.config.to_dict(),
             }
+            if name == LATEST and path.is_file():
+                os.replace(path, self.run_dir / PREVIOUS)  # a damaged new latest still leaves this one
             atomic_torch_save(checkpoint, path)
         return path

@@ -197,3 +197,68 @@ def test_argument_errors_and_resume_without_checkpoint_leave_nothing_behind(
         assert main(["pretrain", "--method", "smit", "--data", str(volumes), "--out", str(out), *SMALL, "--resume"]) == 1
     assert "no checkpoint_latest.pt or checkpoint_final.pt" in caplog.text and "leave out --resume" in caplog.text
     assert list(out.iterdir()) == []
+
+
+def _run_in_process(volumes: Path, out: Path, *extra: str) -> int:
+    from nnunet_ssl.cli import main
+
+    return main(["pretrain", "--method", "simmim", "--data", str(volumes), "--out", str(out), *SMALL, *extra])
+
+
+def test_resume_refuses_other_settings_and_keeps_the_run_as_it_was(
+    volumes: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    assert _run_in_process(volumes, out, "--max-steps", "2") == 0
+    recorded = {name: (out / name).read_bytes() for name in ("config.json", "checkpoint_final.pt", "metrics.jsonl")}
+    with caplog.at_level("ERROR"):
+        code = _run_in_process(volumes, out, "--max-steps", "3", "--resume", "--set", "mask_ratio=0.3", "--lr", "1e-3")
+    assert code == 1
+    assert "method_overrides.mask_ratio: None in the run, 0.3 now" in caplog.text
+    assert "engine.base_lr: 0.0002 in the run, 0.001 now" in caplog.text
+    assert "engine.max_steps" not in caplog.text  # extending the run is allowed
+    assert {name: (out / name).read_bytes() for name in recorded} == recorded  # the record is untouched
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        assert _run_in_process(volumes, out, "--max-steps", "1", "--resume") == 1
+    assert "below the step 2" in caplog.text
+    # the same settings with a longer run continue it, and the record says so
+    assert _run_in_process(volumes, out, "--max-steps", "3", "--resume") == 0
+    assert load_checkpoint(out / "checkpoint_final.pt")["step"] == 3
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["engine"]["max_steps"] == 3 and config["method_overrides"] == {}
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+    volumes: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from nnunet_ssl.checkpoints import FINAL, LATEST, PREVIOUS
+
+    out = tmp_path / "run"
+    assert _run_in_process(volumes, out, "--max-steps", "2") == 0
+    (out / FINAL).rename(out / PREVIOUS)  # as a kill leaves it: the previous checkpoint, a damaged latest
+    (out / LATEST).write_bytes(b"cut short")
+    with caplog.at_level("INFO"):
+        assert _run_in_process(volumes, out, "--max-steps", "3", "--resume") == 0
+    assert f"cannot resume from {out / LATEST}" in caplog.text
+    assert "resumed from checkpoint_previous.pt at step 2 of 3" in caplog.text
+    assert load_checkpoint(out / FINAL)["step"] == 3
+    assert not (out / LATEST).exists() and not (out / PREVIOUS).exists()  # a finished run keeps only its final
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_saving_a_latest_checkpoint_keeps_the_one_before(tmp_path: Path) -> None:
+    from nnunet_ssl.checkpoints import LATEST, PREVIOUS
+    from nnunet_ssl.pretraining.config import RunConfig
+    from nnunet_ssl.pretraining.data import DataConfig
+    from nnunet_ssl.pretraining.engine import Engine
+
+    engine = Engine(RunConfig(method="simmim", data=DataConfig(inputs=("x",), cache_dir=str(tmp_path / "c"))), tmp_path)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    engine._save(LATEST, model, optimizer, scaler, 4, 2)
+    assert not (tmp_path / PREVIOUS).exists()
+    engine._save(LATEST, model, optimizer, scaler, 6, 2)
+    assert load_checkpoint(tmp_path / PREVIOUS)["step"] == 4 and load_checkpoint(tmp_path / LATEST)["step"] == 6
