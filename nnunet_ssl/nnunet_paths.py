@@ -34,3 +34,8 @@ def dataset_name(dataset: str | int) -> str:
 def preprocessed_dataset_folder(dataset: str | int) -> Path:
     """``$nnUNet_preprocessed/<DatasetName>``."""
     return nnunet_folder("nnUNet_preprocessed") / dataset_name(dataset)
+
+
+def raw_dataset_folder(dataset: str | int) -> Path:
+    """``$nnUNet_raw/<DatasetName>``."""
+    return nnunet_folder("nnUNet_raw") / dataset_name(dataset)

@@ -11,7 +11,8 @@ import json
 import logging
 from pathlib import Path
 
-from nnunet_ssl.nnunet_paths import dataset_name, preprocessed_dataset_folder
+from nnunet_ssl.case_ids import check_case_id, check_file_ending
+from nnunet_ssl.nnunet_paths import dataset_name, preprocessed_dataset_folder, raw_dataset_folder
 from nnunet_ssl.plans.planner import (
     CONFIGURATION,
     SwinPlanner,
@@ -38,6 +39,42 @@ def check_plans_file_is_ours(plans_file: Path) -> None:
         )
 
 
+def raw_case_identifiers(raw_folder: Path) -> list[str]:
+    """The training case identifiers nnU-Net will write files for, each checked to be a plain file name.
+
+    Derived as nnU-Net 2.8's ``get_filenames_of_train_images_and_targets`` does, without opening an
+    image: the keys of ``dataset.json``'s ``"dataset"`` mapping when it has one, else the ``imagesTr``
+    file names without ``_XXXX<file_ending>``. Preprocessing writes ``<data folder>/<identifier>.b2nd``
+    and ``gt_segmentations/<identifier><file_ending>``, so ``"../../x"`` would write outside the dataset.
+
+    Raises:
+        FileNotFoundError: when ``dataset.json`` does not exist.
+        ValueError: when it is not a JSON object; CaseIdError when an identifier or the file ending is unsafe.
+    """
+    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+
+    path = raw_folder / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; `nnunet-ssl plan` plans the raw dataset in nnUNet_raw")
+    try:
+        dataset_json = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from error
+    if not isinstance(dataset_json, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    file_ending = check_file_ending(dataset_json.get("file_ending"), path)
+    if "dataset" in dataset_json:
+        cases = dataset_json["dataset"]
+        if not isinstance(cases, dict):
+            raise ValueError(f"{path}: 'dataset' must map case identifiers to their files")
+        return [check_case_id(case, path, "a key of 'dataset'") for case in cases]
+    images = raw_folder / "imagesTr"
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images} does not exist (and {path} has no 'dataset' mapping)")
+    identifiers = [str(i) for i in get_identifiers_from_splitted_dataset_folder(str(images), file_ending)]
+    return [check_case_id(case, images) for case in identifiers]
+
+
 def plan_and_preprocess(dataset: str, settings: SwinPlanSettings, num_processes: int = 2,
                         verify: bool = False) -> dict:
     """Plan ``dataset`` with the paper's settings and preprocess its ``3d_fullres`` data.
@@ -52,6 +89,9 @@ def plan_and_preprocess(dataset: str, settings: SwinPlanSettings, num_processes:
     folder = preprocessed_dataset_folder(name)
     plans_file = folder / f"{settings.plans_name}.json"
     check_plans_file_is_ours(plans_file)
+    # nnU-Net's planning copies this dataset.json next to the plans, and preprocessing names its files
+    # after these identifiers: refuse unsafe ones before anything is written
+    raw_case_identifiers(raw_dataset_folder(name))
 
     if (folder / "dataset_fingerprint.json").is_file() and not verify:
         logger.info("reusing the dataset fingerprint in %s", folder)
