@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import os
+import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nnunet_ssl.io import atomic_json_dump, atomic_write
+from nnunet_ssl.case_ids import check_case_id, check_case_ids
+from nnunet_ssl.io import default_mode
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,13 @@ VALIDATION_DRAW_SEED = 2024
 
 class SplitError(ValueError):
     """A split request that cannot be honoured without losing or corrupting folds."""
+
+
+class SplitWriteError(OSError):
+    """An ``OSError`` while writing the split files; ``str()`` names the file meant, not a temporary one."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}; nothing was changed"
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,9 @@ def choose_validation(request: SplitRequest, identifiers: list[str], splits: lis
         return sorted(str(c) for c in chosen)
     fold = 0 if request.val_from_fold is None else request.val_from_fold
     if not 0 <= fold < len(splits):
-        raise SplitError(f"--val-from-fold {fold}: the split file has folds 0-{len(splits) - 1}")
+        has = f"has folds 0-{len(splits) - 1}" if splits else "has no folds"
+        asked = "the validation set of fold 0 (the default)" if request.val_from_fold is None else f"--val-from-fold {fold}"
+        raise SplitError(f"{asked}: the split file {has}; give --val-cases N to draw a validation set instead")
     return sorted(splits[fold]["val"])
 
 
@@ -176,22 +188,71 @@ def place_folds(
 
 
 # ---------------------------------------------------------------------------- files
-def read_splits(path: Path) -> list[dict[str, list[str]]]:
-    """``splits_final.json`` checked for nnU-Net's shape (a list of {"train": [...], "val": [...]})."""
+def check_regular_file(path: Path) -> bool:
+    """Whether ``path`` exists, refusing anything but a regular file or a link to one.
+
+    Raises:
+        SplitError: for a folder (or other non-file) at ``path``, or a symbolic link whose target is missing.
+    """
+    if not os.path.lexists(path):
+        return False
+    if path.is_symlink() and not path.exists():
+        raise SplitError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                         "fix or remove the link, nothing was changed")
+    if not path.is_file():
+        raise SplitError(f"{path} is not a regular file; move it away, nothing was changed")
+    return True
+
+
+def read_splits(path: Path, known: Collection[str] | None = None) -> list[dict[str, list[str]]]:
+    """``splits_final.json`` checked for nnU-Net's shape (a list of {"train": [...], "val": [...]}).
+
+    Every entry must be a safe case identifier (:func:`nnunet_ssl.case_ids.check_case_id`) and, when
+    ``known`` is given, one of those cases.
+
+    Raises:
+        SplitError: when the file is not JSON, not of that shape, or names a case not in ``known``;
+            CaseIdError (a ValueError) for an entry that is not a plain file name (``NaN``, ``"../x"``).
+    """
+    check_regular_file(path)
     try:
         splits = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SplitError(f"{path} is not valid JSON ({error}); fix or move it, nothing was changed") from error
-    if not isinstance(splits, list) or not all(
-        isinstance(s, dict) and isinstance(s.get("train"), list) and isinstance(s.get("val"), list) for s in splits
-    ):
+    if not isinstance(splits, list):
         raise SplitError(f"{path} is not an nnU-Net split file (a list of {{'train': [...], 'val': [...]}})")
+    known = None if known is None else set(known)
+    for index, fold in enumerate(splits):
+        if not (isinstance(fold, dict) and isinstance(fold.get("train"), list) and isinstance(fold.get("val"), list)):
+            raise SplitError(f"{path}: fold {index} is not {{'train': [...], 'val': [...]}} (an nnU-Net split file "
+                             "is a list of those); nothing was changed")
+        for part in ("train", "val"):
+            for position, case in enumerate(fold[part]):
+                where = f"fold {index}, {part!r} entry {position}"
+                check_case_id(case, path, where)
+                if known is not None and case not in known:
+                    raise SplitError(f"{path}: case {case!r} ({where}) is not among the {len(known)} preprocessed "
+                                     f"cases of {path.parent.name}; nothing was changed")
     return splits
+
+
+def refuse_empty_splits(splits: list[dict[str, list[str]]], path: Path) -> None:
+    """An empty split file is refused: it has no fold 0 for the validation set, appended folds would
+    take nnU-Net's fold numbers, and nnU-Net itself trains every fold of it on a random 80:20 split.
+
+    Raises:
+        SplitError: when ``splits`` is empty.
+    """
+    if not splits:
+        raise SplitError(
+            f"{path} holds no folds (an empty list); delete it to start from nnU-Net's default 5 folds "
+            "(or write your own folds into it), nothing was changed"
+        )
 
 
 def read_manifest(path: Path) -> list[FoldEntry]:
     """The folds listed in ``splits_manifest.json`` (empty when the file does not exist)."""
-    if not path.is_file():
+    if not check_regular_file(path):
         return []
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -201,7 +262,7 @@ def read_manifest(path: Path) -> list[FoldEntry]:
                 f"got {data.get('format')!r} version {data.get('version')!r}"
             )
         return [FoldEntry(**entry) for entry in data["folds"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
         raise SplitError(f"{path} is unreadable ({error}); fix or move it, nothing was changed") from error
 
 
@@ -251,7 +312,7 @@ def dataset_identifiers(preprocessed_dataset_dir: Path) -> list[str]:
             if config.get("data_identifier") and data_dir.is_dir() and any(data_dir.iterdir()):
                 identifiers = infer_dataset_class(str(data_dir)).get_identifiers(str(data_dir))
                 if identifiers:
-                    return sorted(str(i) for i in identifiers)
+                    return sorted(check_case_ids([str(i) for i in identifiers], data_dir))
     raise SplitError(
         f"{preprocessed_dataset_dir} has no preprocessed data; run `nnUNetv2_plan_and_preprocess -d ID` "
         "or `nnunet-ssl plan -d ID` first"
@@ -267,7 +328,7 @@ def read_checked_manifest(preprocessed_dataset_dir: Path) -> list[FoldEntry]:
     folder = Path(preprocessed_dataset_dir)
     splits_path = folder / SPLITS_FILE
     manifest = read_manifest(folder / MANIFEST_FILE)
-    if splits_path.is_file():
+    if check_regular_file(splits_path):
         check_consistency(read_splits(splits_path), manifest, splits_path)
     elif manifest:
         raise SplitError(f"{folder / MANIFEST_FILE} lists {len(manifest)} fold(s) but {splits_path} does not exist")
@@ -280,9 +341,10 @@ def ensure_default_splits(preprocessed_dataset_dir: Path) -> bool:
     The same folds nnU-Net would write on its first training, written up front so fold indices are fixed.
     """
     path = Path(preprocessed_dataset_dir) / SPLITS_FILE
-    if path.is_file():
+    if check_regular_file(path):
+        refuse_empty_splits(read_splits(path), path)
         return False
-    _atomic_json_list(nnunet_default_splits(dataset_identifiers(Path(preprocessed_dataset_dir))), path)
+    write_files({path: splits_text(nnunet_default_splits(dataset_identifiers(Path(preprocessed_dataset_dir))))})
     return True
 
 
@@ -294,12 +356,15 @@ class SplitResult:
     backup: Path | None
 
 
+def manifest_text(dataset: str, folds: list[FoldEntry]) -> str:
+    """``splits_manifest.json``'s content."""
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dataset": dataset,
+                "folds": [asdict(f) for f in sorted(folds, key=lambda f: f.fold)]}
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+
 def write_manifest(path: Path, dataset: str, folds: list[FoldEntry]) -> None:
-    atomic_json_dump(
-        {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "dataset": dataset,
-         "folds": [asdict(f) for f in sorted(folds, key=lambda f: f.fold)]},
-        path,
-    )
+    write_files({path: manifest_text(dataset, folds)})
 
 
 def apply_split_request(preprocessed_dataset_dir: Path, request: SplitRequest) -> SplitResult:
@@ -307,8 +372,12 @@ def apply_split_request(preprocessed_dataset_dir: Path, request: SplitRequest) -
     folder = Path(preprocessed_dataset_dir)
     splits_path, manifest_path = folder / SPLITS_FILE, folder / MANIFEST_FILE
     identifiers = dataset_identifiers(folder)
-    created_default = not splits_path.is_file()
-    splits = nnunet_default_splits(identifiers) if created_default else read_splits(splits_path)
+    created_default = not check_regular_file(splits_path)
+    if created_default:
+        splits = nnunet_default_splits(identifiers)
+    else:
+        splits = read_splits(splits_path, known=identifiers)
+        refuse_empty_splits(splits, splits_path)
     manifest = read_manifest(manifest_path)
     check_consistency(splits, manifest, splits_path)
 
@@ -316,24 +385,94 @@ def apply_split_request(preprocessed_dataset_dir: Path, request: SplitRequest) -
     if not new and not created_default:
         return SplitResult(placed, [], False, None)
 
+    files: dict[Path, str] = {}
     backup = None
     if not created_default:
         backup = splits_path.with_name(f"{SPLITS_FILE}.bak-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9}")
-        shutil.copy2(splits_path, backup)
-    updated = splits + [{"train": f.train, "val": f.val} for f in new]
-    # the split file first: a manifest never names a fold the split file lacks
-    _atomic_json_list(updated, splits_path)
-    write_manifest(manifest_path, folder.name, manifest + new)
+        files[backup] = splits_path.read_text(encoding="utf-8")
+    files[splits_path] = splits_text(splits + [{"train": f.train, "val": f.val} for f in new])
+    files[manifest_path] = manifest_text(folder.name, manifest + new)
+    write_files(files)
     return SplitResult(placed, new, created_default, backup)
 
 
-def _atomic_json_list(splits: list[dict[str, Any]], path: Path) -> None:
+def splits_text(splits: list[dict[str, Any]]) -> str:
     """nnU-Net's split file layout (a list; key order train, val)."""
+    return json.dumps(splits, indent=4) + "\n"
 
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(splits, indent=4) + "\n", encoding="utf-8")
 
-    atomic_write(path, write)
+def write_files(contents: dict[Path, str]) -> None:
+    """Write every file or none, each atomically, in the order given.
+
+    A symbolic link is written through: the file it points at gets the new content and the link stays
+    (a split file shared by a link keeps being shared). Each content goes to a temporary file beside
+    its target first; only when all are written are they renamed into place, and a failed rename puts
+    back the files already renamed. Temporary files never outlive a failure.
+
+    Raises:
+        SplitError: for a folder at a path or a link to nothing (before anything is written).
+        SplitWriteError: an ``OSError`` while writing (permission, disk full), naming the path meant.
+    """
+    targets = {path: (Path(os.path.realpath(path)) if check_regular_file(path) else path) for path in contents}
+    staged: list[tuple[Path, str]] = []  # (file written, temporary file)
+
+    def failed(error: OSError, path: Path) -> SplitWriteError:
+        target = targets[path]
+        name = str(path) if target == path else f"{path} (a link to {target})"
+        return SplitWriteError(error.errno, error.strerror or str(error), name)
+
+    try:
+        for path, text in contents.items():
+            try:
+                staged.append((targets[path], _stage(targets[path], text.encode("utf-8"))))
+            except OSError as error:
+                raise failed(error, path) from error
+        previous = {target: target.read_bytes() if target.is_file() else None for target, _ in staged}
+        done: list[Path] = []
+        for path, (target, tmp) in zip(contents, staged):
+            try:
+                os.replace(tmp, target)
+            except OSError as error:
+                _put_back(done, previous)
+                raise failed(error, path) from error
+            done.append(target)
+    finally:
+        for _, tmp in staged:
+            _remove_quietly(tmp)
+
+
+def _stage(target: Path, data: bytes) -> str:
+    """A temporary file beside ``target`` holding ``data`` (removed again if writing it fails)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, default_mode(directory=False))  # mkstemp makes 0600; give what open() would
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _remove_quietly(tmp: str) -> None:
+    if os.path.lexists(tmp):
+        try:
+            os.remove(tmp)
+        except OSError:  # the error that brought us here is the one to report
+            logger.warning("could not remove the temporary file %s", tmp)
+
+
+def _put_back(done: list[Path], previous: dict[Path, bytes | None]) -> None:
+    """Undo the renames of :func:`write_files` after a later one failed (each file atomically; failures logged)."""
+    for target in reversed(done):
+        old = previous[target]
+        try:
+            if old is None:
+                target.unlink()
+            else:
+                os.replace(_stage(target, old), target)
+        except OSError as error:
+            logger.error("could not restore %s after a failed write: %s", target, error)
 
 
 # ---------------------------------------------------------------------------- table
