@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nnunet_ssl.analysis.stats import nan_mean
+from nnunet_ssl.case_ids import check_case_id, check_file_ending
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,13 @@ def load_dataset_info(layout: ResultsLayout, trainers: list[str]) -> DatasetInfo
     for path in candidates:
         if path.is_file():
             try:
-                return dataset_info(json.loads(path.read_text(encoding="utf-8")))
+                dataset_json = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from error
+            if isinstance(dataset_json, dict) and "file_ending" in dataset_json:  # predictions are named after it
+                check_file_ending(dataset_json["file_ending"], path)
+            try:
+                return dataset_info(dataset_json)
             except (ValueError, KeyError) as error:
                 raise ValueError(f"{path}: {error}") from error
     raise FileNotFoundError(
@@ -192,12 +199,14 @@ def read_validation_summary(path: Path, info: DatasetInfo) -> dict[str, dict[str
     metric keys are labels (``"1"``) or regions (``"(1, 2)"``). JSON ``NaN`` is read as NaN.
 
     Raises:
-        ValueError: when a structure of ``dataset.json`` is missing from a case's metrics.
+        ValueError: when a structure of ``dataset.json`` is missing from a case's metrics; CaseIdError when
+            a reference file's name is not a plain case identifier.
     """
     summary = json.loads(path.read_text(encoding="utf-8"))
     scores: dict[str, dict[str, float]] = {}
-    for entry in summary["metric_per_case"]:
-        case = case_id(entry["reference_file"], info.file_ending)
+    for index, entry in enumerate(summary["metric_per_case"]):
+        case = check_case_id(case_id(entry["reference_file"], info.file_ending), path,
+                             f"'metric_per_case' entry {index}")
         metrics = entry["metrics"]
         missing = [key for key in info.structures if key not in metrics]
         if missing:
@@ -213,13 +222,19 @@ def _as_float(value: object) -> float:
 
 
 def expected_validation_cases(layout: ResultsLayout, fold: int) -> list[str] | None:
-    """Validation cases of ``fold`` from ``splits_final.json``, or None when that file or fold is not there."""
+    """Validation cases of ``fold`` from ``splits_final.json``, or None when that file or fold is not there.
+
+    Raises:
+        SplitError / CaseIdError (ValueErrors): when the split file is malformed or names an unsafe case.
+    """
+    from nnunet_ssl.splits import SPLITS_FILE, read_splits
+
     if layout.preprocessed_dir is None:
         return None
-    path = layout.preprocessed_dir / "splits_final.json"
+    path = layout.preprocessed_dir / SPLITS_FILE
     if not path.is_file():
         return None
-    splits = json.loads(path.read_text(encoding="utf-8"))
+    splits = read_splits(path)
     return list(splits[fold]["val"]) if fold < len(splits) else None
 
 

@@ -28,6 +28,7 @@ from nnunet_ssl.analysis.results import (
     RunResult,
     training_state,
 )
+from nnunet_ssl.case_ids import check_case_ids
 from nnunet_ssl.io import atomic_json_dump
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ def find_test_set(images_dir: Path, labels_dir: Path, file_ending: str) -> TestS
 
     Raises:
         FileNotFoundError: when a folder is missing or no case has both images and a label.
+        CaseIdError: when a case identifier is not a plain file name (e.g. starts with '.').
     """
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
@@ -75,6 +77,8 @@ def find_test_set(images_dir: Path, labels_dir: Path, file_ending: str) -> TestS
     labels = {
         path.name[: -len(file_ending)]: path for path in sorted(labels_dir.iterdir()) if path.name.endswith(file_ending)
     }
+    check_case_ids(images, images_dir)  # predictions are written as <case><file_ending>
+    check_case_ids(labels, labels_dir)
     unlabeled, imageless = sorted(set(images) - set(labels)), sorted(set(labels) - set(images))
     if unlabeled:
         logger.warning("test images without a label (not scored): %s", ", ".join(unlabeled))

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunet_ssl.case_ids import check_case_ids
 from nnunet_ssl.experiment.spec import Arm, Experiment, ExperimentError, TestSetSpec, trainer_name
 from nnunet_ssl.splits import FoldEntry
 from nnunet_ssl.trainers.recipe import EPOCHS_ENV
@@ -157,9 +158,14 @@ def test_folders(experiment: Experiment, raw_dataset_dir: Path | None) -> tuple[
 
 
 def image_cases(images: Path, file_ending: str) -> list[str]:
-    """Case ids of nnU-Net-style images (``CASE_0000<ending>``) in a folder."""
+    """Case ids of nnU-Net-style images (``CASE_0000<ending>``) in a folder.
+
+    Raises:
+        CaseIdError: when one is not a plain file name (predictions are written as ``<case><ending>``).
+    """
     pattern = re.compile(r"(.+)_\d{4}" + re.escape(file_ending))
-    return sorted({m.group(1) for p in images.iterdir() if (m := pattern.fullmatch(p.name))})
+    cases = sorted({m.group(1) for p in images.iterdir() if (m := pattern.fullmatch(p.name))})
+    return check_case_ids(cases, images)
 
 
 def setting_folds(experiment: Experiment, manifest: list[FoldEntry]) -> list[SettingFolds]:

@@ -61,6 +61,7 @@ def prepare(experiment: Experiment) -> Prepared:
     """
     import json
 
+    from nnunet_ssl.case_ids import check_file_ending
     from nnunet_ssl.nnunet_paths import nnunet_folder, preprocessed_dataset_folder
     from nnunet_ssl.splits import (
         MANIFEST_FILE,
@@ -87,6 +88,7 @@ def prepare(experiment: Experiment) -> Prepared:
         logger.info("no splits_final.json yet: wrote nnU-Net's default 5 folds (seed 12345)")
     settings = setting_folds(experiment, read_checked_manifest(folder))
     dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    check_file_ending(dataset_json.get("file_ending"), folder / "dataset.json")  # names the predictions
     raw = os.environ.get("nnUNet_raw")
     raw_dir = nnunet_folder("nnUNet_raw") / folder.name if raw else None
     test = test_folders(experiment, raw_dir)
