@@ -32,7 +32,11 @@ import torch
 from torch import Tensor
 
 from nnunet_ssl import __version__
-from nnunet_ssl.checkpoints import PRETRAINING_ONLY_KEYS, encoder_digest  # noqa: F401 (encoder_digest: re-exported)
+from nnunet_ssl.checkpoints import (  # noqa: F401 (encoder_digest: re-exported)
+    PRETRAINING_ONLY_KEYS,
+    encoder_digest,
+    read_torch_file,
+)
 from nnunet_ssl.io import atomic_torch_save
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg, encode_provenance
@@ -168,14 +172,17 @@ def save_weights_file(payload: Mapping[str, Any], path: str | os.PathLike[str]) 
 
 
 def load_weights_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a weights file safely (``weights_only=True``) and return ``(network_weights, metadata)``."""
+    """Read a weights file safely (``weights_only=True``) and return ``(network_weights, metadata)``.
+
+    Raises:
+        WeightsError: no such file, a folder, not a torch file, or one holding objects other than
+            tensors and plain values (refused in one line naming their types; nothing in it is run).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt/foreign files
-        raise WeightsError(f"{path}: cannot be read as a torch weights file ({error.__class__.__name__}: {error})") from error
+        payload = read_torch_file(path, "weights file")
+    except (OSError, ValueError) as error:
+        raise WeightsError(str(error)) from error
     if not isinstance(payload, dict) or "network_weights" not in payload:
         raise WeightsError(
             f"{path}: not an nnunet-ssl/nnU-Net weights file (no 'network_weights' entry); "
