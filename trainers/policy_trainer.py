@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ssl.checkpoints import load_nnunet_checkpoint
 from nnunet_ssl.trainers.policy import (
     FineTunePolicy,
     PolicyError,
@@ -80,10 +81,15 @@ def policy_from_checkpoint(checkpoint: dict[str, Any], origin: str) -> FineTuneP
 def read_checkpoint_policy(path: str) -> FineTunePolicy | None:
     """Read only what is needed of an nnU-Net checkpoint file (memory-mapped) and return its policy.
 
-    nnU-Net's checkpoints hold numpy values and a torch.device, so they are read the way nnU-Net
-    itself reads them (``weights_only=False``); this is the file nnU-Net loads right after.
+    The file is read safely (tensors, plain values and numpy scalars only,
+    :func:`~nnunet_ssl.checkpoints.load_nnunet_checkpoint`). nnU-Net loads this same file right after
+    with ``weights_only=False``, so a file holding anything else is refused here, before nnU-Net would
+    run it.
+
+    Raises:
+        UnsafeCheckpointError: the file holds other objects (a ValueError naming the file and their types).
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = load_nnunet_checkpoint(path, mmap=True)
     return policy_from_checkpoint(checkpoint, origin=str(path))
 
 

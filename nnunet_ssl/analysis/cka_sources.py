@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from nnunet_ssl.checkpoints import load_nnunet_checkpoint
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.swin import SwinEncoder
 from nnunet_ssl.weights.format import (
@@ -105,9 +105,7 @@ def load_finetuned_fold(fold_dir: Path, checkpoint: str = "final") -> FinetunedF
     path = fold_dir / f"checkpoint_{checkpoint}.pth"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass an nnU-Net fold folder (.../fold_N) and --checkpoint")
-    # nnU-Net's own checkpoints hold numpy scalars and other pickled objects (logging, init_args),
-    # which weights_only=True refuses; load them as nnU-Net's predictor does.
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_nnunet_checkpoint(path)  # tensors, plain values and numpy scalars only; nothing is run
     trainer_name = payload.get("trainer_name")
     if trainer_name not in TRAINERS:
         raise WeightsError(f"{path}: trainer {trainer_name!r} is not an nnunet-ssl trainer (`nnunet-ssl trainers`)")

@@ -34,15 +34,19 @@ class TrainingCurves:
 
 
 def load_curves(fold_dir: Path, trainer: str, fold: int) -> TrainingCurves | None:
-    """Curves from ``checkpoint_final.pth`` (else ``checkpoint_latest.pth``); None without a checkpoint."""
-    import torch
+    """Curves from ``checkpoint_final.pth`` (else ``checkpoint_latest.pth``); None without a checkpoint.
+
+    Raises:
+        ValueError: the checkpoint cannot be read, or holds objects other than the tensors, plain values
+            and numpy scalars nnU-Net stores (:func:`~nnunet_ssl.checkpoints.load_nnunet_checkpoint`;
+            nothing in it is run).
+    """
+    from nnunet_ssl.checkpoints import load_nnunet_checkpoint
 
     for name in CHECKPOINT_FILES:
         path = fold_dir / name
         if path.is_file():
-            # weights_only=False: nnU-Net's own checkpoints hold numpy objects (its logger keeps numpy
-            # floats and arrays) that the safe loader refuses; these are files nnU-Net wrote itself.
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = load_nnunet_checkpoint(path)
             log = checkpoint.get("logging") or {}
             series = {key: [_float(v) for v in log.get(key, [])] for key in SERIES}
             return TrainingCurves(trainer, fold, path, series)

@@ -239,7 +239,14 @@ class TestRunSettings:
 def collect_test_run(
     layout: ResultsLayout, info: DatasetInfo, trainer: str, fold: int, settings: TestRunSettings
 ) -> RunResult:
-    """Predict what is missing for one run and score it on the test set."""
+    """Predict what is missing for one run and score it on the test set.
+
+    Raises:
+        ValueError: the checkpoint to predict with holds objects other than tensors, plain values and
+            numpy scalars (refused before nnU-Net's predictor would unpickle it).
+    """
+    from nnunet_ssl.checkpoints import load_nnunet_checkpoint
+
     fold_dir = layout.fold_dir(trainer, fold)
     status, reason = training_state(fold_dir, settings.checkpoint)
     if status != COMPLETE:
@@ -251,6 +258,9 @@ def collect_test_run(
     todo = cases_to_predict(out_dir, settings.test_set.cases, info.file_ending, source)
     reused = len(settings.test_set.cases) - len(todo)
     if todo:
+        # nnU-Net's predictor unpickles the checkpoint with weights_only=False: read it safely first, so
+        # a file holding anything but tensors, plain values and numpy scalars is refused, never run
+        load_nnunet_checkpoint(fold_dir / CHECKPOINTS[settings.checkpoint], mmap=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_json_dump(source, out_dir / SOURCE_FILE)
         try:
