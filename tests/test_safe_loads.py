@@ -289,3 +289,20 @@ def test_report_refuses_a_planted_checkpoint(tmp_path: Path, monkeypatch: pytest
     assert not marker.exists()
     line = _one_line_error(caplog, capsys, checkpoint)
     assert "refused" in line and "io.open" in line
+
+
+def test_report_test_set_refuses_the_checkpoint_before_nnunet_predicts_with_it(tmp_path: Path) -> None:
+    """With a test set, nnU-Net's predictor would unpickle ``checkpoint_best.pth`` unsafely: it is checked first."""
+    from nnunet_ssl.analysis.results import ResultsLayout, dataset_info
+    from nnunet_ssl.analysis.testset import TestRunSettings, TestSet, collect_test_run
+
+    fold = _results_fold(tmp_path)
+    torch.save({"logging": {"train_losses": [np.float32(0.5)]}}, fold / "checkpoint_final.pth")
+    marker = tmp_path / "created_by_predict"
+    best = plant(fold / "checkpoint_best.pth", marker)
+    test_set = TestSet({"t1": [tmp_path / "t1_0000.nii.gz"]}, {"t1": tmp_path / "t1.nii.gz"})
+    settings = TestRunSettings(test_set, tmp_path / "predictions", checkpoint="best", device="cpu")
+    layout = ResultsLayout(tmp_path / "results", DATASET)
+    with pytest.raises(UnsafeCheckpointError, match=f"{best}: refused"):
+        collect_test_run(layout, dataset_info(DATASET_JSON), TRAINER, 0, settings)
+    assert not marker.exists() and not (tmp_path / "predictions").exists()
