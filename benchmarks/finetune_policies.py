@@ -144,10 +144,10 @@ def summarize(work: Path, config: RunConfig, repeat: int, fold: int) -> dict[str
     curves = load_curves(out, config.trainer, fold)
     if curves is None or not (out / "checkpoint_final.pth").is_file():
         return None
-    import torch
+    from nnunet_ssl.checkpoints import load_nnunet_checkpoint
 
     dice, ema = curves.series["mean_fg_dice"], curves.series["ema_fg_dice"]
-    logged = torch.load(curves.source, map_location="cpu", weights_only=False, mmap=True)["logging"]
+    logged = load_nnunet_checkpoint(curves.source, mmap=True)["logging"]
     per_class = [[float(v) for v in epoch] for epoch in logged["dice_per_class_or_region"]]
     best_class = [max((v for v in epoch if math.isfinite(v)), default=math.nan) for epoch in per_class]
     summary = out / "validation" / "summary.json"
