@@ -167,7 +167,14 @@ def _check_shapes(state: Mapping[str, Tensor], target: Mapping[str, Tensor], pre
 
 
 def save_weights_file(payload: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write atomically (temporary file in the same folder, then rename)."""
+    """Write atomically (temporary file in the same folder, then rename); a failed write leaves ``path`` as it was.
+
+    Whether ``path`` may be replaced is the caller's decision (the CLI checks ``--out``/``--force`` first,
+    :func:`nnunet_ssl.outputs.check_output_file`).
+
+    Raises:
+        nnunet_ssl.outputs.WriteError: an ``OSError`` (disk full, permission, a folder at ``path``), naming ``path``.
+    """
     return atomic_torch_save(dict(payload), path)
 
 
