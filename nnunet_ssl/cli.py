@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from nnunet_ssl.weights.targets import DatasetTarget
 
 from nnunet_ssl.nnunet_ext import ext_trainer_path
+from nnunet_ssl.outputs import WriteError, check_output_file, check_output_folder
 
 logger = logging.getLogger("nnunet_ssl")
 #: Libraries whose INFO messages are not the user's business (shown with -v).
@@ -31,6 +32,7 @@ def cmd_ext_path(args: argparse.Namespace) -> int:
 def cmd_make_phantoms(args: argparse.Namespace) -> int:
     from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 
+    check_output_folder(args.out)
     config = PhantomConfig(
         num_train=args.num_train,
         num_test=args.num_test,
@@ -144,6 +146,7 @@ def cmd_split(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from nnunet_ssl.demo import Demo, DemoConfig, DemoError
 
+    check_output_folder(args.out)
     try:
         results = Demo(DemoConfig(work_dir=Path(args.out))).run()
     except DemoError as error:
@@ -211,6 +214,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise ValueError("give the run folder with --out")
+    check_output_folder(args.out)
     config = run_config_from_args(args)
     if not config.method:
         raise ValueError("choose a method with --method")
@@ -233,6 +237,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from nnunet_ssl.weights.export import export_run
     from nnunet_ssl.weights.format import save_weights_file
 
+    check_output_file(args.out, force=args.force, sources=[args.run_dir])
     target = _target_of(args)
     policy = ""
     if args.policy:
@@ -258,6 +263,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from nnunet_ssl.weights.convert_file import convert_file
     from nnunet_ssl.weights.format import save_weights_file
 
+    check_output_file(args.out, force=args.force, sources=[args.source])
     target = _target_of(args)
     payload, report = convert_file(
         args.source, target, preset_name=args.preset, layout=args.layout, prefix=args.prefix,
@@ -287,6 +293,7 @@ def cmd_cka(args: argparse.Namespace) -> int:
         write_outputs,
     )
 
+    check_output_folder(args.out)
     settings = CKASettings(
         pretrained=args.pretrained, finetuned=args.finetuned, data=args.data, out=args.out, layers=args.layers,
         checkpoint=args.checkpoint, patches_per_case=args.patches_per_case, batch_size=args.batch_size,
@@ -305,6 +312,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from nnunet_ssl.analysis.report import ReportConfig, headline_markdown, make_report
 
+    check_output_folder(args.out)
     results, preprocessed = os.environ.get("nnUNet_results"), os.environ.get("nnUNet_preprocessed")
     if not results:
         raise ValueError("nnUNet_results is not set; export it as for any nnU-Net command")
@@ -327,6 +335,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from nnunet_ssl.experiment.spec import load_experiment
 
+    if args.action == "emit" and args.out:
+        check_output_file(args.out, force=args.force, sources=[args.file])
     experiment = load_experiment(args.file)
     if args.action == "run":
         from nnunet_ssl.experiment.runner import FAILED, run_experiment
@@ -340,7 +350,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         prepared = prepare(experiment)
         text = render(prepared.jobs, experiment.source, experiment.output, args.format)
         if args.out:
-            Path(args.out).write_text(text, encoding="utf-8")
+            from nnunet_ssl.io import atomic_write_text
+
+            atomic_write_text(text, args.out)
             logger.info("wrote %d job(s) to %s", len(prepared.jobs), args.out)
         else:
             sys.stdout.write(text)
@@ -350,6 +362,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     report = make_experiment_report(experiment, cka=not args.no_cka, device=args.device)
     sys.stdout.write(report.markdown)
     return 0
+
+
+def add_force_argument(parser: argparse.ArgumentParser, what: str = "--out") -> None:
+    """``--force``: replace an existing output file (never the command's source)."""
+    parser.add_argument("--force", action="store_true",
+                        help=f"replace {what} if it exists (never the source the command reads)")
 
 
 def add_channels_argument(parser: argparse.ArgumentParser) -> None:
@@ -413,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", help="dataset name or id (reads nnUNet_preprocessed)")
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier, or a path to a plans .json")
-    p.add_argument("--out", required=True, help="weights file to write")
+    p.add_argument("--out", required=True, help="weights file to write (refused if it exists, unless --force)")
+    add_force_argument(p)
     p.add_argument("--from", choices=["default", "teacher", "student"], default="default",
                    help="which encoder: default = teacher for distillation methods, else the student")
     p.add_argument("--decoder-seed", type=int, default=0)
@@ -428,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", help="dataset name or id (reads nnUNet_preprocessed)")
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier, or a path to a plans .json")
-    p.add_argument("--out", required=True, help="weights file to write")
+    p.add_argument("--out", required=True, help="weights file to write (refused if it exists, unless --force)")
+    add_force_argument(p)
     p.add_argument("--preset", help="architecture preset (default: monai_ssl for MONAI self-supervised "
                    "checkpoints, smit_public for SMIT, the run's for our runs; required for a full SwinUNETR)")
     p.add_argument("--layout", choices=["monai_ssl", "monai_swinunetr", "smit"], help="skip layout detection")
@@ -517,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="run: no progress bar")
     p.add_argument("--format", choices=["commands", "slurm"], default="commands",
                    help="emit: one command a line, or a SLURM job-array script")
-    p.add_argument("--out", help="emit: write to this file instead of stdout")
+    p.add_argument("--out", help="emit: write to this file instead of stdout (refused if it exists, unless --force)")
+    add_force_argument(p, "emit's --out file")
     p.add_argument("--no-cka", action="store_true", help="report: skip the few-shot vs full-data CKA")
     p.add_argument("--device", default="cpu", help="report: device of the CKA forward passes (default cpu)")
     return parser
@@ -535,7 +556,23 @@ def tolerate_narrow_terminals() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def describe_os_error(error: OSError) -> str:
+    """One line naming the file and the problem: ``PATH: Permission denied``, ``cannot write PATH: ...``."""
+    if isinstance(error, WriteError) or error.filename is None or not error.strerror:
+        return str(error) or error.__class__.__name__  # our own messages already name the file
+    names = str(error.filename) + (f" -> {error.filename2}" if error.filename2 is not None else "")
+    return f"{names}: {error.strerror}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Refused inputs and failed file operations end as one ``ERROR`` line and exit code 1.
+
+    The boundary catches ``OSError`` (permission, a folder where a file should be, not found, disk
+    full), ``ValueError`` (every refusal class of the package derives from it: WeightsError,
+    SplitError, ExperimentError, OutputError, ...) and ``SystemExit`` with a message; anything else
+    (a ``TypeError``, an ``AttributeError``) is a bug and keeps its traceback. With ``-v`` the
+    traceback of a refusal is logged at DEBUG. Ctrl-C ends with "interrupted" and exit code 130.
+    """
     tolerate_narrow_terminals()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -544,13 +581,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in QUIET_LOGGERS:  # third-party INFO chatter on import (e.g. "NumExpr defaulting to 2 threads")
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    from nnunet_ssl.weights.format import WeightsError
-
     try:
         return args.handler(args)
-    except (WeightsError, FileNotFoundError, FileExistsError, ValueError) as error:  # SplitError is a ValueError
-        logger.error("%s", error)
-        return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+    except OSError as error:
+        return _refused(describe_os_error(error), error)
+    except ValueError as error:
+        return _refused(str(error) or error.__class__.__name__, error)
+    except SystemExit as error:
+        if isinstance(error.code, str):  # raise SystemExit("message"): a refusal worded by the code
+            return _refused(error.code, error)
+        raise
+
+
+def _refused(message: str, error: BaseException) -> int:
+    logger.debug("traceback of the error below:", exc_info=error)
+    logger.error("%s", message)
+    return 1
 
 
 if __name__ == "__main__":
