@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from nnunet_ssl.weights.targets import DatasetTarget
 
 from nnunet_ssl.nnunet_ext import ext_trainer_path
-from nnunet_ssl.outputs import WriteError, check_output_file, check_output_folder
+from nnunet_ssl.outputs import check_output_file, check_output_folder
 
 logger = logging.getLogger("nnunet_ssl")
 #: Libraries whose INFO messages are not the user's business (shown with -v).
@@ -557,9 +557,13 @@ def tolerate_narrow_terminals() -> None:
 
 
 def describe_os_error(error: OSError) -> str:
-    """One line naming the file and the problem: ``PATH: Permission denied``, ``cannot write PATH: ...``."""
-    if isinstance(error, WriteError) or error.filename is None or not error.strerror:
-        return str(error) or error.__class__.__name__  # our own messages already name the file
+    """One line naming the file and the problem: ``PATH: Permission denied``, ``cannot write PATH: ...``.
+
+    An ``OSError`` class with its own ``__str__`` (:class:`~nnunet_ssl.outputs.WriteError`, split's
+    write error) or without a file name (``FileNotFoundError("PATH: no such ...")``) words its own message.
+    """
+    if type(error).__str__ is not OSError.__str__ or error.filename is None or not error.strerror:
+        return str(error) or error.__class__.__name__
     names = str(error.filename) + (f" -> {error.filename2}" if error.filename2 is not None else "")
     return f"{names}: {error.strerror}"
 

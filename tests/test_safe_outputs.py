@@ -21,6 +21,7 @@ import yaml
 
 from nnunet_ssl import cli
 from nnunet_ssl.cli import main
+from nnunet_ssl.outputs import WriteError
 
 from test_refusals import plans_and_dataset
 from test_splits import fake_preprocessed_dataset
@@ -314,6 +315,7 @@ def test_split_in_a_chmod_read_only_dataset_folder_is_one_line(tmp_path: Path, m
     (PermissionError(errno.EACCES, "Permission denied", "/data/x.nii.gz"), "/data/x.nii.gz: Permission denied"),
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/data/f/y"), "/data/f/y: Not a directory"),
     (OSError(errno.ENOSPC, "No space left on device", "/runs/c.pt"), "/runs/c.pt: No space left on device"),
+    (WriteError(errno.ENOSPC, "No space left on device", "/runs/c.pt"), "cannot write /runs/c.pt: No space left on device"),
     (FileNotFoundError("/data/z.json: no such split file"), "/data/z.json: no such split file"),
     (ValueError("--shots must be positive"), "--shots must be positive"),
     (SystemExit("unknown trainer 'X'"), "unknown trainer 'X'"),
