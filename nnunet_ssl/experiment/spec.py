@@ -10,7 +10,7 @@ An experiment file is YAML (or JSON)::
     seed: 0                           # NNUNET_SSL_SEED of every training
     device: cuda                      # nnUNetv2_train / nnUNetv2_predict -device
     output: experiment_out            # relative to the experiment file
-    epochs: {full: 1000, few_shot: 3000, data_limited: 1000}   # optional overrides (NNUNET_SSL_EPOCHS)
+    epochs: {full: 1000, few_shot: 3000, data_limited: 1000}   # optional overrides, one integer each (NNUNET_SSL_EPOCHS)
     env: {nnUNet_n_proc_DA: "4"}      # extra environment of every command (optional)
     arms:
       - name: scratch
@@ -135,13 +135,23 @@ def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment file.
 
     Raises:
-        ExperimentError: naming the file and the field for anything that cannot be run.
+        ExperimentError: naming the file and the field for anything that cannot be run (a file that is
+            not UTF-8 text included).
         FileNotFoundError: when the file does not exist.
+        IsADirectoryError: when the path is a folder.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"experiment file {path} is a folder; give the YAML or JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"experiment file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ExperimentError(
+            f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "save the experiment file as UTF-8"
+        ) from None
     try:
         if path.suffix == ".json":
             data = json.loads(text)
@@ -166,7 +176,7 @@ def experiment_from_dict(data: Any, source: Path) -> Experiment:
 
     def path_of(value: Any, name: str) -> Path:
         if not isinstance(value, str) or not value:
-            raise ExperimentError(f"{where}: {name} must be a path, got {value!r}")
+            raise ExperimentError(f"{where}: {name} must be a path, got {_shown(value)}")
         candidate = Path(value).expanduser()
         return candidate if candidate.is_absolute() else base / candidate
 
@@ -174,19 +184,21 @@ def experiment_from_dict(data: Any, source: Path) -> Experiment:
         raise ExperimentError(f"{where}: dataset is required (an nnU-Net dataset id or name)")
     dataset = data["dataset"]
     if isinstance(dataset, bool) or not isinstance(dataset, (int, str)) or str(dataset).strip() == "":
-        raise ExperimentError(f"{where}: dataset must be an id or a name, got {dataset!r}")
+        raise ExperimentError(f"{where}: dataset must be an id or a name, got {_shown(dataset)}")
+    if isinstance(dataset, int) and dataset < 1:
+        raise ExperimentError(f"{where}: dataset must be a positive nnU-Net dataset id or a name, got {dataset}")
     strings = {}
     for key, default in (("plans", "nnUNetPlans"), ("configuration", "3d_fullres"), ("preset", "smit"),
                          ("trainer_variant", ""), ("device", "cuda")):
         value = data.get(key, default)
         if not isinstance(value, str) or (key != "trainer_variant" and not value):
-            raise ExperimentError(f"{where}: {key} must be a string, got {value!r}")
+            raise ExperimentError(f"{where}: {key} must be a string, got {_shown(value)}")
         strings[key] = value
     if strings["device"].split(":")[0] not in ("cuda", "cpu", "mps"):
         raise ExperimentError(f"{where}: device must be cuda, cpu or mps, got {strings['device']!r}")
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ExperimentError(f"{where}: seed must be an integer in [0, 2**32), got {seed!r}")
+        raise ExperimentError(f"{where}: seed must be an integer in [0, 2**32), got {_shown(seed)}")
 
     arms = _arms(data.get("arms"), where, path_of)
     full_folds, few_shot, data_limited = _settings(data.get("settings"), where)
@@ -203,12 +215,29 @@ def experiment_from_dict(data: Any, source: Path) -> Experiment:
 
 
 def _no_unknown(data: Mapping, known: set[str], where: str, prefix: str) -> None:
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ExperimentError(
             f"{where}: unknown field(s) {', '.join(prefix + str(u) for u in unknown)}; known: "
             f"{', '.join(prefix + k for k in sorted(known))}"
         )
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message, with its YAML kind when that is the problem (``[10, 20] (a list)``)."""
+    kinds = {bool: "true/false", list: "a list", dict: "a mapping", float: "a number with a fraction",
+             type(None): "empty"}
+    kind = next((label for cls, label in kinds.items() if type(value) is cls), None)
+    if kind is None and isinstance(value, Mapping):
+        kind = "a mapping"
+    return f"{value!r} ({kind})" if kind else repr(value)
+
+
+def _int(value: Any, where: str, name: str, minimum: int) -> int:
+    """One integer ``>= minimum`` (not a bool, a float or a list)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ExperimentError(f"{where}: {name} must be one integer >= {minimum}, got {_shown(value)}")
+    return value
 
 
 def _positive_ints(value: Any, where: str, name: str, minimum: int = 1) -> tuple[int, ...]:
@@ -217,7 +246,9 @@ def _positive_ints(value: Any, where: str, name: str, minimum: int = 1) -> tuple
     if not isinstance(value, list) or not value or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value
     ):
-        raise ExperimentError(f"{where}: {name} must be a non-empty list of integers >= {minimum}, got {value!r}")
+        raise ExperimentError(
+            f"{where}: {name} must be a non-empty list of integers >= {minimum}, got {_shown(value)}"
+        )
     if len(set(value)) != len(value):
         raise ExperimentError(f"{where}: {name} lists a value twice: {value}")
     return tuple(value)
@@ -240,8 +271,10 @@ def _arms(value: Any, where: str, path_of: Any) -> tuple[Arm, ...]:
         if any(a.name == name for a in arms):
             raise ExperimentError(f"{where}: {label}.name {name!r} is used twice")
         method = entry.get("method")
-        if method is not None and method not in METHODS:
-            raise ExperimentError(f"{where}: {label}.method {method!r} is not a method; known: {', '.join(sorted(METHODS))}")
+        if method is not None and (not isinstance(method, str) or method not in METHODS):
+            raise ExperimentError(
+                f"{where}: {label}.method {_shown(method)} is not a method; known: {', '.join(sorted(METHODS))}"
+            )
         weights = path_of(entry["weights"], f"{label}.weights") if entry.get("weights") is not None else None
         run = path_of(entry["pretraining_run"], f"{label}.pretraining_run") if entry.get("pretraining_run") is not None else None
         if method is None and (weights or run):
@@ -249,16 +282,28 @@ def _arms(value: Any, where: str, path_of: Any) -> tuple[Arm, ...]:
         if method is not None and (weights is None) == (run is None):
             raise ExperimentError(f"{where}: {label} ({name}) needs exactly one of weights (a file from nnunet-ssl export) "
                                   "or pretraining_run (a nnunet-ssl pretrain folder)")
+        if weights is not None and weights.is_dir():
+            raise ExperimentError(
+                f"{where}: {label}.weights {weights} is a folder, not a file; give the .pt file that "
+                "`nnunet-ssl export` wrote (or the folder as pretraining_run, if it is a pretraining run)"
+            )
         if weights is not None and not weights.is_file():
             raise ExperimentError(f"{where}: {label}.weights {weights} does not exist")
+        if run is not None and not run.exists():
+            raise ExperimentError(f"{where}: {label}.pretraining_run {run} does not exist")
         if run is not None and not run.is_dir():
-            raise ExperimentError(f"{where}: {label}.pretraining_run {run} is not a folder")
+            raise ExperimentError(
+                f"{where}: {label}.pretraining_run {run} is a file, not a folder; give the `nnunet-ssl pretrain` "
+                "folder (or the file as weights, if `nnunet-ssl export` wrote it)"
+            )
         export_from = entry.get("export_from", "default")
         if export_from not in EXPORT_SOURCES:
-            raise ExperimentError(f"{where}: {label}.export_from must be one of {EXPORT_SOURCES}, got {export_from!r}")
+            raise ExperimentError(
+                f"{where}: {label}.export_from must be one of {EXPORT_SOURCES}, got {_shown(export_from)}"
+            )
         trainer = entry.get("trainer")
         if trainer is not None and not isinstance(trainer, str):
-            raise ExperimentError(f"{where}: {label}.trainer must be a trainer class name, got {trainer!r}")
+            raise ExperimentError(f"{where}: {label}.trainer must be a trainer class name, got {_shown(trainer)}")
         arms.append(Arm(name, method, weights, run, export_from, trainer))
     return tuple(arms)
 
@@ -276,9 +321,9 @@ def _subset(value: Any, where: str, kind: str, size_key: str) -> SubsetSetting:
     if val_cases is not None and val_from_fold is not None:
         raise ExperimentError(f"{where}: {label}: give val_cases or val_from_fold, not both")
     if val_cases is not None:
-        _positive_ints(val_cases, where, f"{label}.val_cases")
+        val_cases = _int(val_cases, where, f"{label}.val_cases", minimum=1)
     if val_from_fold is not None:
-        _positive_ints(val_from_fold, where, f"{label}.val_from_fold", minimum=0)
+        val_from_fold = _int(val_from_fold, where, f"{label}.val_from_fold", minimum=0)
     return SubsetSetting(sizes, seeds, val_cases, val_from_fold)
 
 
@@ -308,7 +353,9 @@ def _test_set(value: Any, where: str, path_of: Any) -> TestSetSpec | str | None:
     if value == "imagesTs":
         return "imagesTs"
     if not isinstance(value, Mapping) or set(value) != {"images", "labels"}:
-        raise ExperimentError(f"{where}: test_set must be 'imagesTs' or {{images: DIR, labels: DIR}}, got {value!r}")
+        raise ExperimentError(
+            f"{where}: test_set must be 'imagesTs' or {{images: DIR, labels: DIR}}, got {_shown(value)}"
+        )
     spec = TestSetSpec(path_of(value["images"], "test_set.images"), path_of(value["labels"], "test_set.labels"))
     for name, folder in (("images", spec.images), ("labels", spec.labels)):
         if not folder.is_dir():
@@ -322,10 +369,10 @@ def _epochs(value: Any, where: str) -> Epochs:
     if not isinstance(value, Mapping):
         raise ExperimentError(f"{where}: epochs must be a mapping like {{full: 1000, few_shot: 3000}}")
     _no_unknown(value, set(SETTING_KINDS), where, "epochs.")
-    for key, epochs in value.items():
-        if epochs is not None:
-            _positive_ints(epochs, where, f"epochs.{key}")
-    return Epochs(**{k: v for k, v in value.items()})
+    return Epochs(**{
+        key: None if epochs is None else _int(epochs, where, f"epochs.{key}", minimum=1)
+        for key, epochs in value.items()
+    })
 
 
 def _env(value: Any, where: str) -> tuple[tuple[str, str], ...]:
@@ -338,6 +385,12 @@ def _env(value: Any, where: str) -> tuple[tuple[str, str], ...]:
     reserved = {"nnUNet_results", "NNUNET_SSL_SEED", "NNUNET_SSL_EPOCHS", "nnUNet_extTrainer"} & set(value)
     if reserved:
         raise ExperimentError(f"{where}: env sets {sorted(reserved)}, which the experiment sets per job")
+    for key, variable in value.items():
+        if isinstance(variable, bool) or not isinstance(variable, (str, int, float)):
+            raise ExperimentError(
+                f"{where}: env.{key} must be a string or a number, got {_shown(variable)}"
+                + ("; quote it (e.g. \"true\" or \"1\")" if isinstance(variable, bool) else "")
+            )
     return tuple((k, str(v)) for k, v in value.items())
 
 
