@@ -18,6 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+try:  # numpy >= 2
+    from numpy._core.multiarray import scalar as _numpy_scalar
+except ImportError:  # numpy 1.x (nnU-Net allows it)
+    from numpy.core.multiarray import scalar as _numpy_scalar  # type: ignore[no-redef]
+
 #: ``format`` entry of a checkpoint written by the pretraining engine.
 CHECKPOINT_FORMAT = "nnunet-ssl-pretraining-checkpoint"
 #: File names of a pretraining run's checkpoints.
@@ -38,15 +43,16 @@ PRETRAINING_ONLY_KEYS = ("mask_token",)
 #: (``nnunetv2/training/logging/nnunet_logger.py``), per-epoch lists of numpy scalars (losses and pseudo
 #: Dice are ``np.mean``/``np.nanmean`` of float32 arrays, float64 where counts are integer) and
 #: ``_best_ema``, one of those scalars. A numpy scalar pickles as ``numpy._core.multiarray.scalar(dtype,
-#: bytes)`` and its dtype as ``numpy.dtype`` plus its dtype class; numpy 1.x wrote the same function
-#: under ``numpy.core.multiarray.scalar``. Numeric dtypes only: an object dtype could carry anything.
+#: bytes)`` and its dtype as ``numpy.dtype`` plus its dtype class; numpy 1.x names the same function
+#: ``numpy.core.multiarray.scalar``, so both names are allowed. Numeric dtypes only: an object dtype
+#: could carry anything.
 _NUMERIC_DTYPES = (
     np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
     np.float16, np.float32, np.float64,
 )
 NNUNET_CHECKPOINT_GLOBALS: tuple[Any, ...] = (
-    np._core.multiarray.scalar,
-    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    (_numpy_scalar, "numpy._core.multiarray.scalar"),
+    (_numpy_scalar, "numpy.core.multiarray.scalar"),
     np.dtype,
     *(type(np.dtype(t)) for t in _NUMERIC_DTYPES),
 )
