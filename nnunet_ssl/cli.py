@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from nnunet_ssl.pretraining.config import RunConfig
     from nnunet_ssl.weights.targets import DatasetTarget
 
 from nnunet_ssl.nnunet_ext import ext_trainer_path
@@ -170,14 +171,15 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
     return overrides
 
 
-def run_config_from_args(args: argparse.Namespace):
-    """Paper defaults, then the --config file, then explicit flags."""
+def run_config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """Paper defaults (or ``base``: a resumed run's recorded configuration), then the --config file, then flags."""
     from dataclasses import replace
 
     from nnunet_ssl.pretraining.config import EngineConfig, RunConfig, data_config_from_dict, load_config_file
 
+    start = base.to_dict() if base is not None else {}
     file_values = load_config_file(args.config) if args.config else {}
-    data_values = dict(file_values.get("data", {}))
+    data_values = {**start.get("data", {}), **file_values.get("data", {})}
     if args.data:
         data_values["inputs"] = args.data
     if "inputs" not in data_values:
@@ -188,17 +190,18 @@ def run_config_from_args(args: argparse.Namespace):
         if getattr(args, flag) is not None:
             data_values[key] = getattr(args, flag)
     data = data_config_from_dict(data_values)
-    engine = EngineConfig(**file_values.get("engine", {}))
+    engine = EngineConfig(**{**start.get("engine", {}), **file_values.get("engine", {})})
     engine_flags = {"epochs": args.epochs, "batch_size": args.batch_size, "max_steps": args.max_steps,
                     "base_lr": args.lr, "warmup_epochs": args.warmup_epochs, "seed": args.seed, "amp": args.amp,
                     "checkpoint_every": args.checkpoint_every}
     engine = replace(engine, **{k: v for k, v in engine_flags.items() if v is not None})
-    overrides = {**file_values.get("method_overrides", {}), **_parse_overrides(args.set)}
+    overrides = {**start.get("method_overrides", {}), **file_values.get("method_overrides", {}),
+                 **_parse_overrides(args.set)}
     return RunConfig(
-        method=args.method or file_values.get("method"),
+        method=args.method or file_values.get("method") or start.get("method"),
         data=data,
-        preset=args.preset or file_values.get("preset", "smit"),
-        in_channels=file_values.get("in_channels", 1),
+        preset=args.preset or file_values.get("preset") or start.get("preset") or "smit",
+        in_channels=file_values.get("in_channels", start.get("in_channels", 1)),
         method_overrides=overrides,
         engine=engine,
     )
@@ -211,11 +214,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         sys.stdout.write("\n".join(method_lines()) + "\n")
         return 0
     from nnunet_ssl.pretraining.engine import Engine
+    from nnunet_ssl.pretraining.resume import recorded_run_config
 
     if not args.out:
         raise ValueError("give the run folder with --out")
     check_output_folder(args.out)
-    config = run_config_from_args(args)
+    # a resume starts from what the run recorded: flags given again must match it (the engine checks)
+    base = recorded_run_config(Path(args.out)) if args.resume else None
+    config = run_config_from_args(args, base)
     if not config.method:
         raise ValueError("choose a method with --method")
     Engine(config, Path(args.out), resume=args.resume, progress=not args.no_progress).run()

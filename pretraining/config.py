@@ -11,6 +11,9 @@ from typing import Any
 
 from nnunet_ssl.pretraining.data import DataConfig
 
+#: The merged configuration of a run, in its run folder (also inside every checkpoint).
+CONFIG_FILE = "config.json"
+
 
 @dataclass(frozen=True)
 class EngineConfig:

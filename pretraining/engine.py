@@ -35,7 +35,7 @@ from nnunet_ssl.checkpoints import (  # noqa: F401 (load_checkpoint, find_checkp
 from nnunet_ssl.io import atomic_json_dump, atomic_torch_save
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
-from nnunet_ssl.pretraining.config import RunConfig
+from nnunet_ssl.pretraining.config import CONFIG_FILE, RunConfig
 from nnunet_ssl.pretraining.distributed import Collectives
 from nnunet_ssl.pretraining.data import Manifest, build_cache, make_loader, summarize
 from nnunet_ssl.pretraining.data import steps_per_epoch as volume_steps_per_epoch
@@ -233,7 +233,7 @@ class Engine:
                 )
             logger.info("resumed from %s at step %d of %d", resume_point.path.name, start_step, total_steps)
         if self.dist.is_main:
-            atomic_json_dump(config.to_dict(), self.run_dir / "config.json")
+            atomic_json_dump(config.to_dict(), self.run_dir / CONFIG_FILE)
         collectives = Collectives(self.dist.rank, self.dist.world_size)
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.dist.is_main, truncate_from=start_step)
         logger.info(

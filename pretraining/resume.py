@@ -12,6 +12,7 @@ bad copy) still leaves a point to continue from.
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_ssl.checkpoints import FINAL, LATEST, PREVIOUS, load_checkpoint
-from nnunet_ssl.pretraining.config import RunConfig
+from nnunet_ssl.pretraining.config import CONFIG_FILE, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,22 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
     if problems:
         raise ValueError("no readable checkpoint to resume from:\n  " + "\n  ".join(problems))
     return None
+
+
+def recorded_run_config(run_dir: Path) -> RunConfig | None:
+    """The configuration a run recorded in ``config.json`` (None, with a warning, if it cannot be read).
+
+    A resume starts from it, so ``pretrain --resume --out RUN`` needs no other flag; the checkpoint's
+    own copy stays the reference that :func:`check_resume_config` compares with.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("cannot read %s (%s): the run's settings must be given again", path, error)
+        return None
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
