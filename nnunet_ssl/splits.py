@@ -25,6 +25,7 @@ import numpy as np
 
 from nnunet_ssl.case_ids import check_case_id, check_case_ids
 from nnunet_ssl.io import default_mode
+from nnunet_ssl.outputs import WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,11 @@ class SplitError(ValueError):
     """A split request that cannot be honoured without losing or corrupting folds."""
 
 
-class SplitWriteError(OSError):
-    """An ``OSError`` while writing the split files; ``str()`` names the file meant, not a temporary one."""
+class SplitWriteError(WriteError):
+    """A :class:`WriteError` of the split files, all of which were left as they were."""
 
     def __str__(self) -> str:
-        return f"cannot write {self.filename}: {self.strerror}; nothing was changed"
+        return f"{super().__str__()}; nothing was changed"
 
 
 @dataclass(frozen=True)
