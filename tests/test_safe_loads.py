@@ -306,3 +306,21 @@ def test_report_test_set_refuses_the_checkpoint_before_nnunet_predicts_with_it(t
     with pytest.raises(UnsafeCheckpointError, match=f"{best}: refused"):
         collect_test_run(layout, dataset_info(DATASET_JSON), TRAINER, 0, settings)
     assert not marker.exists() and not (tmp_path / "predictions").exists()
+
+
+def test_safe_but_malformed_checkpoints_are_named_not_tracebacks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from nnunet_ssl.analysis.cka_sources import load_finetuned_fold
+    from nnunet_ssl.analysis.curves import load_curves
+    from nnunet_ssl.weights import WeightsError
+
+    fold = _results_fold(tmp_path)
+    path = fold / "checkpoint_final.pth"
+    for payload in ({"trainer_name": ["x"]}, {"trainer_name": TRAINER}, {"trainer_name": TRAINER, "network_weights": {},
+                                                                         "init_args": []}):
+        torch.save(payload, path)
+        with pytest.raises(WeightsError, match=f"{path}: "):
+            load_finetuned_fold(fold)
+    torch.save({"logging": [1, 2]}, path)
+    assert load_curves(fold, TRAINER, 0) is None and "'logging' is not nnU-Net's per-epoch log" in caplog.text
+    torch.save({"logging": {"train_losses": 3}}, path)
+    assert load_curves(fold, TRAINER, 0) is None

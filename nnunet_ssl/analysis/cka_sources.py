@@ -107,16 +107,20 @@ def load_finetuned_fold(fold_dir: Path, checkpoint: str = "final") -> FinetunedF
         raise FileNotFoundError(f"{path} does not exist; pass an nnU-Net fold folder (.../fold_N) and --checkpoint")
     payload = load_nnunet_checkpoint(path)  # tensors, plain values and numpy scalars only; nothing is run
     trainer_name = payload.get("trainer_name")
-    if trainer_name not in TRAINERS:
+    if not isinstance(trainer_name, str) or trainer_name not in TRAINERS:
         raise WeightsError(f"{path}: trainer {trainer_name!r} is not an nnunet-ssl trainer (`nnunet-ssl trainers`)")
+    weights, init_args = payload.get("network_weights"), payload.get("init_args")
+    if not isinstance(weights, Mapping) or not isinstance(init_args, Mapping) \
+            or not isinstance(init_args.get("configuration"), str):
+        raise WeightsError(f"{path}: not an nnU-Net checkpoint (no network_weights or init_args.configuration)")
     preset_name = TRAINERS[trainer_name].preset_name
-    state = strip_wrapper_prefixes(payload["network_weights"])
+    state = strip_wrapper_prefixes(weights)
     plans, dataset_json = (_read_json(fold_dir.parent / name) for name in ("plans.json", "dataset.json"))
     return FinetunedFold(
         encoder=build_encoder(encoder_part(state, path), preset_name, path),
         preset_name=preset_name,
         trainer_name=trainer_name,
-        configuration=payload["init_args"]["configuration"],
+        configuration=init_args["configuration"],
         plans=plans,
         dataset_json=dataset_json,
         checkpoint=path,

@@ -46,8 +46,10 @@ def load_curves(fold_dir: Path, trainer: str, fold: int) -> TrainingCurves | Non
     for name in CHECKPOINT_FILES:
         path = fold_dir / name
         if path.is_file():
-            checkpoint = load_nnunet_checkpoint(path)
-            log = checkpoint.get("logging") or {}
+            log = load_nnunet_checkpoint(path).get("logging") or {}
+            if not isinstance(log, dict) or not all(isinstance(log.get(key, []), list) for key in SERIES):
+                logger.warning("%s: 'logging' is not nnU-Net's per-epoch log; no curves for this run", path)
+                return None
             series = {key: [_float(v) for v in log.get(key, [])] for key in SERIES}
             return TrainingCurves(trainer, fold, path, series)
     return None
