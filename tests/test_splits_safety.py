@@ -105,7 +105,7 @@ def test_symlinked_split_file_is_written_through(folder: Path, tmp_path: Path) -
     written = json.loads(shared.read_text(encoding="utf-8"))
     assert written[:5] == own and len(written) == 6  # the fold went into the file the link points at
     backups = sorted(folder.glob(f"{SPLITS_FILE}.bak-*"))
-    assert len(backups) == 1 and not backups[0].is_symlink() and json.loads(backups[0].read_text()) == own
+    assert len(backups) == 1 and not backups[0].is_symlink() and json.loads(backups[0].read_text(encoding="utf-8")) == own
     assert json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["folds"][0]["fold"] == 5
     assert not [p for p in (*folder.iterdir(), *shared.parent.iterdir()) if p.name.endswith(".tmp")]
     assert main(SPLIT) == 0 and len(json.loads(shared.read_text(encoding="utf-8"))) == 6  # idempotent through it
