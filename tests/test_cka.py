@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_ssl.analysis.cka import (
+from nnunet_ssl.analysis.cka.compare import (
     MinibatchCKA,
     gram,
     linear_cka,

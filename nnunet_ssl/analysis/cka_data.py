@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nnunet_ssl.analysis.cka import MIN_EXAMPLES
+from nnunet_ssl.analysis.cka.compare import MIN_EXAMPLES
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_ssl.analysis.cka import MinibatchCKA
+from nnunet_ssl.analysis.cka.compare import MinibatchCKA
 from nnunet_ssl.analysis.cka_data import (
     CasePreprocessor,
     batch_sizes,

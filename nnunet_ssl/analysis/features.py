@@ -6,7 +6,7 @@ block's output, ``stage{s}.block{b}`` (1-based). The ``smit`` preset (depths 2-2
 Each example's feature map is flattened to one vector, as in Kornblith et al. 2019 and Nguyen et al.
 2021: spatial pooling would discard where a feature fires, which is what a segmentation encoder
 encodes. Flattening is affordable because a hook reduces the activation to its ``(B, B)`` Gram matrix
-at once (:func:`nnunet_ssl.analysis.cka.gram`, in float64 chunks), so at most one layer's activation
+at once (:func:`nnunet_ssl.analysis.cka.compare.gram`, in float64 chunks), so at most one layer's activation
 is alive at a time and memory is bounded by the minibatch, not by the data set.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
-from nnunet_ssl.analysis.cka import gram
+from nnunet_ssl.analysis.cka.compare import gram
 from nnunet_ssl.networks.presets import SwinPreset
 from nnunet_ssl.networks.segmentation import check_input
 from nnunet_ssl.networks.swin import SwinEncoder, SwinStage

@@ -1,4 +1,4 @@
-"""Linear centred kernel alignment (CKA): full-batch and minibatch with the unbiased HSIC estimator.
+"""Compare: the CKA math, pure functions on features and Gram matrices (no I/O, no networks).
 
 * :func:`linear_cka` is Kornblith et al. 2019's linear CKA on full feature matrices (biased HSIC,
   centred Gram matrices).
@@ -7,6 +7,7 @@
   of large activations needs only one ``(n, n)`` Gram matrix per layer and minibatch
   (:class:`MinibatchCKA`). The minibatch estimate converges to linear CKA as the number of
   minibatches grows, without the bias of small-batch biased HSIC.
+* :func:`same_layer_cka` reads each layer against itself off a CKA matrix.
 
 Everything is computed in float64 on torch tensors; numpy arrays are accepted.
 """
@@ -167,6 +168,16 @@ class MinibatchCKA:
             matrix = cross / denominator
         matrix[~(np.outer(a, b) > 0)] = np.nan
         return matrix
+
+
+def same_layer_cka(layers: Sequence[str], matrix: np.ndarray) -> list[tuple[str, float]]:
+    """``(layer, CKA(layer of network a, same layer of network b))``: the diagonal, in ``layers`` order.
+
+    Args:
+        layers: Names of the ``L`` layers, the rows and columns of ``matrix``.
+        matrix: ``(L, L)`` CKA matrix (:meth:`MinibatchCKA.compute` with the same layers on both sides).
+    """
+    return [(name, float(matrix[i, i])) for i, name in enumerate(layers)]
 
 
 def _ratio(cross: float, self_a: float, self_b: float) -> float:
