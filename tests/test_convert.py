@@ -484,28 +484,6 @@ def test_convert_command_writes_a_file_nnunet_loads(tmp_path: Path, monkeypatch:
     assert resolve_target("991").num_classes == 3 and network_for_target(TRAINERS[trainer], resolve_target("991"))
 
 
-def test_weights_and_pretraining_import_one_way() -> None:
-    """``weights`` -> ``pretraining`` -> ``checkpoints``: no pretraining module imports the weights package or
-    nnU-Net, and ``checkpoints`` imports neither (checked on the source, imports inside functions included)."""
-    import ast
-
-    root = Path(__file__).resolve().parents[1]
-
-    def imported(path: Path) -> set[str]:
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module)
-        return names
-
-    for path in [*sorted((root / "pretraining").rglob("*.py")), root / "nnunet_ssl" / "checkpoints.py"]:
-        bad = {n for n in imported(path) if n.startswith(("nnunet_ssl.weights", "nnunetv2"))}
-        assert not bad, f"{path} imports {bad}"
-    assert not {n for n in imported(root / "nnunet_ssl" / "checkpoints.py") if n.startswith("nnunet_ssl.pretraining")}
-
-
 def test_preset_options_are_validated() -> None:
     from nnunet_ssl.networks.presets import SwinPreset
 

@@ -562,13 +562,3 @@ def test_headline_counts_cases_per_structure_names_folds_and_explains_a_zero_ref
     assert "the reference Scratch has mean Dice 0" in headline and "3 of 4 cases" in headline
     scratch = next(line for line in headline.splitlines() if line.startswith("| Scratch"))
     assert "| folds 0,1,2 | 6 |" in scratch
-
-
-def test_no_import_circle_through_the_cli() -> None:
-    """testset, report and demo find the trainer folder in nnunet_ssl.nnunet_ext; none of them imports the CLI."""
-    import subprocess
-    import sys
-
-    code = ("import sys, nnunet_ssl.analysis.testset, nnunet_ssl.analysis.report, nnunet_ssl.demo, "
-            "nnunet_ssl.experiment.tables; assert 'nnunet_ssl.cli' not in sys.modules, 'cli imported'")
-    subprocess.run([sys.executable, "-c", code], check=True)
