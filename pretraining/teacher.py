@@ -20,11 +20,8 @@ import copy
 from torch import Tensor, nn
 
 from nnunet_ssl.networks.swin import DropPath, SwinEncoder
+from nnunet_ssl.pretraining.context import StepContext
 from nnunet_ssl.pretraining.ema import cosine_momentum, ema_update_
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from nnunet_ssl.pretraining.methods.base import StepContext
 
 #: ``--from`` choices of ``nnunet-ssl export`` for a method with a teacher.
 ENCODER_SOURCES = ("default", "teacher", "student")
