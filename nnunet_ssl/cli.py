@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from nnunet_ssl.plans.planner import SwinPlanSettings
     from nnunet_ssl.pretraining.config import RunConfig
     from nnunet_ssl.weights.targets import DatasetTarget
 
@@ -94,6 +95,8 @@ def cmd_inspect_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
     from nnunet_ssl.plans.plan_command import plan_and_preprocess
     from nnunet_ssl.plans.planner import SwinPlanSettings
 
@@ -109,8 +112,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
         mr_percentiles=tuple(args.mr_percentiles),
         mr_window=tuple(args.mr_window) if args.mr_window else None,
     )
-    plan_and_preprocess(args.dataset, settings, num_processes=args.num_processes, verify=args.verify)
+    plans = plan_and_preprocess(args.dataset, settings, num_processes=args.num_processes, verify=args.verify)
+    logger.info("%s", training_hint(convert_dataset_name_to_id(plans["dataset_name"]), settings))
     return 0
+
+
+def trainers_of_preset(preset: str) -> list[str]:
+    """Named trainers that build ``preset``, the SMIT trainer first."""
+    from nnunet_ssl.trainers.named import TRAINERS
+
+    names = [name for name, cls in TRAINERS.items() if cls.preset_name == preset]
+    return sorted(names, key=lambda n: (TRAINERS[n].method != "smit", n.endswith("_2epochs"), n))
+
+
+def training_hint(dataset_id: int, settings: SwinPlanSettings) -> str:
+    """The closing line of ``nnunet-ssl plan``: the nnUNetv2_train command with a trainer of the planned preset."""
+    from nnunet_ssl.plans.planner import CONFIGURATION
+
+    trainers = trainers_of_preset(settings.preset)
+    if not trainers:
+        return (f"no named trainer builds preset {settings.preset!r}; `nnunet-ssl trainers` lists the trainers "
+                "and their presets")
+    others = f" (other trainers of preset {settings.preset}: `nnunet-ssl trainers`)" if len(trainers) > 1 else ""
+    return (f"train with: `nnUNetv2_train {dataset_id} {CONFIGURATION} FOLD -tr {trainers[0]} -p {settings.plans_name}`"
+            f"{others}")
 
 
 def cmd_split(args: argparse.Namespace) -> int:

@@ -112,24 +112,4 @@ def plan_and_preprocess(dataset: str, settings: SwinPlanSettings, num_processes:
     hint = coarsening_hint(fingerprint.get("spacings", []), settings, str(dataset_id))
     if hint:
         logger.warning("%s", hint)
-    logger.info("%s", training_hint(dataset_id, settings))
     return plans
-
-
-def trainers_of_preset(preset: str) -> list[str]:
-    """Named trainers that build ``preset``, the SMIT trainer first."""
-    from nnunet_ssl.trainers.named import TRAINERS
-
-    names = [name for name, cls in TRAINERS.items() if cls.preset_name == preset]
-    return sorted(names, key=lambda n: (TRAINERS[n].method != "smit", n.endswith("_2epochs"), n))
-
-
-def training_hint(dataset_id: int, settings: SwinPlanSettings) -> str:
-    """The closing line of ``nnunet-ssl plan``: the nnUNetv2_train command with a trainer of the planned preset."""
-    trainers = trainers_of_preset(settings.preset)
-    if not trainers:
-        return (f"no named trainer builds preset {settings.preset!r}; `nnunet-ssl trainers` lists the trainers "
-                "and their presets")
-    others = f" (other trainers of preset {settings.preset}: `nnunet-ssl trainers`)" if len(trainers) > 1 else ""
-    return (f"train with: `nnUNetv2_train {dataset_id} {CONFIGURATION} FOLD -tr {trainers[0]} -p {settings.plans_name}`"
-            f"{others}")

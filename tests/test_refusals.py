@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_ssl.cli import build_parser
+from nnunet_ssl.cli import build_parser, training_hint
 from nnunet_ssl.networks import PRESETS, SwinEncoder
-from nnunet_ssl.plans.plan_command import training_hint
 from nnunet_ssl.plans.planner import SwinPlanSettings
 from nnunet_ssl.trainers.named import TRAINERS
 from nnunet_ssl.weights import WeightsError, build_weights_file, save_weights_file
