@@ -14,6 +14,12 @@ kept in the manifest with their reason; :func:`summarize` counts them.
 
 When several processes train together, build the cache on one of them and :meth:`Manifest.load`
 it on the others.
+
+The cache never reads, writes or deletes a file outside its folder, whatever ``manifest.json``
+says (it may sit in a shared folder): an entry's ``cache_file`` must be a ``.b2nd`` file name that
+resolves inside the folder (no ``..``, no absolute path, no symlink leading out), or the entry is
+ignored with a warning. Files being written are named ``<name>.tmp-<host>-<pid>[.b2nd]``; a build
+removes those of this host whose process is gone (a killed build), and no other file.
 """
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ import json
 import logging
 import multiprocessing
 import os
+import re
+import socket
+import stat
 import sys
 import time
 import traceback
@@ -57,6 +66,95 @@ ERROR = "error"
 PADDED = "padded"
 
 _SAVE_EVERY_S = 30.0
+
+ARRAY_SUFFIX = ".b2nd"
+#: Temporary files of a write in progress: ``<name>.tmp-<host>-<pid>`` (arrays: ``.b2nd`` appended).
+_TEMP_RE = re.compile(r"^(?P<name>.+)\.tmp-(?P<host>[A-Za-z0-9._-]+)-(?P<pid>[0-9]+)(?P<suffix>\.b2nd)?$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", socket.gethostname()) or "localhost"
+
+
+def temp_path(path: str) -> str:
+    """Where ``path`` is written before it is renamed into place: ``<path>.tmp-<host>-<pid>``.
+
+    ``.b2nd`` arrays keep their suffix (``<stem>.tmp-<host>-<pid>.b2nd``).
+    """
+    tag = f".tmp-{_host()}-{os.getpid()}"
+    if path.endswith(ARRAY_SUFFIX):
+        return f"{path[: -len(ARRAY_SUFFIX)]}{tag}{ARRAY_SUFFIX}"
+    return f"{path}{tag}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # Not a process of ours: never remove its file.
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # e.g. another user's process
+    return True
+
+
+def remove_stale_temp_files(cache_dir: str) -> list[str]:
+    """Remove the temporary files left in ``cache_dir`` by killed writes of this host.
+
+    Only regular files named ``<name>.tmp-<host>-<pid>[.b2nd]`` whose host is this host and whose
+    process no longer exists are removed (another host's files, a live writer's files, and any
+    other file are left alone).
+
+    Returns:
+        The names removed.
+    """
+    host = _host()
+    removed: list[str] = []
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        match = _TEMP_RE.match(name)
+        if match is None or match["host"] != host or _pid_alive(int(match["pid"])):
+            continue
+        if match["suffix"] is None and match["name"] != MANIFEST_NAME:
+            continue
+        path = os.path.join(cache_dir, name)
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            os.remove(path)
+        except OSError as exc:
+            logger.warning("cannot remove the stale temporary file %s: %s", path, exc)
+            continue
+        removed.append(name)
+    return removed
+
+
+def _remove_if_there(path: str) -> None:
+    """Remove ``path`` itself (a link, not its target) if anything is there."""
+    if os.path.lexists(path):
+        os.remove(path)
+
+
+def cache_file_path(cache_dir: str, name: Any) -> str | None:
+    """The path of the array file ``name`` inside ``cache_dir``, or ``None`` if it would lead outside.
+
+    ``name`` must be a plain ``.b2nd`` file name (no folder part, no ``..``, not absolute) that,
+    symlinks resolved, stays inside ``cache_dir``.
+    """
+    if not isinstance(name, str) or not name.endswith(ARRAY_SUFFIX) or name != os.path.basename(name):
+        return None
+    if name in (".", "..") or "\0" in name or "/" in name or (os.altsep and os.altsep in name):
+        return None
+    path = os.path.join(cache_dir, name)
+    real_dir = os.path.realpath(cache_dir)
+    if os.path.dirname(os.path.realpath(path)) != real_dir:
+        return None
+    return path
+
 
 
 @dataclass
@@ -168,10 +266,17 @@ class Manifest:
         return [e for e in self.entries if not e.usable]
 
     def array_path(self, entry: ManifestEntry) -> str:
-        """Absolute path of an entry's cached array."""
+        """Absolute path of an entry's cached array.
+
+        Raises:
+            ValueError: if the entry has no array, or its ``cache_file`` would lead outside the cache folder.
+        """
         if entry.cache_file is None:
             raise ValueError(f"{entry.key} has no cached array (status {entry.status!r})")
-        return os.path.join(self.cache_dir, entry.cache_file)
+        path = cache_file_path(self.cache_dir, entry.cache_file)
+        if path is None:
+            raise ValueError(f"{entry.key}: array file {entry.cache_file!r} is not a file inside the cache {self.cache_dir}")
+        return path
 
     def save(self) -> None:
         """Write the manifest atomically (temporary file, then rename)."""
@@ -181,8 +286,9 @@ class Manifest:
             "config": self.config,
             "entries": [e.to_json() for e in self.entries],
         }
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        tmp = temp_path(self.path)
+        _remove_if_there(tmp)
+        with open(tmp, "x", encoding="utf-8") as fh:  # never through a planted link
             json.dump(data, fh, indent=1)
         os.replace(tmp, self.path)
 
@@ -190,19 +296,36 @@ class Manifest:
     def load(cls, path: str) -> Manifest:
         """Read a manifest from its file or from its cache folder.
 
+        Entries whose array file would lie outside the cache folder (``..``, an absolute path, a
+        symlink leading out) are left out with a warning naming the manifest and the entry.
+
         Raises:
             FileNotFoundError: if there is no manifest.
             ValueError: if it cannot be parsed.
         """
         if os.path.isdir(path):
             path = os.path.join(path, MANIFEST_NAME)
+        path = os.path.abspath(path)
         with open(path, encoding="utf-8") as fh:
             try:
                 data = json.load(fh)
                 entries = [ManifestEntry.from_json(e) for e in data["entries"]]
-            except (ValueError, KeyError, TypeError) as exc:
+                config = data.get("config", {})
+                if not all(isinstance(e.key, str) and isinstance(e.status, str) for e in entries):
+                    raise ValueError("an entry's key or status is not a string")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"cannot parse manifest {path}: {exc}") from exc
-        return cls(path=os.path.abspath(path), entries=entries, config=data.get("config", {}))
+        cache_dir = os.path.dirname(path)
+        kept = []
+        for entry in entries:
+            if entry.cache_file is not None and cache_file_path(cache_dir, entry.cache_file) is None:
+                logger.warning(
+                    "manifest %s: ignoring the entry %s: its array file %r is not a file inside the cache folder",
+                    path, entry.key, entry.cache_file,
+                )
+                continue
+            kept.append(entry)
+        return cls(path=path, entries=kept, config=config if isinstance(config, dict) else {})
 
 
 def summarize(manifest: Manifest) -> str:
@@ -245,9 +368,8 @@ def write_array(path: str, array: np.ndarray) -> int:
     """Write ``array`` as a chunked, compressed ``.b2nd`` file atomically; returns its size in bytes."""
     chunks = tuple(min(CHUNK_EDGE, s) for s in array.shape)
     blocks = tuple(min(BLOCK_EDGE, c) for c in chunks)
-    tmp = f"{path[:-len('.b2nd')]}.tmp{os.getpid()}.b2nd"
-    if os.path.exists(tmp):
-        os.remove(tmp)
+    tmp = temp_path(path)
+    _remove_if_there(tmp)  # a link too: blosc2 would write through it
     cparams = {"codec": blosc2.Codec.LZ4HC, "clevel": 5, "filters": [blosc2.Filter.SHUFFLE], "nthreads": 1}
     blosc2.asarray(np.ascontiguousarray(array), urlpath=tmp, chunks=chunks, blocks=blocks, cparams=cparams)
     os.replace(tmp, path)
@@ -399,9 +521,9 @@ def _reusable(old: ManifestEntry | None, source: Source, digest: str, config: Da
         return False
     if old.status != OK:
         return True
-    if old.cache_file is None:
+    path = cache_file_path(cache_dir, old.cache_file)
+    if path is None:
         return False
-    path = os.path.join(cache_dir, old.cache_file)
     return os.path.isfile(path) and os.path.getsize(path) == old.cache_bytes
 
 
@@ -438,13 +560,20 @@ def _load_previous(path: str) -> Manifest | None:
 
 
 def _remove_stale(cache_dir: str, previous: Iterable[ManifestEntry], keep: set[str]) -> int:
+    """Delete the arrays of ``previous`` entries not in ``keep``: only regular files inside ``cache_dir``."""
     removed = 0
     for entry in previous:
-        if entry.cache_file and entry.cache_file not in keep:
-            path = os.path.join(cache_dir, entry.cache_file)
-            if os.path.isfile(path):
-                os.remove(path)
-                removed += 1
+        if not entry.cache_file or entry.cache_file in keep:
+            continue
+        path = cache_file_path(cache_dir, entry.cache_file)
+        if path is None or not os.path.isfile(path):
+            continue
+        try:
+            os.remove(path)
+        except OSError as exc:
+            logger.warning("cannot delete the stale array %s: %s", path, exc)
+            continue
+        removed += 1
     return removed
 
 
@@ -470,6 +599,9 @@ def build_cache(config: DataConfig, progress: bool = True) -> Manifest:
     cache_dir = os.path.abspath(config.cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     manifest_path = os.path.join(cache_dir, MANIFEST_NAME)
+    stale = remove_stale_temp_files(cache_dir)
+    if stale:
+        logger.info("removed %d temporary file(s) of killed cache writes: %s", len(stale), ", ".join(stale[:5]))
     previous = _load_previous(manifest_path)
     old_by_key = {e.key: e for e in previous.entries} if previous else {}
 
@@ -489,7 +621,8 @@ def build_cache(config: DataConfig, progress: bool = True) -> Manifest:
             continue
         old = old_by_key.get(source.key)
         if old is not None and _reusable(old, source, digest, config, cache_dir):
-            old.origin = source.origin
+            # What names the source comes from the scan, never from the (possibly shared) manifest.
+            old.source, old.kind, old.channel, old.origin = source.path, source.kind, source.channel, source.origin
             entries[source.key] = old
             reused += 1
         else:
