@@ -47,7 +47,7 @@ from tqdm import tqdm
 from .config import DataConfig
 from .modality import AUTO
 from .preprocess import UNREADABLE, SkipVolume, preprocess_source
-from .sources import ScanProblem, Source, cache_name, scan_inputs, source_digest
+from .sources import NOT_REGULAR, NotRegularFile, ScanProblem, Source, cache_name, scan_inputs, shown_path, source_digest
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,16 @@ def cache_file_path(cache_dir: str, name: Any) -> str | None:
         return None
     return path
 
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every string made valid UTF-8 (lone surrogates from file names escaped)."""
+    if isinstance(value, str):
+        return shown_path(value)
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 @dataclass
@@ -289,7 +299,7 @@ class Manifest:
         tmp = temp_path(self.path)
         _remove_if_there(tmp)
         with open(tmp, "x", encoding="utf-8") as fh:  # never through a planted link
-            json.dump(data, fh, indent=1)
+            json.dump(_json_safe(data), fh, indent=1)
         os.replace(tmp, self.path)
 
     @classmethod
@@ -321,7 +331,7 @@ class Manifest:
             if entry.cache_file is not None and cache_file_path(cache_dir, entry.cache_file) is None:
                 logger.warning(
                     "manifest %s: ignoring the entry %s: its array file %r is not a file inside the cache folder",
-                    path, entry.key, entry.cache_file,
+                    path, shown_path(str(entry.key)), entry.cache_file,
                 )
                 continue
             kept.append(entry)
@@ -613,9 +623,10 @@ def build_cache(config: DataConfig, progress: bool = True) -> Manifest:
         try:
             digest = source_digest(source)
         except OSError as exc:
+            reason, detail = (NOT_REGULAR, str(exc)) if isinstance(exc, NotRegularFile) else (UNREADABLE, f"cannot read the file: {exc}")
             entries[source.key] = ManifestEntry(
                 key=source.key, source=source.path, kind=source.kind, modality=source.modality,
-                status=SKIPPED, reason=UNREADABLE, detail=f"cannot read the file: {exc}"[:300],
+                status=SKIPPED, reason=reason, detail=detail[:300],
                 channel=source.channel, origin=source.origin,
             )
             continue

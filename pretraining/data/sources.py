@@ -4,8 +4,15 @@ An input is an image file, a folder (searched recursively for image files and DI
 nnU-Net raw dataset (``dataset.json`` with ``imagesTr``/``imagesTs``; every channel file is a
 volume of its own, ``labelsTr`` is ignored), or a list file (``.txt`` or ``.json``) naming any of
 these. Inputs that cannot be used at this stage (missing paths, unparsable lists, DICOM-like files
-that belong to no readable series) become :class:`ScanProblem` records so that the manifest can
-list them; nothing is dropped silently.
+that belong to no readable series, names that are not UTF-8, FIFOs and other non-regular files,
+folders that cannot be listed, a second name of a file already found, a file given two
+modalities) become :class:`ScanProblem` records so that the manifest can list them; nothing is
+dropped silently.
+
+Only regular files are opened (after following symlinks), so a FIFO named like a volume cannot
+block the scan. Symlinked folders are followed; a folder is scanned once however it is reached
+(``(st_dev, st_ino)``), which also ends symlink loops. A file reached under two names (a symlink,
+a hard link, a symlinked folder) is used once, under the first name found.
 """
 from __future__ import annotations
 
@@ -14,8 +21,9 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import SimpleITK as sitk
@@ -40,6 +48,15 @@ DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
 
 #: Ignored non-image files named in the log (the rest are counted).
 IGNORED_SHOWN = 10
+
+# Reasons (manifest categories) of inputs skipped while scanning.
+NOT_FOUND = "not found"
+UNREADABLE = "unreadable"
+NO_IMAGES = "no images"
+NAME_NOT_UTF8 = "name not UTF-8"
+NOT_REGULAR = "not a regular file"
+DUPLICATE = "duplicate"
+MODALITY_CONFLICT = "modality conflict"
 
 _DIGEST_BYTES = 1 << 20
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -88,6 +105,40 @@ class ScanProblem:
     origin: str = ""
 
 
+class NotRegularFile(OSError):
+    """A path that is not a regular file (a FIFO, socket or device): never opened."""
+
+
+def shown_path(path: str) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 are shown as ``\\xNN``.
+
+    ``os`` functions give such bytes back as lone surrogates (``surrogateescape``); they cannot be
+    written to JSON or passed to SimpleITK.
+    """
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _file_type(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 @dataclass
 class _Scan:
     config: DataConfig
@@ -95,18 +146,130 @@ class _Scan:
     problems: dict[str, ScanProblem] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     duplicates: int = 0
-    undetermined: int = 0
     visiting: set[str] = field(default_factory=set)
+    #: File identity ``(st_dev, st_ino)`` (or the absolute path if it cannot be stat'ed; DICOM
+    #: series: the folder's identity plus the series UID) -> key of the source using it.
+    identities: dict[Any, str] = field(default_factory=dict)
+    #: Keys whose modality was given for them (a list entry, dataset.json, a DICOM tag) -> who gave it.
+    modality_given_by: dict[str, str] = field(default_factory=dict)
+    #: Identities of files given two modalities (skipped, later names too).
+    conflicts: set[Any] = field(default_factory=set)
+    #: Folders scanned so far: ``(st_dev, st_ino)`` -> path.
+    folders: dict[tuple[int, int], str] = field(default_factory=dict)
 
-    def add(self, source: Source) -> None:
-        if source.key in self.sources:
-            self.duplicates += 1
+    def add(self, source: Source, identity: Any = None, given_by: str | None = None) -> None:
+        """Use ``source`` unless its file is already used (under this or another name).
+
+        Args:
+            source: The volume.
+            identity: What makes two names the same file (default: the key).
+            given_by: Who gave the source its modality (a list entry, dataset.json, a DICOM tag);
+                ``None`` if none did (the modality is ``"auto"`` or only the ``--modality`` default).
+        """
+        identity = source.key if identity is None else identity
+        if identity in self.conflicts:
             return
-        self.sources[source.key] = source
+        first_key = self.identities.get(identity)
+        if first_key is None:
+            self.identities[identity] = source.key
+            self.sources[source.key] = source
+            if given_by is not None:
+                self.modality_given_by[source.key] = given_by
+            return
+        first = self.sources[first_key]
+        first_by = self.modality_given_by.get(first_key)
+        if given_by is not None and first_by is None:
+            # The first name carried no modality of its own (none, or only --modality): this one's holds.
+            self.sources[first_key] = replace(first, modality=source.modality)
+            self.modality_given_by[first_key] = given_by
+        elif given_by is not None and source.modality != first.modality:
+            del self.sources[first_key]
+            self.conflicts.add(identity)
+            same = "" if source.key == first_key else f" (the same file as {source.key})"
+            detail = (
+                f"given two modalities: {first.modality.upper()} by {first_by} and "
+                f"{source.modality.upper()} by {given_by}{same}; give it once"
+            )
+            logger.error("%s: %s", first_key, detail)
+            self.problems[first_key] = ScanProblem(first_key, first.path, MODALITY_CONFLICT, detail, first.origin)
+            return
+        if source.key == first_key:
+            self.duplicates += 1
+        else:
+            self.problem(
+                source.key, DUPLICATE, f"the same file as {first_key}, which is used (once)", source.origin
+            )
 
     def problem(self, path: str, reason: str, detail: str, origin: str) -> None:
-        key = os.path.abspath(path)
-        self.problems.setdefault(key, ScanProblem(key, path, reason, detail, origin))
+        shown = shown_path(path)
+        key = os.path.abspath(shown)
+        self.problems.setdefault(key, ScanProblem(key, shown, reason, detail, shown_path(origin)))
+
+    def ignore(self, path: str) -> None:
+        self.ignored.append(shown_path(os.path.abspath(path)))
+
+    @property
+    def undetermined(self) -> int:
+        return sum(1 for s in self.sources.values() if s.modality == AUTO)
+
+
+def _identity(path: str) -> Any:
+    """``(st_dev, st_ino)`` of the file ``path`` leads to, or the absolute path if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.abspath(path)
+    return (st.st_dev, st.st_ino)
+
+
+def _entry_name(path: str, origin: str) -> str:
+    """How a list entry, a dataset file or a folder file is named in messages."""
+    return f"{origin} (entry {path})" if origin and origin != path else path
+
+
+def _add_file(
+    scan: _Scan,
+    path: str,
+    kind: str,
+    override: str | None,
+    origin: str,
+    modality: str | None = None,
+    given_by: str | None = None,
+    channel: int | None = None,
+) -> None:
+    """Add the image file ``path`` (absolute), or list why not: a name that is not UTF-8, not a regular file.
+
+    Args:
+        scan: The scan.
+        path: Absolute path.
+        kind: Manifest kind.
+        override: Modality given for the input (a list entry's), if any.
+        origin: The input it was found through.
+        modality: Modality read from the data (an nnU-Net dataset's ``channel_names``), if any.
+        given_by: Who gave ``modality``.
+        channel: nnU-Net channel index, if any.
+    """
+    if not _is_utf8(path):
+        scan.problem(path, NAME_NOT_UTF8, "the file name is not valid UTF-8 (shown escaped): not read", origin)
+        return
+    try:
+        st = os.stat(path)
+    except OSError:
+        identity: Any = path  # A dangling link: the digest reports it as unreadable.
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            scan.problem(path, NOT_REGULAR, f"{_file_type(st.st_mode)}, not a regular file: not opened", origin)
+            return
+        identity = (st.st_dev, st.st_ino)
+    if override is not None:
+        chosen, by = override, _entry_name(path, origin)
+    elif scan.config.modality is not None:
+        chosen, by = scan.config.modality, None  # a default: a list entry's modality wins
+    elif modality is not None:
+        chosen, by = modality, given_by
+    else:
+        chosen, by = AUTO, None
+    scan.add(Source(path, path, kind, chosen, channel=channel, origin=origin), identity, by)
 
 
 def image_kind(path: str) -> str | None:
@@ -152,15 +315,6 @@ def modality_from_channel_name(name: str) -> str:
     return "ct" if str(name).strip().upper() == "CT" else "mr"
 
 
-def _default_modality(scan: _Scan, override: str | None) -> str:
-    if override is not None:
-        return override
-    if scan.config.modality is None:
-        scan.undetermined += 1
-        return AUTO
-    return scan.config.modality
-
-
 def _dicom_modality(first_file: str) -> str | None:
     try:
         reader = sitk.ImageFileReader()
@@ -174,16 +328,26 @@ def _dicom_modality(first_file: str) -> str | None:
     return None
 
 
+def _list_folder(scan: _Scan, folder: str, origin: str) -> list[str] | None:
+    """Sorted entry names of ``folder``, or ``None`` (listed as unreadable) if it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entry.name for entry in entries)
+    except OSError as exc:
+        scan.problem(folder, UNREADABLE, f"cannot list the folder: {exc.strerror or exc}", origin)
+        return None
+
+
 def _scan_nnunet_dataset(scan: _Scan, folder: str, override: str | None, origin: str) -> None:
     dataset_json = os.path.join(folder, "dataset.json")
     try:
         with open(dataset_json, encoding="utf-8") as fh:
             meta: Any = json.load(fh)
     except (OSError, ValueError) as exc:
-        scan.problem(dataset_json, "unreadable", f"cannot parse dataset.json: {exc}", origin)
+        scan.problem(dataset_json, UNREADABLE, f"cannot parse dataset.json: {exc}", origin)
         return
     if not isinstance(meta, dict):
-        scan.problem(dataset_json, "unreadable", "dataset.json is not a JSON object", origin)
+        scan.problem(dataset_json, UNREADABLE, "dataset.json is not a JSON object", origin)
         return
     channel_names = meta.get("channel_names") or meta.get("modality") or {}
     if not isinstance(channel_names, dict):
@@ -194,80 +358,228 @@ def _scan_nnunet_dataset(scan: _Scan, folder: str, override: str | None, origin:
         images = os.path.join(folder, sub)
         if not os.path.isdir(images):
             continue
-        for name in sorted(os.listdir(images)):
+        for name in _list_folder(scan, images, origin) or []:
             path = os.path.abspath(os.path.join(images, name))
-            if not os.path.isfile(path) or name.startswith("."):
+            if name.startswith(".") or os.path.isdir(path):
                 continue
             if file_ending and name.lower().endswith(file_ending):
                 stem = name[: -len(file_ending)]
             elif image_kind(name) is not None:
                 stem = _strip_image_suffix(name)
             else:
-                scan.ignored.append(path)
+                scan.ignore(path)
                 continue
             match = _CHANNEL_RE.match(stem)
             channel = int(match.group("channel")) if match else None
-            if override is not None or scan.config.modality is not None:
-                modality = _default_modality(scan, override)
-            elif channel is not None and str(channel) in channel_names:
+            modality = given_by = None
+            if channel is not None and str(channel) in channel_names:
                 modality = modality_from_channel_name(channel_names[str(channel)])
-            else:
-                modality = _default_modality(scan, None)
+                given_by = f"{dataset_json} (channel {channel}: {channel_names[str(channel)]!r})"
             # Files with the dataset's own ending but an unknown suffix (e.g. .png, .tif) are still
             # offered to the reader: it decides (and 2-D images are reported as such).
-            scan.add(Source(path, path, image_kind(name) or "image", modality, channel=channel, origin=folder))
+            _add_file(scan, path, image_kind(name) or "image", override, folder, modality, given_by, channel)
             found += 1
     if found == 0:
-        scan.problem(folder, "no images", "nnU-Net dataset without files in imagesTr/imagesTs", origin)
+        scan.problem(folder, NO_IMAGES, "nnU-Net dataset without files in imagesTr/imagesTs", origin)
 
 
-def _scan_dicom_dir(scan: _Scan, folder: str, candidates: list[str], override: str | None, origin: str) -> None:
+def _gdcm_safe(folder: str) -> bool:
+    """Whether GDCM may scan ``folder``: every entry is a folder or a regular file with a UTF-8 name.
+
+    GDCM reads every file of the folder it scans: it must not meet a FIFO (it silently drops files
+    of the series then), and SimpleITK cannot hand back names that are not UTF-8.
+    """
     try:
-        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
-    except RuntimeError as exc:
-        scan.problem(folder, "unreadable", f"DICOM folder cannot be scanned: {exc}", origin)
-        return
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    for name in names:
+        if not _is_utf8(name):
+            return False
+        try:
+            mode = os.stat(os.path.join(folder, name)).st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return False
+    return True
+
+
+def _dicom_tags(path: str) -> dict[str, str] | None:
+    """Series UID, position, orientation and instance number of one DICOM file, or ``None`` if unreadable."""
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    tags = {"uid": "0020|000e", "position": "0020|0032", "orientation": "0020|0037", "instance": "0020|0013"}
+    return {name: reader.GetMetaData(tag).strip() for name, tag in tags.items() if reader.HasMetaDataKey(tag)}
+
+
+def _floats(text: str | None, count: int) -> list[float] | None:
+    try:
+        values = [float(v) for v in (text or "").split("\\")]
+    except ValueError:
+        return None
+    return values if len(values) == count else None
+
+
+def _group_dicom_files(scan: _Scan, candidates: list[str], origin: str) -> dict[str, list[str]]:
+    """Series UID -> files in slice order, read file by file (where GDCM cannot scan the folder).
+
+    Files are ordered along the slice normal when every file has a position and orientation, else
+    by instance number, else by name. Names that are not UTF-8 are listed as skipped.
+    """
+    found: dict[str, list[tuple[str, dict[str, str]]]] = {}
+    for path in candidates:
+        if not _is_utf8(path):
+            scan.problem(path, NAME_NOT_UTF8, "the file name is not valid UTF-8 (shown escaped): not read", origin)
+            continue
+        tags = _dicom_tags(path)
+        if tags and tags.get("uid"):
+            found.setdefault(tags["uid"], []).append((os.path.abspath(path), tags))
+    series: dict[str, list[str]] = {}
+    for uid, files in found.items():
+        positions = [_floats(t.get("position"), 3) for _, t in files]
+        orientation = _floats(files[0][1].get("orientation"), 6)
+        if orientation is not None and all(p is not None for p in positions):
+            row, col = orientation[:3], orientation[3:]
+            normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0])
+            order = sorted(range(len(files)), key=lambda i: (sum(a * b for a, b in zip(positions[i], normal, strict=True)), files[i][0]))  # type: ignore[arg-type]
+        elif all(t.get("instance", "").lstrip("-").isdigit() for _, t in files):
+            order = sorted(range(len(files)), key=lambda i: (int(files[i][1]["instance"]), files[i][0]))
+        else:
+            order = sorted(range(len(files)), key=lambda i: files[i][0])
+        series[uid] = [files[i][0] for i in order]
+    return series
+
+
+def _scan_dicom_dir(
+    scan: _Scan, folder: str, candidates: list[str], override: str | None, origin: str, gdcm_safe: bool | None = None
+) -> None:
+    if gdcm_safe is None:
+        gdcm_safe = _gdcm_safe(folder)
+    if gdcm_safe:
+        try:
+            series = {
+                uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+                for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+            }
+        except RuntimeError as exc:
+            scan.problem(folder, UNREADABLE, f"DICOM folder cannot be scanned: {exc}", origin)
+            return
+    else:
+        series = _group_dicom_files(scan, candidates, origin)
+    folder_identity = _identity(folder)
     used: set[str] = set()
-    for uid in sorted(series_ids):
-        files = tuple(os.path.abspath(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+    for uid in sorted(series):
+        files: list[str] = []
+        seen: set[Any] = set()
+        for name in series[uid]:
+            path = os.path.abspath(name)
+            identity = _identity(path)
+            if identity in seen:  # The same file under two names (a symlinked slice): read once.
+                scan.duplicates += 1
+                used.add(path)
+                continue
+            seen.add(identity)
+            files.append(path)
         if not files:
             continue
         used.update(files)
-        modality = override or scan.config.modality or _dicom_modality(files[0]) or _default_modality(scan, None)
+        if override is not None:
+            modality, by = override, _entry_name(folder, origin)
+        elif scan.config.modality is not None:
+            modality, by = scan.config.modality, None  # a default: a list entry's modality wins
+        else:
+            tag = _dicom_modality(files[0])
+            modality, by = (tag, f"the DICOM Modality tag of {files[0]}") if tag else (AUTO, None)
         key = f"{os.path.abspath(folder)}#series={uid}"
-        scan.add(Source(key, os.path.abspath(folder), "dicom", modality, files=files, origin=origin))
-    orphans = [f for f in candidates if os.path.abspath(f) not in used]
+        scan.add(
+            Source(key, os.path.abspath(folder), "dicom", modality, files=tuple(files), origin=origin),
+            (folder_identity, uid),
+            by,
+        )
+    orphans = [f for f in candidates if os.path.abspath(f) not in used and _is_utf8(f)]
     if orphans:
         scan.problem(
             folder,
-            "unreadable",
+            UNREADABLE,
             f"{len(orphans)} DICOM-like file(s) belong to no readable DICOM image series (e.g. {os.path.basename(orphans[0])})",
             origin,
         )
 
 
 def _scan_folder(scan: _Scan, folder: str, override: str | None, origin: str) -> None:
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs.sort()
-        if root != folder and is_nnunet_dataset(root):
-            dirs[:] = []
-            _scan_nnunet_dataset(scan, os.path.abspath(root), override, origin)
+    """Scan ``folder`` recursively: files first, then subfolders; symlinked subfolders after all others.
+
+    A folder already scanned (through any input or link) is not scanned again; a symlink leading
+    to one is listed as a duplicate (or as a loop, if it leads back to a folder above it).
+    """
+    folders = [folder]
+    linked: list[str] = []
+    while folders or linked:
+        current = folders.pop() if folders else linked.pop()
+        try:
+            st = os.stat(current)
+        except OSError as exc:
+            scan.problem(current, UNREADABLE, f"cannot open the folder: {exc.strerror or exc}", origin)
             continue
+        identity = (st.st_dev, st.st_ino)
+        first = scan.folders.get(identity)
+        if first is not None:
+            if os.path.islink(current):
+                real, parent = os.path.realpath(current), os.path.realpath(os.path.dirname(current))
+                loop = parent == real or parent.startswith(real.rstrip(os.sep) + os.sep)
+                what = "a symlink loop: leads back to" if loop else "a symlink to"
+                scan.problem(current, DUPLICATE, f"{what} {first}, a folder already scanned", origin)
+            continue
+        scan.folders[identity] = current
+        if current != folder and is_nnunet_dataset(current):
+            _scan_nnunet_dataset(scan, os.path.abspath(current), override, origin)
+            continue
+        names = _list_folder(scan, current, origin)
+        if names is None:
+            continue
+        subfolders: list[str] = []
+        linked_subfolders: list[str] = []
+        images: list[tuple[str, str]] = []
+        linked_images: list[tuple[str, str]] = []
         dicom_candidates: list[str] = []
-        for name in sorted(files):
+        gdcm_safe = True
+        for name in names:
             if name.startswith("."):
                 continue
-            path = os.path.join(root, name)
+            path = os.path.join(current, name)
+            try:
+                mode: int | None = os.stat(path).st_mode
+            except OSError:
+                mode = None  # A dangling link: an image name is reported unreadable by the digest.
+            if mode is not None and stat.S_ISDIR(mode):
+                if not _is_utf8(name):
+                    scan.problem(path, NAME_NOT_UTF8, "the folder name is not valid UTF-8 (shown escaped): not scanned", origin)
+                else:
+                    (linked_subfolders if os.path.islink(path) else subfolders).append(path)
+                continue
+            if mode is not None and not stat.S_ISREG(mode):
+                gdcm_safe = False
+                scan.problem(path, NOT_REGULAR, f"{_file_type(mode)}, not a regular file: not opened", origin)
+                continue
+            gdcm_safe = gdcm_safe and _is_utf8(name)
             kind = image_kind(name)
             if kind is not None:
-                full = os.path.abspath(path)
-                scan.add(Source(full, full, kind, _default_modality(scan, override), origin=origin))
+                (linked_images if os.path.islink(path) else images).append((os.path.abspath(path), kind))
             elif _looks_like_dicom(path):
                 dicom_candidates.append(path)
             else:
-                scan.ignored.append(os.path.abspath(path))
+                scan.ignore(path)
+        for path, kind in images + linked_images:  # a file's own name before a link's
+            _add_file(scan, path, kind, override, origin)
         if dicom_candidates:
-            _scan_dicom_dir(scan, root, dicom_candidates, override, origin)
+            _scan_dicom_dir(scan, current, dicom_candidates, override, origin, gdcm_safe)
+        folders.extend(reversed(subfolders))
+        linked.extend(reversed(linked_subfolders))
 
 
 def _read_list(path: str) -> list[tuple[str, str | None]]:
@@ -313,42 +625,53 @@ def _is_list_file(path: str) -> bool:
 
 def _scan_path(scan: _Scan, path: str, override: str | None, origin: str) -> None:
     path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
-        scan.problem(path, "not found", "path does not exist", origin)
+    if not _is_utf8(path):
+        scan.problem(path, NAME_NOT_UTF8, "the path is not valid UTF-8 (shown escaped): not read", origin)
         return
-    if os.path.isdir(path):
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        scan.problem(path, NOT_FOUND, "path does not exist", origin)
+        return
+    except OSError as exc:
+        scan.problem(path, UNREADABLE, f"cannot open it: {exc.strerror or exc}", origin)
+        return
+    if stat.S_ISDIR(mode):
         if is_nnunet_dataset(path):
             _scan_nnunet_dataset(scan, path, override, origin or path)
         else:
             _scan_folder(scan, path, override, origin or path)
+        return
+    if not stat.S_ISREG(mode):
+        scan.problem(path, NOT_REGULAR, f"{_file_type(mode)}, not a regular file: not opened", origin)
         return
     if os.path.basename(path).lower() == "dataset.json":
         _scan_path(scan, os.path.dirname(path), override, origin)
         return
     if _is_list_file(path):
         if path in scan.visiting:
-            scan.problem(path, "unreadable", "list file includes itself", origin)
+            scan.problem(path, UNREADABLE, "list file includes itself", origin)
             return
         scan.visiting.add(path)
         try:
             entries = _read_list(path)
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            scan.problem(path, "unreadable", f"cannot parse list file: {exc}", origin)
+            scan.problem(path, UNREADABLE, f"cannot parse list file: {exc}", origin)
             return
         if not entries:
-            scan.problem(path, "no images", "list file is empty", origin)
+            scan.problem(path, NO_IMAGES, "list file is empty", origin)
         for entry, modality in entries:
             _scan_path(scan, entry, modality or override, path)
         scan.visiting.discard(path)
         return
     kind = image_kind(path)
     if kind is not None:
-        scan.add(Source(path, path, kind, _default_modality(scan, override), origin=origin))
+        _add_file(scan, path, kind, override, origin)
     elif _looks_like_dicom(path):
         _scan_dicom_dir(scan, os.path.dirname(path), [path], override, origin)
     else:
         # Named explicitly, so offer it to the reader: it reports what is wrong with it.
-        scan.add(Source(path, path, "image", _default_modality(scan, override), origin=origin))
+        _add_file(scan, path, "image", override, origin)
 
 
 def scan_inputs(config: DataConfig) -> tuple[list[Source], list[ScanProblem]]:
@@ -379,18 +702,31 @@ def scan_inputs(config: DataConfig) -> tuple[list[Source], list[ScanProblem]]:
     return sorted(scan.sources.values(), key=lambda s: s.key), sorted(problems, key=lambda p: p.key)
 
 
+def _regular_stat(path: str) -> os.stat_result:
+    """``os.stat(path)``, refusing what is not a regular file (a FIFO would block the reader).
+
+    Raises:
+        NotRegularFile: if ``path`` is a FIFO, socket, device or folder.
+        OSError: if it cannot be stat'ed.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(f"{shown_path(path)} is {_file_type(st.st_mode)}, not a regular file: not opened")
+    return st
+
+
 def _file_digest(path: str, update: Any) -> None:
-    stat = os.stat(path)
-    update(f"{os.path.basename(path)}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+    st = _regular_stat(path)
+    update(f"{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}|".encode("utf-8", "surrogateescape"))
     with open(path, "rb") as fh:
         update(fh.read(_DIGEST_BYTES))
-        if stat.st_size > 2 * _DIGEST_BYTES:
+        if st.st_size > 2 * _DIGEST_BYTES:
             fh.seek(-_DIGEST_BYTES, os.SEEK_END)
         update(fh.read(_DIGEST_BYTES))
 
 
 def _companion_files(path: str) -> Iterable[str]:
-    """Data files named by a detached header (``.mhd`` ElementDataFile, ``.nhdr`` data file)."""
+    """Data files named by a detached header (``.mhd`` ElementDataFile, ``.nhdr`` data file) that exist."""
     lower = path.lower()
     if not lower.endswith((".mhd", ".nhdr")):
         return []
@@ -401,7 +737,7 @@ def _companion_files(path: str) -> Iterable[str]:
                 key, _, value = line.partition("=" if lower.endswith(".mhd") else ":")
                 if key.strip().lower() in ("elementdatafile", "data file", "datafile"):
                     candidate = os.path.join(os.path.dirname(path), value.strip())
-                    if os.path.isfile(candidate):
+                    if os.path.exists(candidate) and not os.path.isdir(candidate):
                         out.append(candidate)
     except OSError:
         return []
@@ -414,13 +750,14 @@ def source_digest(source: Source) -> str:
     DICOM series hash every file's name, size and mtime plus the first and last file's bytes.
 
     Raises:
+        NotRegularFile: if a file (a DICOM slice, a detached header's data file) is not a regular file.
         OSError: if a file cannot be read.
     """
     h = hashlib.sha256()
     if source.files:
         for path in source.files:
-            stat = os.stat(path)
-            h.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+            st = _regular_stat(path)
+            h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         _file_digest(source.files[0], h.update)
         _file_digest(source.files[-1], h.update)
     else:
@@ -435,5 +772,5 @@ def cache_name(source_key: str) -> str:
     path = source_key.partition("#series=")[0]
     stem = _strip_image_suffix(os.path.basename(path.rstrip("/")))
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:60] or "volume"
-    digest = hashlib.sha1(source_key.encode()).hexdigest()[:12]
+    digest = hashlib.sha1(source_key.encode("utf-8", "surrogateescape")).hexdigest()[:12]
     return f"{stem}_{digest}.b2nd"
