@@ -2,7 +2,9 @@
 
 The steps, in order (:func:`preprocess_source`):
 
-1. read the file or DICOM series with SimpleITK (:func:`read_source`);
+1. read the file or DICOM series with SimpleITK (:func:`read_source`); a DICOM series whose
+   slice positions are not evenly spaced (a missing slice) is refused (:func:`check_slice_positions`),
+   since the reader would stack it at one average spacing;
 2. validate it (:func:`validate_image`): scalar, 3-D without singleton axes, spacings in
    ``[min_spacing, max_spacing]``, finite voxels (no NaN, no Inf), not constant;
 3. reorient to LPS (array axes ``(z, y, x)`` = inferior->superior, anterior->posterior,
@@ -53,6 +55,11 @@ CONSTANT = "constant image"
 NO_BODY = "no body found"
 TOO_SMALL = "too small"
 MODALITY_UNKNOWN = "modality unknown"
+UNEVEN_SLICES = "uneven slice spacing"
+
+#: A DICOM series is refused when a slice lies further than this fraction of the slice spacing
+#: from where a reader stacking the slices at one spacing puts it.
+SLICE_POSITION_TOLERANCE = 0.2
 
 
 class SkipVolume(Exception):
@@ -238,6 +245,83 @@ def check_nifti(path: str) -> None:
             raise SkipVolume(UNREADABLE, f"truncated NIfTI: {actual} of {expected} bytes")
 
 
+def _dicom_floats(text: str, count: int) -> np.ndarray | None:
+    try:
+        values = np.array([float(v) for v in text.strip().split("\\")], dtype=np.float64)
+    except ValueError:
+        return None
+    return values if values.size == count and np.isfinite(values).all() else None
+
+
+def check_slice_positions(
+    positions: list[tuple[float, float, float]], orientation: tuple[float, ...], names: list[str] | None = None
+) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced along the slice normal.
+
+    A reader stacks the slices at one spacing (first to last position over ``n - 1``): a missing
+    slice or a change of slice spacing would stretch or squeeze the anatomy silently.
+
+    Args:
+        positions: ImagePositionPatient ``(x, y, z)`` mm of each slice, in reading order.
+        orientation: ImageOrientationPatient (row and column direction cosines, 6 values).
+        names: File names of the slices, for the message.
+
+    Raises:
+        SkipVolume: ``"uneven slice spacing"`` (with the gaps and where they change), when a slice
+            lies more than :data:`SLICE_POSITION_TOLERANCE` of the spacing from its stacked position,
+            or two slices share a position.
+    """
+    if len(positions) < 3 or len(orientation) != 6:
+        return
+    normal = np.cross(np.asarray(orientation[:3], dtype=np.float64), np.asarray(orientation[3:], dtype=np.float64))
+    norm = float(np.linalg.norm(normal))
+    if not math.isfinite(norm) or norm < 1e-6:
+        return
+    depth = np.asarray(positions, dtype=np.float64) @ (normal / norm)
+    gaps = np.diff(depth)
+    if gaps.size and np.median(gaps) < 0:
+        gaps = -gaps
+    typical = float(np.median(np.abs(gaps)))
+    spacing = abs(float(depth[-1] - depth[0])) / (len(depth) - 1)
+    label = (lambda i: f"{i + 1} ({names[i]})") if names else (lambda i: str(i + 1))
+    if typical <= 1e-6 or gaps.min() <= 1e-3 * typical:
+        i = int(np.argmin(gaps))
+        raise SkipVolume(
+            UNEVEN_SLICES,
+            f"slices {label(i)} and {label(i + 1)} of {len(depth)} lie at the same position or out of order "
+            f"({depth[i]:.4g} and {depth[i + 1]:.4g} mm along the slice normal): two acquisitions in one series?",
+        )
+    error = np.abs(depth - (depth[0] + np.sign(depth[-1] - depth[0]) * spacing * np.arange(len(depth))))
+    if float(error.max()) <= SLICE_POSITION_TOLERANCE * spacing:
+        return
+    i = int(np.argmax(np.abs(gaps - typical)))
+    ratio = gaps[i] / typical
+    hint = " (a missing slice?)" if ratio > 1.5 and abs(ratio - round(ratio)) < 0.1 else ""
+    changed = int(np.count_nonzero(np.abs(gaps - typical) > SLICE_POSITION_TOLERANCE * typical))
+    raise SkipVolume(
+        UNEVEN_SLICES,
+        f"gaps of {typical:.4g} mm and {gaps[i]:.4g} mm between slices {label(i)} and {label(i + 1)}{hint}; "
+        f"{changed} of {gaps.size} gaps differ (a reader would stack all {len(depth)} slices {spacing:.4g} mm apart)",
+    )
+
+
+def _check_series(reader: sitk.ImageSeriesReader, files: list[str]) -> None:
+    """:func:`check_slice_positions` from the per-slice tags of a series just read (if every slice has them)."""
+    positions = []
+    orientation = None
+    for i in range(len(files)):
+        if not reader.HasMetaDataKey(i, "0020|0032"):
+            return
+        position = _dicom_floats(reader.GetMetaData(i, "0020|0032"), 3)
+        if position is None:
+            return
+        positions.append(tuple(position))
+        if orientation is None and reader.HasMetaDataKey(i, "0020|0037"):
+            orientation = _dicom_floats(reader.GetMetaData(i, "0020|0037"), 6)
+    if orientation is not None:
+        check_slice_positions(positions, tuple(orientation), [os.path.basename(f) for f in files])
+
+
 def read_source(source: Source) -> sitk.Image:
     """Read a source with SimpleITK (DICOM series through ``ImageSeriesReader``).
 
@@ -245,13 +329,17 @@ def read_source(source: Source) -> sitk.Image:
 
     Raises:
         SkipVolume: ``"unreadable"`` if the file(s) cannot be read, ``"absurd spacing"`` if the
-            reader refuses the spacing (zero) or NIfTI ``pixdim`` is zero or NaN.
+            reader refuses the spacing (zero) or NIfTI ``pixdim`` is zero or NaN, ``"uneven slice
+            spacing"`` for a DICOM series with a missing slice (:func:`check_slice_positions`).
     """
     try:
         if source.files:
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(list(source.files))
-            return reader.Execute()
+            reader.MetaDataDictionaryArrayUpdateOn()
+            image = reader.Execute()
+            _check_series(reader, list(source.files))
+            return image
         if source.path.lower().endswith((".nii", ".nii.gz")):
             check_nifti(source.path)
         return sitk.ReadImage(source.path)
