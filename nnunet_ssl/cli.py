@@ -341,7 +341,8 @@ def cmd_cka(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     import os
 
-    from nnunet_ssl.analysis.report import ReportConfig, headline_markdown, make_report
+    from nnunet_ssl.analysis.report import ReportConfig, make_report
+    from nnunet_ssl.analysis.tables import headline_markdown
 
     check_output_folder(args.out)
     results, preprocessed = os.environ.get("nnUNet_results"), os.environ.get("nnUNet_preprocessed")
@@ -388,7 +389,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(text)
         return 0
-    from nnunet_ssl.experiment.tables import make_experiment_report
+    from nnunet_ssl.experiment.report import make_experiment_report
 
     report = make_experiment_report(experiment, cka=not args.no_cka, device=args.device)
     sys.stdout.write(report.markdown)

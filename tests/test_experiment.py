@@ -273,7 +273,7 @@ def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     from scipy.stats import wilcoxon
 
     from nnunet_ssl.experiment.runner import prepare
-    from nnunet_ssl.experiment.tables import make_experiment_report
+    from nnunet_ssl.experiment.report import make_experiment_report
 
     root = tmp_path / "pre"
     folder = fake_preprocessed_dataset(root)
@@ -333,8 +333,19 @@ def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     overall = {(r["setting"], r["size"], r["arm"]): r for r in rows if r["structure"] == "overall"}
     assert float(overall[("few_shot", "3", "scratch")]["p_vs_best_holm"]) == pytest.approx(expected_p)
     assert overall[("full", "", "smit")]["best"] == "True"
-    assert (prepared.paths.report / "dice_vs_cases.png").stat().st_size > 0
+    assert (prepared.paths.report / "few_shot.png").stat().st_size > 0
     assert "CKA not computed" in text
+    # the transfer tables of the same runs, as nnunet-ssl report writes them, vs the scratch arm
+    assert "## Mean Dice" in text and "scratch (reference)" in text
+    stats_rows = list(__import__("csv").DictReader(open(prepared.paths.report / "stats.csv", encoding="utf-8")))
+    few_overall = next(r for r in stats_rows if (r["setting"], r["trainer"], r["structure"]) == ("few_shot", "smit", "overall"))
+    assert few_overall["reference"] == "scratch" and float(few_overall["p_value"]) == pytest.approx(expected_p)
+    cases = list(__import__("csv").DictReader(open(prepared.paths.report / "dice_per_case.csv", encoding="utf-8")))
+    assert {(r["trainer"], r["fold"]) for r in cases} == {("scratch", "0"), ("scratch", "5"), ("scratch", "6"),
+                                                         ("smit", "0"), ("smit", "5")}
+    for name in ("summary.csv", "few_shot.csv", "curves.csv", "curves.png", "losses.png"):
+        assert f"`{name}`" in text or f"({name})" in text, name
+        assert (prepared.paths.report / name).is_file(), name
 
 
 def test_readme_experiment_file_is_valid(tmp_path: Path) -> None:
@@ -357,7 +368,7 @@ def test_report_cka_few_shot_vs_full(tmp_path: Path, monkeypatch: pytest.MonkeyP
     import torch
 
     from nnunet_ssl.experiment.runner import prepare
-    from nnunet_ssl.experiment.tables import make_experiment_report
+    from nnunet_ssl.experiment.report import make_experiment_report
     from nnunet_ssl.networks import PRESETS, SwinEncoder
     from nnunet_ssl.weights import build_weights_file
     from test_cka import _plans

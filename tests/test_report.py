@@ -18,9 +18,9 @@ from nnunet_ssl.analysis.fewshot import few_shot_rows, manifest_by_fold
 from nnunet_ssl.analysis.report import (
     ReportConfig,
     build_report,
-    headline_markdown,
     make_report,
 )
+from nnunet_ssl.analysis.tables import headline_markdown
 from nnunet_ssl.analysis.results import (
     COMPLETE,
     INCOMPLETE,

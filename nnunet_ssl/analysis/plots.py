@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_ssl.analysis.stats import OVERALL
+
 
 def _new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -133,3 +135,30 @@ def plot_few_shot(rows: Sequence, path: Path) -> Path:
         axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)
     return Path(path)
+
+
+def report_figures(report, out_dir: Path) -> dict[str, str]:
+    """The figures of a transfer report (also drawn by the experiment report for its runs).
+
+    ``curves.png`` and ``losses.png`` show the ordinary folds' runs (every run when there are none);
+    ``few_shot.png`` the mean Dice over structures vs training cases of the few-shot and data-limited
+    folds.
+
+    Args:
+        report: ``nnunet_ssl.analysis.report.Report`` (its ``curves``, ``manifest`` and ``few_shot``).
+        out_dir: Folder of the PNG files.
+
+    Returns:
+        Figure name (``curves``, ``losses``, ``few_shot``) -> file name relative to ``out_dir``.
+    """
+    figures: dict[str, str] = {}
+    if report.curves:
+        shown = [c for c in report.curves if c.fold not in report.manifest] or report.curves
+        plot_validation_dice(shown, out_dir / "curves.png")
+        plot_losses(shown, out_dir / "losses.png")
+        figures.update(curves="curves.png", losses="losses.png")
+    overall = [r for r in report.few_shot if r.structure == OVERALL and r.stats.n > 0]
+    if overall:
+        plot_few_shot(overall, out_dir / "few_shot.png")
+        figures["few_shot"] = "few_shot.png"
+    return figures

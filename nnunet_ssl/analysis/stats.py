@@ -59,6 +59,14 @@ def structure_means(table: CaseScores, structures: Sequence[str]) -> dict[str, f
     return means
 
 
+def finite_or_nan(table: CaseScores) -> dict[str, dict[str, float]]:
+    """Copy of ``table`` with infinite values as NaN, so they are skipped, not averaged in.
+
+    An infinite distance means a structure was missed entirely (HD95).
+    """
+    return {c: {s: (v if math.isfinite(v) else math.nan) for s, v in scores.items()} for c, scores in table.items()}
+
+
 def case_counts(table: CaseScores, structures: Sequence[str]) -> dict[str, int]:
     """Number of cases with a defined (non-NaN) value per structure, and the number of cases overall."""
     counts = {s: len(_finite([scores.get(s, float("nan")) for scores in table.values()])) for s in structures}

@@ -9,11 +9,14 @@ Where an arm has both, CKA per encoder stage between its few-shot (or data-limit
 fine-tuned encoders. Runs that are missing or unfinished are listed and never averaged in.
 
 Scores come from the test-set predictions of ``experiment run`` when the experiment has a test set
-(Dice by nnU-Net's evaluation), else from nnU-Net's ``validation/summary.json`` of each fold.
+(Dice by nnU-Net's evaluation), else from nnU-Net's ``validation/summary.json`` of each fold. The
+same runs also give the transfer report's tables (:mod:`nnunet_ssl.analysis.report`, the scratch arm
+as reference: Dice per structure and case, gap % and Wilcoxon, few-shot spread, curves). This module
+collects and computes; :mod:`nnunet_ssl.analysis.tables` renders and :mod:`nnunet_ssl.analysis.plots`
+draws, as for ``nnunet-ssl report``.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -21,10 +24,10 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from nnunet_ssl.analysis import plots
-from nnunet_ssl.analysis.curves import TrainingCurves, epochs_to_fraction, load_curves
-from nnunet_ssl.analysis.fewshot import FewShotRow
-from nnunet_ssl.analysis.report import markdown_table, summarise_method
+from nnunet_ssl.analysis import plots, tables
+from nnunet_ssl.analysis.curves import epochs_to_fraction, load_curves
+from nnunet_ssl.analysis.fewshot import manifest_by_fold
+from nnunet_ssl.analysis.report import Report, ReportConfig, report_from_runs, summarise_method
 from nnunet_ssl.analysis.results import (
     COMPLETE,
     DatasetInfo,
@@ -35,12 +38,10 @@ from nnunet_ssl.analysis.results import (
     training_state,
 )
 from nnunet_ssl.analysis.stats import (
-    ALPHA,
     OVERALL,
     Comparison,
     Spread,
     compare_to_reference,
-    format_p,
     holm,
     performance_gap,
     spread,
@@ -50,6 +51,7 @@ from nnunet_ssl.analysis.testset import TestRunSettings, TestSet, find_test_set,
 from nnunet_ssl.experiment.grid import SettingFolds
 from nnunet_ssl.experiment.runner import STATUS_FILE, Prepared, prepare
 from nnunet_ssl.experiment.spec import Experiment, trainer_name
+from nnunet_ssl.splits import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,14 @@ class CKARow:
 
 @dataclass
 class ExperimentReport:
+    """The experiment's tables: per setting, arms as rows (``tables``), CKA rows, failed jobs.
+
+    Attributes:
+        transfer: The transfer report of the same runs (rows named after the arms, the scratch arm
+            as reference): Mean Dice with gap and Wilcoxon per structure, per-case Dice, few-shot
+            spread, convergence curves, as ``nnunet-ssl report`` writes them.
+    """
+
     experiment: Experiment
     structures: list[str]
     evaluation: str
@@ -119,6 +129,7 @@ class ExperimentReport:
     cka: list[CKARow]
     cka_note: str
     failed_jobs: dict[str, str]
+    transfer: Report
     markdown: str = ""
 
 
@@ -187,12 +198,12 @@ def _preprocessed_root() -> Path | None:
     return Path(value) if value else None
 
 
-def collect_cka(prepared: Prepared, tables: list[SettingTable], data: Path | None, device: str) -> tuple[list[CKARow], str]:
+def collect_cka(prepared: Prepared, setting_tables: list[SettingTable], data: Path | None, device: str) -> tuple[list[CKARow], str]:
     """CKA per encoder stage between each arm's subset-setting folds and its first complete full-data fold."""
     from nnunet_ssl.analysis.cka_run import cka_between_folds
 
-    full = next((t for t in tables if t.setting.kind == "full"), None)
-    subsets = [t for t in tables if t.setting.kind != "full"]
+    full = next((t for t in setting_tables if t.setting.kind == "full"), None)
+    subsets = [t for t in setting_tables if t.setting.kind != "full"]
     if full is None or not subsets:
         return [], "needs both a full-data setting and a few-shot or data-limited setting"
     if data is None:
@@ -228,17 +239,50 @@ def build_experiment_report(prepared: Prepared, cka: bool = True, device: str = 
                       "each fold scored with nnU-Net's evaluation")
     else:
         evaluation = "nnU-Net's validation of each fold (validation/summary.json)"
-    tables = [collect_setting(prepared, s, info, test_set) for s in prepared.settings]
+    setting_tables = [collect_setting(prepared, s, info, test_set) for s in prepared.settings]
     rows, note = [], "skipped (--no-cka)"
     if cka:
         data = prepared.test[0] if prepared.test is not None else _raw_images(paths.dataset_name)
-        rows, note = collect_cka(prepared, tables, data, device)
+        rows, note = collect_cka(prepared, setting_tables, data, device)
     failed = {}
     status_file = paths.output / STATUS_FILE
     if status_file.is_file():
         failed = {k: f"{v['status']}: {v['detail']}" for k, v in json.loads(status_file.read_text(encoding="utf-8")).items()
                   if v.get("status") in ("failed", "blocked")}
-    return ExperimentReport(experiment, info.names, evaluation, tables, rows, note, failed)
+    transfer = transfer_report(prepared, setting_tables, info.names, evaluation)
+    return ExperimentReport(experiment, info.names, evaluation, setting_tables, rows, note, failed, transfer)
+
+
+def transfer_report(prepared: Prepared, setting_tables: list[SettingTable], structures: list[str], evaluation: str) -> Report:
+    """The transfer report (``nnunet-ssl report``'s tables) of the runs the settings' tables collected.
+
+    Rows are the arms (runs named after them, each arm's folds in order), the reference is the
+    scratch arm (else the first arm); the few-shot tables use the split manifest's entries of the
+    experiment's subset folds.
+    """
+    experiment, paths = prepared.experiment, prepared.paths
+    arms = [arm.name for arm in experiment.arms]
+    by_run = {(run.trainer, run.fold): run for table in setting_tables for arm in table.arms for run in arm.runs}
+    runs = [by_run[key] for key in sorted(by_run, key=lambda key: (arms.index(key[0]), key[1]))]
+    trainers = {arm.arm: arm.trainer for table in setting_tables for arm in table.arms}
+    curves = [c for run in runs for c in [load_curves(paths.fold_dir(run.trainer, trainers[run.trainer], run.fold),
+                                                      run.trainer, run.fold)] if c is not None]
+    subset_folds = {fold for s in prepared.settings if s.kind != "full" for fold in s.folds}
+    preprocessed = _preprocessed_root()
+    manifest = {} if preprocessed is None else {
+        fold: entry for fold, entry in manifest_by_fold(preprocessed / paths.dataset_name / MANIFEST_FILE).items()
+        if fold in subset_folds
+    }
+    scratch = experiment.scratch_arm
+    config = ReportConfig(
+        dataset=experiment.dataset, trainers=tuple(arms), out_dir=paths.report, results_root=paths.output / "results",
+        preprocessed_root=preprocessed, reference=scratch.name if scratch is not None else arms[0],
+        plans=experiment.plans, configuration=experiment.configuration,
+        folds=tuple(sorted({run.fold for run in runs})),
+        test_images=prepared.test[0] if prepared.test else None, test_labels=prepared.test[1] if prepared.test else None,
+        predictions=paths.output / "predictions" if prepared.test else None,
+    )
+    return report_from_runs(config, paths.dataset_name, structures, evaluation, runs, manifest, curves)
 
 
 def _raw_images(dataset_name: str) -> Path | None:
@@ -249,155 +293,20 @@ def _raw_images(dataset_name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------- writing
-def _cell(s: Spread) -> str:
-    if s.n == 0:
-        return "missing"
-    return f"{s.mean:.3f}" if s.n == 1 or math.isnan(s.std) else f"{s.mean:.3f} ± {s.std:.3f}"
-
-
-def _p(value: float | None) -> str:
-    return "–" if value is None else format_p(value)
-
-
-def setting_markdown(table: SettingTable, structures: list[str]) -> str:
-    keys = [*structures, OVERALL]
-    seeds_word = "folds" if table.setting.kind == "full" else "seeds"
-    header = ["arm", *keys, "gap to best", "p vs best (Holm)", "p vs scratch (Holm)", "epochs to 90%", seeds_word]
-    rows, notes = [], []
-    for arm in table.arms:
-        expected = len(table.setting.folds)
-        label = arm.arm + (" ★" if arm.arm == table.best else "")
-        if not arm.available:
-            rows.append([label, *(["missing"] * len(keys)), "", "", "", "", f"0/{expected}"])
-            continue
-        gap = arm.gap_to_best.get(OVERALL, math.nan)
-        convergence = "n/a" if arm.epochs_to_converge.n == 0 else f"{arm.epochs_to_converge.mean:.1f}"
-        rows.append([
-            label, *(_cell(arm.spread[k]) for k in keys), "best" if arm.arm == table.best else f"{gap:+.1f}%",
-            _p(arm.p_best_holm.get(OVERALL)), _p(arm.p_scratch_holm.get(OVERALL)), convergence,
-            f"{len(arm.complete_runs)}/{expected}",
-        ])
-        if arm.vs_best is not None and not arm.vs_best.tests[OVERALL].tested:
-            notes.append(f"{arm.arm} vs {table.best}: no test, {arm.vs_best.tests[OVERALL].reason}")
-    better = [a.arm for a in table.arms if a.arm != table.best and (a.p_best_holm.get(OVERALL) or 1.0) < ALPHA]
-    if table.best is None:
-        winner = "No arm has a complete run yet."
-    else:
-        winner = (
-            f"★ best arm (highest mean {OVERALL} Dice)"
-            + (f"; significantly better than {', '.join(better)}" if better else
-               "; not significantly better than any other arm")
-            + f" (two-sided paired Wilcoxon on per-case {OVERALL} Dice, Holm across arms, alpha {ALPHA})."
-        )
-    text = markdown_table(header, rows)
-    text += (
-        f"\n\n{table.setting.title}: folds {', '.join(map(str, table.setting.folds))}. Cells: mean ± sd over "
-        f"{seeds_word} of each run's mean Dice ({OVERALL}: mean over structures). {winner} "
-        f"Epochs to 90%: epochs until the EMA pseudo-Dice first reached 90 % of its final value, mean over runs."
-    )
-    missing = [f"{a.arm} fold {r.fold}: {r.status}: {r.reason}" for a in table.arms for r in a.runs if not r.complete]
-    if missing:
-        notes.append("not averaged in: " + "; ".join(missing))
-    if notes:
-        text += "\n\n" + "\n".join(f"- {n}" for n in notes)
-    return text + "\n"
-
-
-def cka_markdown(report: ExperimentReport) -> str:
-    if not report.cka:
-        return f"CKA not computed: {report.cka_note}.\n"
-    layers = report.cka[0].layers
-    rows = [[r.arm, r.setting, *(f"{v:.3f}" for v in r.values), str(r.pairs)] for r in report.cka]
-    return markdown_table(["arm", "setting", *layers, "runs"], rows) + (
-        "\n\nLinear CKA (minibatch, unbiased HSIC) per encoder stage (its last block) between the fine-tuned "
-        "encoder of each subset run and the arm's first complete full-data fold, mean over the subset's runs "
-        "(1 = the same features).\n"
-    )
-
-
-def report_markdown(report: ExperimentReport, figures: dict[str, str]) -> str:
-    e = report.experiment
-    parts = [
-        f"# Experiment report: {e.source.name}\n",
-        f"- dataset {e.dataset}, plans {e.plans}, {e.configuration}; arms: {', '.join(a.name for a in e.arms)}",
-        f"- evaluation: {report.evaluation}",
-        "- missing and unfinished runs are listed under each table and never averaged in\n",
-    ]
-    for table in report.tables:
-        parts += [f"## {table.setting.title}\n", setting_markdown(table, report.structures)]
-    parts += ["## Feature reuse: CKA few-shot vs full-data encoders\n", cka_markdown(report)]
-    if report.failed_jobs:
-        parts += ["## Failed jobs\n", "\n".join(f"- {k}: {v}" for k, v in report.failed_jobs.items()) + "\n"]
-    for name, title in (("subsets", "Mean Dice vs training cases"), ("curves", "EMA pseudo-Dice vs epoch")):
-        if name in figures:
-            parts.append(f"![{title}]({figures[name]})\n")
-    parts.append("Files: `tables.csv`, `runs.csv`, `cka.csv`.\n")
-    return "\n".join(parts)
-
-
-def write_outputs(report: ExperimentReport, out: Path, prepared: Prepared) -> dict[str, str]:
-    out.mkdir(parents=True, exist_ok=True)
-    keys = [*report.structures, OVERALL]
-    rows = []
-    for table in report.tables:
-        for arm in table.arms:
-            for key in keys:
-                s = arm.spread[key]
-                test_best = arm.vs_best.tests[key].p_value if arm.vs_best else None
-                test_scratch = arm.vs_scratch.tests[key].p_value if arm.vs_scratch else None
-                rows.append([table.setting.kind, table.setting.size or "", arm.arm, arm.trainer, key, s.n,
-                             len(table.setting.folds), s.mean, s.std, arm.gap_to_best.get(key, math.nan),
-                             test_best, arm.p_best_holm.get(key), test_scratch, arm.p_scratch_holm.get(key),
-                             arm.epochs_to_converge.mean, arm.arm == table.best])
-    _write_csv(out / "tables.csv", ["setting", "size", "arm", "trainer", "structure", "n_runs", "n_expected", "mean",
-                                    "sd", "gap_to_best_pct", "p_vs_best", "p_vs_best_holm", "p_vs_scratch",
-                                    "p_vs_scratch_holm", "epochs_to_90pct", "best"], rows)
-    rows = []
-    for table in report.tables:
-        for arm in table.arms:
-            for run in arm.runs:
-                means = structure_means(run.dice, report.structures) if run.complete else {}
-                rows += [[table.setting.label, arm.arm, run.fold, table.setting.folds[run.fold], run.status, run.reason,
-                          key, means.get(key, math.nan)] for key in keys]
-    _write_csv(out / "runs.csv", ["setting", "arm", "fold", "seed", "status", "reason", "structure", "mean_dice"], rows)
-    _write_csv(out / "cka.csv", ["arm", "setting", "layer", "cka", "runs"],
-               [[r.arm, r.setting, layer, value, r.pairs] for r in report.cka for layer, value in zip(r.layers, r.values)])
-    figures: dict[str, str] = {}
-    subset_rows = [
-        FewShotRow(t.setting.kind, t.setting.size, a.arm, OVERALL, {}, {}, a.spread[OVERALL], math.nan, math.nan)
-        for t in report.tables if t.setting.kind != "full" for a in t.arms if a.available
-    ]
-    if subset_rows:
-        plots.plot_few_shot(subset_rows, out / "dice_vs_cases.png")
-        figures["subsets"] = "dice_vs_cases.png"
-    curves: list[TrainingCurves] = []
-    for table in report.tables:
-        for arm in table.arms:
-            for run in arm.complete_runs:
-                loaded = load_curves(prepared.paths.fold_dir(arm.arm, arm.trainer, run.fold), arm.arm, run.fold)
-                if loaded is not None:
-                    curves.append(loaded)
-    if curves:
-        plots.plot_validation_dice(curves, out / "curves.png")
-        figures["curves"] = "curves.png"
-    return figures
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows([["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in row]
-                          for row in rows])
-
-
 def make_experiment_report(experiment: Experiment, cka: bool = True, device: str = "cpu") -> ExperimentReport:
-    """Build the tables and write ``report/`` (report.md, tables.csv, runs.csv, cka.csv, PNGs) in the output."""
+    """Build the tables and write ``report/`` in the output (report.md, CSV files, PNGs)."""
     prepared = prepare(experiment)
     report = build_experiment_report(prepared, cka, device)
-    out = prepared.paths.report
-    figures = write_outputs(report, out, prepared)
-    report.markdown = report_markdown(report, figures)
-    (out / "report.md").write_text(report.markdown, encoding="utf-8")
-    logger.info("experiment report: %s", out / "report.md")
+    write_experiment_report(report, prepared.paths.report)
+    logger.info("experiment report: %s", prepared.paths.report / "report.md")
     return report
+
+
+def write_experiment_report(report: ExperimentReport, out: Path) -> None:
+    """report.md, the arms' and the transfer tables' CSV files and the figures, into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    tables.write_arms_csvs(report, out)
+    tables.write_transfer_csvs(report.transfer, out)
+    figures = plots.report_figures(report.transfer, out)
+    report.markdown = tables.experiment_markdown(report, figures)
+    (out / "report.md").write_text(report.markdown, encoding="utf-8")
