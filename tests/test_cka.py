@@ -19,15 +19,19 @@ from nnunet_ssl.analysis.cka.compare import (
     unbiased_cka,
     unbiased_hsic,
 )
-from nnunet_ssl.analysis.cka_data import batch_sizes, case_patches, iter_minibatches
-from nnunet_ssl.analysis.cka_sources import (
+from nnunet_ssl.analysis.cka.gather import (
     FinetunedFold,
     PretrainedEncoder,
+    batch_sizes,
+    case_patches,
     check_same_architecture,
+    encoder_layer_names,
+    iter_minibatches,
+    layer_grams,
     load_pretrained_encoder,
+    select_layers,
     strip_wrapper_prefixes,
 )
-from nnunet_ssl.analysis.features import encoder_layer_names, layer_grams, select_layers
 from nnunet_ssl.cli import main
 from nnunet_ssl.networks import PRESETS, SwinEncoder
 from nnunet_ssl.weights import WeightsError, build_weights_file, save_weights_file

@@ -309,7 +309,7 @@ def test_report_test_set_refuses_the_checkpoint_before_nnunet_predicts_with_it(t
 
 
 def test_safe_but_malformed_checkpoints_are_named_not_tracebacks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from nnunet_ssl.analysis.cka_sources import load_finetuned_fold
+    from nnunet_ssl.analysis.cka.gather import load_finetuned_fold
     from nnunet_ssl.analysis.curves import load_curves
     from nnunet_ssl.weights import WeightsError
 

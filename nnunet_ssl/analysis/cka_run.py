@@ -5,7 +5,6 @@ Gram matrix per minibatch and :class:`MinibatchCKA` accumulates unbiased HSIC ov
 """
 from __future__ import annotations
 
-import copy
 import csv
 import logging
 from dataclasses import asdict, dataclass
@@ -17,20 +16,22 @@ import torch
 from tqdm import tqdm
 
 from nnunet_ssl.analysis.cka.compare import MinibatchCKA
-from nnunet_ssl.analysis.cka_data import (
+from nnunet_ssl.analysis.cka.gather import (
     CasePreprocessor,
+    FinetunedFold,
     batch_sizes,
+    check_same_architecture,
+    encoder_layer_names,
     iter_case_patches,
     iter_minibatches,
+    layer_grams,
     list_raw_cases,
-)
-from nnunet_ssl.analysis.cka_sources import (
-    FinetunedFold,
-    check_same_architecture,
     load_finetuned_fold,
     load_pretrained_encoder,
+    network_plans,
+    select_layers,
+    stage_layers,
 )
-from nnunet_ssl.analysis.features import encoder_layer_names, layer_grams, select_layers
 from nnunet_ssl.analysis.plots import plot_cka_heatmap, plot_cka_per_layer
 from nnunet_ssl.io import atomic_json_dump
 from nnunet_ssl.networks.presets import get_preset
@@ -75,15 +76,6 @@ class CKAResult:
     def per_layer(self) -> list[tuple[str, float]]:
         """``(layer, CKA(pretrained layer, same fine-tuned layer))`` in forward order."""
         return [(name, float(self.matrix[i, i])) for i, name in enumerate(self.layers)]
-
-
-def network_plans(fold: FinetunedFold) -> dict[str, Any]:
-    """The plans as the trainer used them (its Swin patch-size fitting applied; a no-op on saved plans)."""
-    from nnunet_ssl.trainers.named import TRAINERS
-
-    plans = copy.deepcopy(fold.plans)
-    TRAINERS[fold.trainer_name].fit_plans_to_swin(plans, fold.configuration)
-    return plans
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,16 +133,6 @@ def accumulate_cka(
         images = images.to(device)
         accumulator.update(layer_grams(encoder_a, images, layers), layer_grams(encoder_b, images, layers))
     return accumulator.compute(), accumulator.examples, accumulator.batches, preprocess, cases
-
-
-def stage_layers(preset_name: str) -> list[str]:
-    """The last block of every encoder stage (``stage1.block2``, ...): one layer per stage."""
-    names = encoder_layer_names(get_preset(preset_name))
-    last: dict[str, str] = {}
-    for name in names:
-        if name.startswith("stage"):
-            last[name.split(".")[0]] = name
-    return list(last.values())
 
 
 def cka_between_folds(
