@@ -317,12 +317,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_cka(args: argparse.Namespace) -> int:
-    from nnunet_ssl.analysis.cka_run import (
-        CKASettings,
-        format_table,
-        run_cka,
-        write_outputs,
-    )
+    from nnunet_ssl.analysis.cka.render import format_table
+    from nnunet_ssl.analysis.cka.run import CKASettings, run_cka, write_outputs
 
     check_output_folder(args.out)
     settings = CKASettings(

@@ -326,7 +326,8 @@ def test_cka_command_refuses_mismatches_naming_the_file(cka_inputs: dict[str, Pa
 
 def test_cka_between_two_finetuned_folds_per_stage(cka_inputs: dict[str, Path]) -> None:
     """Few-shot vs full-data feature reuse: a fold against itself is 1 at every stage's last block."""
-    from nnunet_ssl.analysis.cka_run import cka_between_folds, stage_layers
+    from nnunet_ssl.analysis.cka.gather import stage_layers
+    from nnunet_ssl.analysis.cka.run import cka_between_folds
 
     assert stage_layers("tiny") == [f"stage{s}.block2" for s in range(1, 5)]
     result = cka_between_folds(cka_inputs["fold"], cka_inputs["fold"], cka_inputs["images"], patches_per_case=2,

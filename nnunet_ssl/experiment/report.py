@@ -200,7 +200,7 @@ def _preprocessed_root() -> Path | None:
 
 def collect_cka(prepared: Prepared, setting_tables: list[SettingTable], data: Path | None, device: str) -> tuple[list[CKARow], str]:
     """CKA per encoder stage between each arm's subset-setting folds and its first complete full-data fold."""
-    from nnunet_ssl.analysis.cka_run import cka_between_folds
+    from nnunet_ssl.analysis.cka.run import cka_between_folds
 
     full = next((t for t in setting_tables if t.setting.kind == "full"), None)
     subsets = [t for t in setting_tables if t.setting.kind != "full"]

@@ -1,11 +1,18 @@
-"""``nnunet-ssl cka``: how much of the pretrained encoder survives fine-tuning, layer by layer.
+"""Run: one ``nnunet-ssl cka``, from its settings to its files; the only module that knows the order.
 
-Both encoders see the same preprocessed patches in minibatches; each layer's activations become a
-Gram matrix per minibatch and :class:`MinibatchCKA` accumulates unbiased HSIC over minibatches.
+How much of the pretrained encoder survives fine-tuning, layer by layer:
+
+1. :mod:`.gather` loads both encoders, picks the layers, cuts the same preprocessed patches of the
+   raw images for both and turns each layer's activations into a Gram matrix per minibatch;
+2. :mod:`.compare` accumulates the unbiased HSIC of those Gram matrices over minibatches
+   (:class:`~nnunet_ssl.analysis.cka.compare.MinibatchCKA`) into a CKA matrix;
+3. :mod:`.render` writes the matrix as CSV tables, PNG figures and the settings with provenance.
+
+:func:`run_cka` and :func:`write_outputs` are the command (pretrained vs fine-tuned);
+:func:`cka_between_folds` compares two fine-tuned folds (the experiment report's few-shot vs full data).
 """
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,25 +22,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_ssl.analysis.cka.compare import MinibatchCKA
+from nnunet_ssl.analysis.cka.compare import MinibatchCKA, same_layer_cka
 from nnunet_ssl.analysis.cka.gather import (
     CasePreprocessor,
     FinetunedFold,
+    RawCase,
     batch_sizes,
     check_same_architecture,
     encoder_layer_names,
+    fold_cases,
     iter_case_patches,
     iter_minibatches,
     layer_grams,
-    list_raw_cases,
     load_finetuned_fold,
     load_pretrained_encoder,
-    network_plans,
     select_layers,
     stage_layers,
 )
-from nnunet_ssl.analysis.plots import plot_cka_heatmap, plot_cka_per_layer
-from nnunet_ssl.io import atomic_json_dump
+from nnunet_ssl.analysis.cka.render import write_figures, write_summary, write_tables
 from nnunet_ssl.networks.presets import get_preset
 
 logger = logging.getLogger(__name__)
@@ -75,14 +81,7 @@ class CKAResult:
 
     def per_layer(self) -> list[tuple[str, float]]:
         """``(layer, CKA(pretrained layer, same fine-tuned layer))`` in forward order."""
-        return [(name, float(self.matrix[i, i])) for i, name in enumerate(self.layers)]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return same_layer_cka(self.layers, self.matrix)
 
 
 def run_cka(settings: CKASettings) -> CKAResult:
@@ -105,34 +104,6 @@ def run_cka(settings: CKASettings) -> CKAResult:
         "cases": [case.identifier for case in cases],
     }
     return CKAResult(layers, matrix, examples, batches, provenance)
-
-
-def accumulate_cka(
-    encoder_a: torch.nn.Module, encoder_b: torch.nn.Module, fold: FinetunedFold, data: Path, layers: list[str],
-    patches_per_case: int, batch_size: int, seed: int, device: torch.device,
-) -> tuple[np.ndarray, int, int, CasePreprocessor, list[Any]]:
-    """Minibatch CKA of two encoders on the same patches of ``data``, preprocessed as ``fold`` was.
-
-    Returns:
-        (CKA matrix ``(len(layers), len(layers))``, examples, minibatches, preprocessor, cases).
-    """
-    channels = len(fold.dataset_json.get("channel_names") or fold.dataset_json.get("modality") or {})
-    if channels != fold.encoder.in_channels:
-        raise ValueError(f"{fold.checkpoint}: the network takes {fold.encoder.in_channels} channel(s), dataset.json lists {channels}")
-    cases = list_raw_cases(data, fold.dataset_json["file_ending"], channels)
-    preprocess = CasePreprocessor(network_plans(fold), fold.configuration, fold.dataset_json)
-    sizes = batch_sizes(len(cases) * patches_per_case, batch_size)
-    logger.info(
-        "CKA of %d layer(s): %d case(s) x %d patch(es) of %s in %d minibatch(es)",
-        len(layers), len(cases), patches_per_case, preprocess.patch_size, len(sizes),
-    )
-    encoder_a, encoder_b = encoder_a.to(device), encoder_b.to(device)
-    accumulator = MinibatchCKA(layers, layers)
-    batches = iter_minibatches(iter_case_patches(cases, preprocess, patches_per_case, seed), sizes)
-    for images in tqdm(batches, total=len(sizes), desc="CKA minibatches", unit="batch", disable=None):
-        images = images.to(device)
-        accumulator.update(layer_grams(encoder_a, images, layers), layer_grams(encoder_b, images, layers))
-    return accumulator.compute(), accumulator.examples, accumulator.batches, preprocess, cases
 
 
 def cka_between_folds(
@@ -159,43 +130,50 @@ def cka_between_folds(
     return CKAResult(layers, matrix, examples, batches, provenance)
 
 
+def accumulate_cka(
+    encoder_a: torch.nn.Module, encoder_b: torch.nn.Module, fold: FinetunedFold, data: Path, layers: list[str],
+    patches_per_case: int, batch_size: int, seed: int, device: torch.device,
+) -> tuple[np.ndarray, int, int, CasePreprocessor, list[RawCase]]:
+    """Minibatch CKA of two encoders on the same patches of ``data``, preprocessed as ``fold`` was.
+
+    Returns:
+        (CKA matrix ``(len(layers), len(layers))``, examples, minibatches, preprocessor, cases).
+    """
+    cases, preprocess = fold_cases(fold, data)
+    sizes = batch_sizes(len(cases) * patches_per_case, batch_size)
+    logger.info(
+        "CKA of %d layer(s): %d case(s) x %d patch(es) of %s in %d minibatch(es)",
+        len(layers), len(cases), patches_per_case, preprocess.patch_size, len(sizes),
+    )
+    encoder_a, encoder_b = encoder_a.to(device), encoder_b.to(device)
+    accumulator = MinibatchCKA(layers, layers)
+    batches = iter_minibatches(iter_case_patches(cases, preprocess, patches_per_case, seed), sizes)
+    for images in tqdm(batches, total=len(sizes), desc="CKA minibatches", unit="batch", disable=None):
+        images = images.to(device)
+        accumulator.update(layer_grams(encoder_a, images, layers), layer_grams(encoder_b, images, layers))
+    return accumulator.compute(), accumulator.examples, accumulator.batches, preprocess, cases
+
+
 def write_outputs(result: CKAResult, settings: CKASettings) -> list[Path]:
-    """CSV tables, PNG figures and the settings with provenance, in ``settings.out``."""
+    """CSV tables, PNG figures and the settings with provenance, in ``settings.out`` (:mod:`.render`)."""
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_layer = result.per_layer()
-    paths = [
-        _write_rows(out / "cka_per_layer.csv", ["layer", "cka"], [[n, f"{v:.6f}"] for n, v in per_layer]),
-        _write_rows(
-            out / "cka_matrix.csv",
-            ["pretrained \\ fine-tuned", *result.layers],
-            [[name, *(f"{v:.6f}" for v in row)] for name, row in zip(result.layers, result.matrix)],
-        ),
-    ]
     title = f"{result.provenance['trainer']}: {result.examples} patches"
-    paths.append(plot_cka_per_layer([n for n, _ in per_layer], [v for _, v in per_layer], out / "cka_per_layer.png", title))
-    paths.append(plot_cka_heatmap(result.matrix, result.layers, result.layers, out / "cka_heatmap.png", title))
     summary = {
         "settings": asdict(settings),
         "examples": result.examples,
         "minibatches": result.minibatches,
         **result.provenance,
     }
-    paths.append(atomic_json_dump(summary, out / "cka_settings.json"))
-    return paths
+    return [
+        *write_tables(out, result.layers, result.matrix),
+        *write_figures(out, result.layers, result.matrix, title),
+        write_summary(out, summary),
+    ]
 
 
-def format_table(per_layer: list[tuple[str, float]]) -> str:
-    """A two-column text table for the log."""
-    width = max(len("layer"), *(len(name) for name, _ in per_layer))
-    lines = [f"{'layer':{width}s}  CKA", "-" * (width + 8)]
-    lines += [f"{name:{width}s}  {value:.4f}" for name, value in per_layer]
-    return "\n".join(lines)
-
-
-def _write_rows(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
