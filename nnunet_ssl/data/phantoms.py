@@ -323,9 +323,104 @@ def generate_case(
 def _generate(
     rng: np.random.Generator, shape: tuple[int, int, int], fov_scale: float
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """:func:`generate_case` with a field-of-view factor (matrix size scaled, anatomy unchanged)."""
+    """:func:`generate_case` with a field-of-view factor (matrix size scaled, anatomy unchanged).
+
+    The stages paint in this order and draw from ``rng`` in this order; changing either changes
+    every phantom generated so far.
+    """
+    scene = _acquisition_geometry(rng, shape, fov_scale)
+    body = _paint_body(rng, scene)
+    _paint_ribs(rng, scene, body)
+    spine = _paint_paraspinal_and_vessels(rng, scene, body)
+    _paint_bowel(rng, scene, body)
+    # labelled organs: liver -> spleen -> kidneys, so kidneys always survive
+    _paint_liver(rng, scene, body)
+    _paint_spleen(rng, scene, body)
+    _paint_kidneys(rng, scene, body, spine)
+    _paint_liver_lesions(rng, scene)
+    _paint_bone(rng, scene, body, spine)
+    del body  # its occupancy volumes are not needed for the blur
+    image = _blur_and_noise(rng, scene)
+    return image, scene.canvas.label, (scene.s_xy, scene.s_xy, scene.s_z)
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """One case's acquisition geometry, shared by every painting stage.
+
+    Attributes:
+        grid: World coordinates (mm) of the voxel centres.
+        canvas: The image and label volumes being painted.
+        full: The whole grid as a region: slices and broadcastable ``z (Z, 1, 1)``, ``y (1, Y, 1)``,
+            ``x (1, 1, X)`` coordinates.
+        s_xy: In-plane spacing (mm).
+        s_z: Slice spacing (mm).
+        extent_z: Nominal craniocaudal extent of the anatomy (mm).
+        fov_y: Nominal anterior-posterior field of view (mm).
+        fov_x: Nominal left-right field of view (mm).
+    """
+
+    grid: _Grid
+    canvas: _Canvas
+    full: _Region
+    s_xy: float
+    s_z: float
+    extent_z: float
+    fov_y: float
+    fov_x: float
+
+
+@dataclass(frozen=True)
+class _Body:
+    """The body outline and its layers, as later stages place anatomy inside them.
+
+    Attributes:
+        ax: Left-right half axis of the body (mm).
+        ay: Anterior half axis of the body (mm).
+        ay_post: Posterior half axis (mm; a flatter back).
+        cy0: Anterior-posterior centre of the body (mm).
+        cx0: Left-right centre of the body (mm).
+        z0: Craniocaudal shift of the anatomy in the field of view (mm).
+        occ_wall: Occupancy ``(Z, Y, X)`` inside the subcutaneous fat (muscle wall and cavity).
+        occ_cavity: Occupancy ``(Z, Y, X)`` of the visceral cavity; organs are clipped to it.
+    """
+
+    ax: float
+    ay: float
+    ay_post: float
+    cy0: float
+    cx0: float
+    z0: float
+    occ_wall: np.ndarray
+    occ_cavity: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Spine:
+    """Where the vertebral body sits (mm): centre ``vb_y`` (anterior-posterior), half axes ``vb_ry``, ``vb_rx``."""
+
+    vb_y: float
+    vb_ry: float
+    vb_rx: float
+
+
+def _cylinder(scene: _Scene, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    """Approximate signed distance (mm) to an elliptic cylinder along z, ``(1, Y, X)``."""
+    _, _, yc, xc = scene.full
+    uu, vv = (xc - np.float32(cx)) / np.float32(rx), (yc - np.float32(cy)) / np.float32(ry)
+    rr = np.maximum(np.sqrt(uu**2 + vv**2), np.float32(1e-6))
+    return (rr - 1.0) / np.maximum(np.sqrt((uu / rx) ** 2 + (vv / ry) ** 2) / rr, np.float32(1e-6))
+
+
+def _texture(rng: np.random.Generator, region: _Region, std: float) -> np.ndarray:
+    """Smooth intensity texture (HU) of standard deviation ``std`` over ``region``."""
+    _, z, y, x = region
+    return _Fourier.random(rng, 6, (2 * np.pi / 30.0, 2 * np.pi / 8.0), std)(z, y, x)
+
+
+def _acquisition_geometry(rng: np.random.Generator, shape: tuple[int, int, int], fov_scale: float) -> _Scene:
+    """Draw the spacings, size the grid (anatomy fixed in mm) and start an air-filled canvas."""
     n0, n1, n2 = (int(s) for s in shape)
-    # --- acquisition -----------------------------------------------------------------------------
     s_xy = float(rng.uniform(0.8, 1.0) * rng.uniform(1.0, 1.2))
     s_z = float(rng.choice(SLICE_SPACINGS_MM))
     extent_z = n0 * REFERENCE_SLICE_SPACING_MM  # nominal craniocaudal anatomy extent (mm)
@@ -334,16 +429,23 @@ def _generate(
     ny, nx = max(16, round(n1 * fov_scale)), max(16, round(n2 * fov_scale))
     grid = _Grid.centred((nz, ny, nx), (s_z, s_xy, s_xy))
     canvas = _Canvas(grid, edge_mm=0.25 * s_xy)
-    full = grid.full()
-    _, zc, yc, xc = full
+    return _Scene(
+        grid=grid, canvas=canvas, full=grid.full(), s_xy=s_xy, s_z=s_z, extent_z=extent_z, fov_y=fov_y, fov_x=fov_x
+    )
 
-    # --- body, fat, muscle wall, cavity ----------------------------------------------------------
+
+def _paint_body(rng: np.random.Generator, scene: _Scene) -> _Body:
+    """Body outline, subcutaneous fat, muscle wall and a visceral cavity of mixed fat and soft tissue."""
+    canvas, full, extent_z = scene.canvas, scene.full, scene.extent_z
+    _, ny, nx = scene.grid.shape
+    _, zc, yc, xc = full
+    s_xy = scene.s_xy
     scale = rng.uniform(0.9, 1.05)
-    ax = min(rng.uniform(0.40, 0.45) * fov_x * scale, 0.47 * nx * s_xy)
-    ay = min(rng.uniform(0.29, 0.34) * fov_y * scale, 0.44 * ny * s_xy)
+    ax = min(rng.uniform(0.40, 0.45) * scene.fov_x * scale, 0.47 * nx * s_xy)
+    ay = min(rng.uniform(0.29, 0.34) * scene.fov_y * scale, 0.44 * ny * s_xy)
     ay_post = ay * rng.uniform(0.8, 0.9)
-    cy0 = rng.uniform(-0.03, 0.03) * fov_y
-    cx0 = rng.uniform(-0.03, 0.03) * fov_x
+    cy0 = rng.uniform(-0.03, 0.03) * scene.fov_y
+    cx0 = rng.uniform(-0.03, 0.03) * scene.fov_x
     z0 = rng.uniform(-0.08, 0.08) * extent_z  # craniocaudal shift of the anatomy in the field of view
     wave = 2.0 * np.pi / (extent_z * rng.uniform(1.5, 3.0))
     ax_z = np.float32(ax) * (1.0 + np.float32(rng.uniform(0.02, 0.06)) * np.sin(wave * zc + rng.uniform(0, 6.3)))
@@ -368,44 +470,50 @@ def _generate(
     visceral = _Fourier.random(rng, 8, (2 * np.pi / 40.0, 2 * np.pi / 12.0), 1.0)(zc, yc, xc)
     fat_fraction = np.clip(rng.uniform(0.5, 0.7) + 0.4 * visceral, 0.0, 1.0)
     canvas.paint(full[0], occ_cavity, 35.0 * (1.0 - fat_fraction) - 95.0 * fat_fraction)
-    del fat_field, visceral, fat_fraction, occ_body, anterior
+    return _Body(ax=ax, ay=ay, ay_post=ay_post, cy0=cy0, cx0=cx0, z0=z0, occ_wall=occ_wall, occ_cavity=occ_cavity)
 
-    # --- ribs: z-periodic bone in the lateral/posterior muscle wall of the upper abdomen ----------
+
+def _paint_ribs(rng: np.random.Generator, scene: _Scene, body: _Body) -> None:
+    """Z-periodic bone in the lateral/posterior muscle wall of the upper abdomen."""
+    _, zc, yc, xc = scene.full
+    dy, dx = yc - np.float32(body.cy0), xc - np.float32(body.cx0)
     rib_period = rng.uniform(10.0, 14.0)
     rib_phase = rng.uniform(0.0, rib_period)
     theta = np.arctan2(dy, dx)  # ribs slope, so an axial slice cuts them into separate arcs
     rib_slope = rng.uniform(0.5, 0.9) * rib_period / np.pi
     rib_offset = np.mod(zc - rib_phase - rib_slope * np.abs(theta), rib_period) - rib_period / 2
     rib_z = np.abs(rib_offset) - rng.uniform(1.2, 1.8)  # signed distance to the nearest rib (mm)
-    upper = np.float32(1.0) / (np.float32(1.0) + np.exp(-(zc - np.float32(z0 - 0.15 * extent_z)) / 3.0))
-    lateral = np.clip((dx / np.float32(ax)) ** 2 * 2.5 + np.clip(dy / np.float32(ay), 0, 1) * 2.0 - 0.3, 0, 1)
-    occ_rib = occ_wall * (1.0 - occ_cavity) * canvas.occupancy(rib_z) * upper * lateral
-    canvas.paint(full[0], occ_rib, float(rng.uniform(350, 550)))
-    del occ_rib, rib_z, rib_offset, upper, lateral, occ_wall, theta
+    upper = np.float32(1.0) / (np.float32(1.0) + np.exp(-(zc - np.float32(body.z0 - 0.15 * scene.extent_z)) / 3.0))
+    lateral = np.clip((dx / np.float32(body.ax)) ** 2 * 2.5 + np.clip(dy / np.float32(body.ay), 0, 1) * 2.0 - 0.3, 0, 1)
+    occ_rib = body.occ_wall * (1.0 - body.occ_cavity) * scene.canvas.occupancy(rib_z) * upper * lateral
+    scene.canvas.paint(scene.full[0], occ_rib, float(rng.uniform(350, 550)))
 
-    # --- spine, paraspinal muscles, vessels (cylinders along z) ----------------------------------
+
+def _paint_paraspinal_and_vessels(rng: np.random.Generator, scene: _Scene, body: _Body) -> _Spine:
+    """Place the vertebral body (painted last, as bone), then paraspinal muscles, aorta and IVC (cylinders along z)."""
+    canvas, everywhere = scene.canvas, scene.full[0]
+    ax, ay, cx0, occ_cavity = body.ax, body.ay, body.cx0, body.occ_cavity
     vb_rx, vb_ry = rng.uniform(0.17, 0.21) * ax, rng.uniform(0.16, 0.2) * ay
-    vb_y = cy0 + ay_post * rng.uniform(0.42, 0.52)
-
-    def cylinder(cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
-        uu, vv = (xc - np.float32(cx)) / np.float32(rx), (yc - np.float32(cy)) / np.float32(ry)
-        rr = np.maximum(np.sqrt(uu**2 + vv**2), np.float32(1e-6))
-        return (rr - 1.0) / np.maximum(np.sqrt((uu / rx) ** 2 + (vv / ry) ** 2) / rr, np.float32(1e-6))
+    vb_y = body.cy0 + body.ay_post * rng.uniform(0.42, 0.52)
 
     para_dx = vb_rx + rng.uniform(0.1, 0.16) * ax
     para_r = (rng.uniform(0.14, 0.2) * ay, rng.uniform(0.13, 0.17) * ax)
     for side in (-1.0, 1.0):
-        sdf2 = cylinder(vb_y + 0.8 * vb_ry, cx0 + side * para_dx, *para_r)
-        canvas.paint(full[0], canvas.occupancy(sdf2) * occ_cavity, float(rng.uniform(45, 58)))
+        sdf2 = _cylinder(scene, vb_y + 0.8 * vb_ry, cx0 + side * para_dx, *para_r)
+        canvas.paint(everywhere, canvas.occupancy(sdf2) * occ_cavity, float(rng.uniform(45, 58)))
     aorta_r = rng.uniform(0.07, 0.09) * ax
-    aorta = cylinder(vb_y - vb_ry - aorta_r - 1.0, cx0 + rng.uniform(0.04, 0.1) * ax, aorta_r, aorta_r)
-    canvas.paint(full[0], canvas.occupancy(aorta) * occ_cavity, float(rng.uniform(35, 48)))
+    aorta = _cylinder(scene, vb_y - vb_ry - aorta_r - 1.0, cx0 + rng.uniform(0.04, 0.1) * ax, aorta_r, aorta_r)
+    canvas.paint(everywhere, canvas.occupancy(aorta) * occ_cavity, float(rng.uniform(35, 48)))
     ivc_r = rng.uniform(0.07, 0.09) * ax
-    ivc = cylinder(vb_y - vb_ry - 0.8 * ivc_r, cx0 - rng.uniform(0.16, 0.24) * ax, 0.7 * ivc_r, 1.3 * ivc_r)
-    canvas.paint(full[0], canvas.occupancy(ivc) * occ_cavity, float(rng.uniform(30, 45)))
-    del aorta, ivc
+    ivc = _cylinder(scene, vb_y - vb_ry - 0.8 * ivc_r, cx0 - rng.uniform(0.16, 0.24) * ax, 0.7 * ivc_r, 1.3 * ivc_r)
+    canvas.paint(everywhere, canvas.occupancy(ivc) * occ_cavity, float(rng.uniform(30, 45)))
+    return _Spine(vb_y=vb_y, vb_ry=vb_ry, vb_rx=vb_rx)
 
-    # --- bowel loops: unlabelled distractors with organ-like HU, some with gas -------------------
+
+def _paint_bowel(rng: np.random.Generator, scene: _Scene, body: _Body) -> None:
+    """Bowel loops: unlabelled distractors with organ-like HU, some with gas."""
+    canvas, extent_z = scene.canvas, scene.extent_z
+    ax, ay, cy0, cx0, z0 = body.ax, body.ay, body.cy0, body.cx0, body.z0
     for _ in range(int(rng.integers(3, 7))):
         center = np.array(
             [
@@ -417,7 +525,8 @@ def _generate(
         radii = np.array([rng.uniform(0.08, 0.2) * extent_z, rng.uniform(0.1, 0.2) * ay, rng.uniform(0.1, 0.2) * ax])
         angles = (rng.uniform(-90, 90), rng.uniform(-30, 30), rng.uniform(-30, 30))
         loop = _random_ellipsoid(rng, center, radii, angles, wobble=rng.uniform(0.08, 0.18))
-        region = grid.region_of(loop)
+        region = scene.grid.region_of(loop)
+        # every draw of a loop comes before the check, so a loop off the grid keeps the stream in step
         value = float(rng.uniform(18, 45))
         has_gas = rng.random() < 0.5
         gas_center = center + np.array([0.0, -0.5 * radii[1], rng.uniform(-0.3, 0.3) * radii[2]])
@@ -425,22 +534,22 @@ def _generate(
         if region is None:
             continue
         sl, z, y, x = region
-        occ = canvas.occupancy(loop.sdf(z, y, x)) * occ_cavity[sl]
+        occ = canvas.occupancy(loop.sdf(z, y, x)) * body.occ_cavity[sl]
         canvas.paint(sl, occ, value)
         if has_gas:
             gas = np.sqrt((z - gas_center[0]) ** 2 + (y - gas_center[1]) ** 2 + (x - gas_center[2]) ** 2)
             canvas.paint(sl, occ * canvas.occupancy(gas - np.float32(gas_radius)), -900.0)
 
-    # --- organs (labelled); painted liver -> spleen -> kidneys, so kidneys always survive --------
-    def texture(region: _Region, std: float) -> np.ndarray:
-        _, z, y, x = region
-        return _Fourier.random(rng, 6, (2 * np.pi / 30.0, 2 * np.pi / 8.0), std)(z, y, x)
 
+def _paint_liver(rng: np.random.Generator, scene: _Scene, body: _Body) -> None:
+    """Liver (label 1): a smooth union of a right and a left lobe."""
+    canvas, extent_z = scene.canvas, scene.extent_z
+    ax, ay = body.ax, body.ay
     liver_c = np.array(
         [
-            z0 + rng.uniform(0.05, 0.2) * extent_z,
-            cy0 - rng.uniform(0.0, 0.15) * ay,
-            cx0 - rng.uniform(0.33, 0.45) * ax,
+            body.z0 + rng.uniform(0.05, 0.2) * extent_z,
+            body.cy0 - rng.uniform(0.0, 0.15) * ay,
+            body.cx0 - rng.uniform(0.33, 0.45) * ax,
         ]
     )
     right_lobe = _random_ellipsoid(
@@ -461,17 +570,23 @@ def _generate(
         wobble=rng.uniform(0.05, 0.12),
     )
     liver_value = float(rng.uniform(54, 68))
-    region = grid.region_of(right_lobe, left_lobe)
+    region = scene.grid.region_of(right_lobe, left_lobe)
     if region is not None:
         sl, z, y, x = region
         sdf = _smooth_min(right_lobe.sdf(z, y, x), left_lobe.sdf(z, y, x), k=4.0)
-        canvas.paint(sl, canvas.occupancy(sdf) * occ_cavity[sl], liver_value + texture(region, 4.0), LABELS["liver"])
+        occ = canvas.occupancy(sdf) * body.occ_cavity[sl]
+        canvas.paint(sl, occ, liver_value + _texture(rng, region, 4.0), LABELS["liver"])
 
+
+def _paint_spleen(rng: np.random.Generator, scene: _Scene, body: _Body) -> None:
+    """Spleen (label 2): a crescent, an ellipsoid with its medial (visceral) side carved concave."""
+    canvas, extent_z = scene.canvas, scene.extent_z
+    ax, ay = body.ax, body.ay
     spleen_c = np.array(
         [
-            z0 + rng.uniform(0.05, 0.2) * extent_z,
-            cy0 + rng.uniform(0.1, 0.3) * ay,
-            cx0 + rng.uniform(0.5, 0.6) * ax,
+            body.z0 + rng.uniform(0.05, 0.2) * extent_z,
+            body.cy0 + rng.uniform(0.1, 0.3) * ay,
+            body.cx0 + rng.uniform(0.5, 0.6) * ax,
         ]
     )
     spleen_r = np.array([rng.uniform(0.12, 0.2) * extent_z, rng.uniform(0.3, 0.4) * ay, rng.uniform(0.15, 0.2) * ax])
@@ -488,19 +603,25 @@ def _generate(
         spleen_c + medial * spleen_r[2] * rng.uniform(1.2, 1.5), spleen_r * np.array([1.1, 0.75, 0.8]), spleen.rotation
     )
     spleen_value = float(rng.uniform(44, 56))
-    region = grid.region_of(spleen)
+    region = scene.grid.region_of(spleen)
     if region is not None:
         sl, z, y, x = region
         sdf = _smooth_max(spleen.sdf(z, y, x), -notch.sdf(z, y, x), k=2.0)
-        canvas.paint(sl, canvas.occupancy(sdf) * occ_cavity[sl], spleen_value + texture(region, 3.0), LABELS["spleen"])
+        occ = canvas.occupancy(sdf) * body.occ_cavity[sl]
+        canvas.paint(sl, occ, spleen_value + _texture(rng, region, 3.0), LABELS["spleen"])
 
-    kidney_z = z0 - rng.uniform(0.05, 0.18) * extent_z
+
+def _paint_kidneys(rng: np.random.Generator, scene: _Scene, body: _Body, spine: _Spine) -> None:
+    """Both kidneys (label 3), beside the spine, each with a hilum notch on its medial side."""
+    canvas, extent_z = scene.canvas, scene.extent_z
+    ax, ay = body.ax, body.ay
+    kidney_z = body.z0 - rng.uniform(0.05, 0.18) * extent_z
     for side in (-1.0, 1.0):
         kc = np.array(
             [
                 kidney_z + rng.uniform(-0.06, 0.06) * extent_z,
-                vb_y - rng.uniform(0.1, 0.25) * ay,
-                cx0 + side * rng.uniform(0.4, 0.5) * ax,
+                spine.vb_y - rng.uniform(0.1, 0.25) * ay,
+                body.cx0 + side * rng.uniform(0.4, 0.5) * ax,
             ]
         )
         kr = np.array([rng.uniform(0.13, 0.18) * extent_z, rng.uniform(0.17, 0.22) * ay, rng.uniform(0.12, 0.16) * ax])
@@ -519,73 +640,84 @@ def _generate(
             kidney.rotation,
             None,
         )
-        kidney_value = float(rng.uniform(33, 46))
-        region = grid.region_of(kidney)
+        kidney_value = float(rng.uniform(33, 46))  # drawn before the check, like the bowel loops
+        region = scene.grid.region_of(kidney)
         if region is None:
             continue
         sl, z, y, x = region
         sdf = _smooth_max(kidney.sdf(z, y, x), -hilum.sdf(z, y, x), k=1.5)
-        canvas.paint(sl, canvas.occupancy(sdf) * occ_cavity[sl], kidney_value + texture(region, 3.0), LABELS["kidney"])
+        occ = canvas.occupancy(sdf) * body.occ_cavity[sl]
+        canvas.paint(sl, occ, kidney_value + _texture(rng, region, 3.0), LABELS["kidney"])
 
-    # --- liver lesions: small hypodense ellipsoids fully inside the (final) liver ----------------
+
+def _paint_liver_lesions(rng: np.random.Generator, scene: _Scene) -> None:
+    """0-3 small hypodense ellipsoids (label 4) fully inside the final liver label."""
+    canvas, grid, s_xy = scene.canvas, scene.grid, scene.s_xy
     n_lesions = int(rng.integers(0, 4))
     liver_mask = canvas.label == LABELS["liver"]
     box = ndimage.find_objects(liver_mask.astype(np.uint8))
-    if n_lesions and box and box[0] is not None:
-        bsl = box[0]
-        depth = ndimage.distance_transform_edt(liver_mask[bsl], sampling=(s_z, s_xy, s_xy))
-        for _ in range(n_lesions):
-            radius = rng.uniform(3.0, 8.0) * s_xy
-            radius = min(radius, float(depth.max()) - s_xy)
-            aspect = rng.uniform(0.8, 1.25, size=3)
-            angles = (rng.uniform(-90, 90), rng.uniform(-30, 30), rng.uniform(-30, 30))
-            value = float(rng.uniform(12, 30))
-            if radius < 2.0 * s_xy:
-                continue
-            candidates = np.flatnonzero(depth > radius * aspect.max() + 0.5 * s_xy)
-            if candidates.size == 0:
-                continue
-            idx = np.unravel_index(candidates[rng.integers(candidates.size)], depth.shape)
-            center = np.array([grid.z[bsl[0]][idx[0]], grid.y[bsl[1]][idx[1]], grid.x[bsl[2]][idx[2]]], float)
-            lesion = _random_ellipsoid(rng, center, radius * aspect, angles, wobble=rng.uniform(0.03, 0.08))
-            region = grid.region_of(lesion)
-            if region is None:
-                continue
-            sl, z, y, x = region
-            inside = (canvas.label[sl] == LABELS["liver"]) | (canvas.label[sl] == LABELS["lesion"])
-            occ = canvas.occupancy(lesion.sdf(z, y, x)) * inside
-            canvas.paint(sl, occ, value + texture(region, 2.0), LABELS["lesion"])
+    if not (n_lesions and box and box[0] is not None):
+        return
+    bsl = box[0]
+    depth = ndimage.distance_transform_edt(liver_mask[bsl], sampling=(scene.s_z, s_xy, s_xy))
+    for _ in range(n_lesions):
+        # a lesion draws its size, shape, angles and value before it may be skipped
+        radius = rng.uniform(3.0, 8.0) * s_xy
+        radius = min(radius, float(depth.max()) - s_xy)
+        aspect = rng.uniform(0.8, 1.25, size=3)
+        angles = (rng.uniform(-90, 90), rng.uniform(-30, 30), rng.uniform(-30, 30))
+        value = float(rng.uniform(12, 30))
+        if radius < 2.0 * s_xy:
+            continue
+        candidates = np.flatnonzero(depth > radius * aspect.max() + 0.5 * s_xy)
+        if candidates.size == 0:
+            continue
+        idx = np.unravel_index(candidates[rng.integers(candidates.size)], depth.shape)
+        center = np.array([grid.z[bsl[0]][idx[0]], grid.y[bsl[1]][idx[1]], grid.x[bsl[2]][idx[2]]], float)
+        lesion = _random_ellipsoid(rng, center, radius * aspect, angles, wobble=rng.uniform(0.03, 0.08))
+        region = grid.region_of(lesion)
+        if region is None:
+            continue
+        sl, z, y, x = region
+        inside = (canvas.label[sl] == LABELS["liver"]) | (canvas.label[sl] == LABELS["lesion"])
+        occ = canvas.occupancy(lesion.sdf(z, y, x)) * inside
+        canvas.paint(sl, occ, value + _texture(rng, region, 2.0), LABELS["lesion"])
 
-    # --- bone last: vertebral body with discs, canal, posterior arch; clears labels -------------
-    vb = cylinder(vb_y, cx0, vb_ry, vb_rx)
+
+def _paint_bone(rng: np.random.Generator, scene: _Scene, body: _Body, spine: _Spine) -> None:
+    """Vertebral body with discs, spinal canal and posterior arch, painted last; bone clears labels."""
+    canvas, everywhere, zc = scene.canvas, scene.full[0], scene.full[1]
+    cx0, vb_y, vb_rx = body.cx0, spine.vb_y, spine.vb_rx
+    vb = _cylinder(scene, vb_y, cx0, spine.vb_ry, vb_rx)
     occ_vb = canvas.occupancy(vb)
-    canvas.paint(full[0], occ_vb, float(rng.uniform(600, 750)), 0)
-    canvas.paint(full[0], canvas.occupancy(vb + np.float32(1.5)), float(rng.uniform(300, 450)))
-    disc_period = rng.uniform(0.16, 0.22) * extent_z
+    canvas.paint(everywhere, occ_vb, float(rng.uniform(600, 750)), 0)
+    canvas.paint(everywhere, canvas.occupancy(vb + np.float32(1.5)), float(rng.uniform(300, 450)))
+    disc_period = rng.uniform(0.16, 0.22) * scene.extent_z
     disc_z = np.abs(np.mod(zc - rng.uniform(0, disc_period), disc_period) - disc_period / 2) - rng.uniform(1.5, 2.5)
-    canvas.paint(full[0], occ_vb * canvas.occupancy(disc_z), float(rng.uniform(70, 100)))
+    canvas.paint(everywhere, occ_vb * canvas.occupancy(disc_z), float(rng.uniform(70, 100)))
     canal_r = 0.45 * vb_rx
-    canal_y = vb_y + vb_ry + canal_r + 0.5
-    arch = cylinder(canal_y, cx0, canal_r + 2.0, canal_r + 2.0)
-    canvas.paint(full[0], canvas.occupancy(arch), float(rng.uniform(450, 650)), 0)
-    back = cy0 + ay_post
+    canal_y = vb_y + spine.vb_ry + canal_r + 0.5
+    arch = _cylinder(scene, canal_y, cx0, canal_r + 2.0, canal_r + 2.0)
+    canvas.paint(everywhere, canvas.occupancy(arch), float(rng.uniform(450, 650)), 0)
+    back = body.cy0 + body.ay_post
     length = max(back - (canal_y + canal_r + 2.0) - 2.0, 1.0)
-    process = cylinder(canal_y + canal_r + 1.0 + length / 2, cx0, length / 2, max(1.2, 0.12 * vb_rx))
-    canvas.paint(full[0], canvas.occupancy(process), float(rng.uniform(400, 600)), 0)
-    canvas.paint(full[0], canvas.occupancy(cylinder(canal_y, cx0, canal_r, canal_r)), 15.0)
-    del vb, occ_vb, disc_z, arch, process, occ_cavity, body_sdf, cavity_sdf
+    process = _cylinder(scene, canal_y + canal_r + 1.0 + length / 2, cx0, length / 2, max(1.2, 0.12 * vb_rx))
+    canvas.paint(everywhere, canvas.occupancy(process), float(rng.uniform(400, 600)), 0)
+    canvas.paint(everywhere, canvas.occupancy(_cylinder(scene, canal_y, cx0, canal_r, canal_r)), 15.0)
 
-    # --- acquisition: PSF (slice profile + in-plane blur), correlated noise ----------------------
+
+def _blur_and_noise(rng: np.random.Generator, scene: _Scene) -> np.ndarray:
+    """The acquisition: PSF (slice profile + in-plane blur) and correlated noise; float32 HU ``(Z, Y, X)``."""
     psf = (rng.uniform(0.35, 0.5), rng.uniform(0.5, 0.75), rng.uniform(0.5, 0.75))
     psf = (psf[0], psf[1], psf[1])
-    image = ndimage.gaussian_filter(canvas.image, sigma=psf, mode="nearest")
+    image = ndimage.gaussian_filter(scene.canvas.image, sigma=psf, mode="nearest")
     noise_sigma = float(rng.uniform(15.0, 25.0))
     corr = float(rng.uniform(0.4, 0.7))
-    noise = rng.standard_normal(grid.shape, dtype=np.float32)
+    noise = rng.standard_normal(scene.grid.shape, dtype=np.float32)
     noise = ndimage.gaussian_filter(noise, sigma=(0.0, corr, corr), mode="wrap")
     noise *= np.float32(noise_sigma / max(float(noise.std()), 1e-6))
-    image = np.clip(image + noise, -1024.0, 3071.0).astype(np.float32)
-    return image, canvas.label, (s_xy, s_xy, s_z)
+    result: np.ndarray = np.clip(image + noise, -1024.0, 3071.0).astype(np.float32)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
