@@ -40,9 +40,10 @@ from nnunet_ssl.pretraining.distributed import Collectives
 from nnunet_ssl.pretraining.data import Manifest, build_cache, make_loader, summarize
 from nnunet_ssl.pretraining.data import steps_per_epoch as volume_steps_per_epoch
 from nnunet_ssl.pretraining.methods import METHODS, build_config, build_method
-from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step
+from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step, encoder_states
 from nnunet_ssl.pretraining.metrics_log import MetricsLog, plot_loss_curves
 from nnunet_ssl.pretraining.resume import RESUME_ORDER, ResumePoint, check_resume_config, find_resume_point
+from nnunet_ssl.weights.intensity import pretraining_intensity
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,9 @@ class Engine:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.engine.seed)
         manifest = self._prepare_data()
+        intensity = pretraining_intensity(
+            config.data.modality, (e.modality for e in manifest.usable()), config.data.ct_window, config.data.mr_percentiles
+        )
         method = build_run_method(config)
         method.to(self.device)
         step_module: nn.Module = _StepModule(method)
@@ -267,11 +271,11 @@ class Engine:
             bar.update(1)
             bar.set_postfix(loss=f"{outputs['loss']:.4f}", lr=f"{lr:.2e}")
             if (step + 1) % engine.checkpoint_every == 0 and step + 1 < total_steps:
-                self._save(LATEST, method, optimizer, scaler, step + 1, steps_per_epoch)
+                self._save(LATEST, method, optimizer, scaler, step + 1, steps_per_epoch, intensity)
         bar.close()
         loader.close()
         self._check_ranks_in_sync(method)
-        final = self._save(FINAL, method, optimizer, scaler, total_steps, steps_per_epoch)
+        final = self._save(FINAL, method, optimizer, scaler, total_steps, steps_per_epoch, intensity)
         if self.dist.is_main:
             for name in (LATEST, PREVIOUS):
                 (self.run_dir / name).unlink(missing_ok=True)
@@ -344,8 +348,15 @@ class Engine:
         scaler: torch.amp.GradScaler,
         step: int,
         steps_per_epoch: int,
+        intensity: dict[str, Any],
     ) -> Path:
-        """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically."""
+        """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically.
+
+        Besides what a resume needs, the checkpoint carries what ``nnunet-ssl export`` reads without
+        building the method (version 2): the encoders by role (``encoders``, sharing the storage of
+        ``method``'s tensors), which one ``"default"`` means (``default_encoder``) and the intensity
+        mapping of the data (``intensity``). Version 1 lacked these three entries.
+        """
         states = [rng_state()]
         if self.dist.enabled:
             gathered: list[Any] = [None] * self.dist.world_size
@@ -353,9 +364,10 @@ class Engine:
             states = gathered
         path = self.run_dir / name
         if self.dist.is_main:
+            encoders = encoder_states(method)
             checkpoint = {
                 "format": CHECKPOINT_FORMAT,
-                "version": 1,
+                "version": 2,
                 "method": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -363,6 +375,9 @@ class Engine:
                 "epoch": step / steps_per_epoch,
                 "rng": states,
                 "config": self.config.to_dict(),
+                "encoders": encoders,
+                "default_encoder": next(iter(encoders)),
+                "intensity": intensity,
             }
             if name == LATEST and path.is_file():
                 os.replace(path, self.run_dir / PREVIOUS)  # a damaged new latest still leaves this one

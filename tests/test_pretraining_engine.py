@@ -17,6 +17,7 @@ import torch
 from nnunet_ssl.cli import build_parser, run_config_from_args
 from nnunet_ssl.optim import warmup_cosine
 from nnunet_ssl.pretraining.engine import CHECKPOINT_FORMAT, load_checkpoint
+from nnunet_ssl.pretraining.methods import METHODS
 from nnunet_ssl.pretraining.metrics_log import read_metrics
 
 BIN = Path(sys.executable).parent
@@ -147,14 +148,21 @@ def test_ddp_two_cpu_processes(volumes: Path, tmp_path: Path, method: str) -> No
     assert checkpoint["config"]["engine"]["batch_size"] == 1
 
 
-def test_export_builds_nnunet_weights(volumes: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def smit_run(volumes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two steps of SMIT on the tiny preset, written by the current engine."""
+    out = tmp_path_factory.mktemp("runs") / "smit"
+    run(pretrain_command("smit", volumes, out, "--max-steps", "2"))
+    return out
+
+
+def test_export_builds_nnunet_weights(smit_run: Path, tmp_path: Path) -> None:
     from nnunet_ssl.networks import PRESETS, SwinUNETRSeg
     from nnunet_ssl.weights import encoder_digest
     from nnunet_ssl.weights.export import export_run, load_run_encoder
     from nnunet_ssl.weights.targets import DatasetTarget
 
-    out = tmp_path / "smit"
-    run(pretrain_command("smit", volumes, out, "--max-steps", "2"))
+    out = smit_run
     teacher, _, _ = load_run_encoder(out, "default")
     student, _, _ = load_run_encoder(out, "student")
     assert "mask_token" not in teacher and "mask_token" not in student
@@ -177,6 +185,121 @@ def test_export_builds_nnunet_weights(volumes: Path, tmp_path: Path) -> None:
         assert all(torch.equal(v, payload["network_weights"][k]) for k, v in converted["network_weights"].items())
     with pytest.raises(ValueError, match="pretrained with preset 'tiny', not 'smit'"):
         convert_file(out, target, preset_name="smit")
+
+
+#: The entries of a version-1 checkpoint (before it carried what export reads).
+V1_ENTRIES = {"format", "version", "method", "optimizer", "scaler", "step", "epoch", "rng", "config"}
+#: What version 2 adds for export: encoders by role, the default role, the intensity mapping.
+EXPORT_ENTRIES = {"encoders", "default_encoder", "intensity"}
+
+
+def as_version_1(run_dir: Path, folder: Path) -> Path:
+    """A copy of ``run_dir``'s final checkpoint as the engine of version 1 wrote it (the same entries, less three)."""
+    checkpoint = load_checkpoint(run_dir / "checkpoint_final.pt")
+    assert set(checkpoint) == V1_ENTRIES | EXPORT_ENTRIES and checkpoint["version"] == 2
+    old = {k: v for k, v in checkpoint.items() if k not in EXPORT_ENTRIES} | {"version": 1}
+    folder.mkdir()
+    torch.save(old, folder / "checkpoint_final.pt")
+    return folder
+
+
+def test_export_of_a_version_1_checkpoint_is_the_same_file_and_needs_no_training_code(smit_run: Path, tmp_path: Path) -> None:
+    """A checkpoint of a run from before checkpoints carried the encoders exports exactly as before, and
+    export (of either version) imports no module of nnunet_ssl.pretraining."""
+    old_run = as_version_1(smit_run, tmp_path / "v1")
+    script = f"""
+import sys, torch
+from pathlib import Path
+from nnunet_ssl.weights.export import export_run
+from nnunet_ssl.weights.targets import DatasetTarget
+target = DatasetTarget("Dataset501_Phantom", Path("plans.json"), "3d_fullres", in_channels=2, num_classes=4)
+new, old = (export_run(Path(p), target, source=s) for p in ({str(smit_run)!r}, {str(old_run)!r}) for s in ("default",))
+assert new["metadata"].pop("source") != old["metadata"].pop("source")
+assert new["metadata"] == old["metadata"], (new["metadata"], old["metadata"])
+assert new["network_weights"].keys() == old["network_weights"].keys()
+assert all(torch.equal(v, old["network_weights"][k]) for k, v in new["network_weights"].items())
+for s in ("teacher", "student"):
+    a, b = (export_run(Path(p), target, source=s)["network_weights"] for p in ({str(smit_run)!r}, {str(old_run)!r}))
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+loaded = sorted(m for m in sys.modules if m.startswith("nnunet_ssl.pretraining"))
+assert not loaded, loaded
+"""
+    run([sys.executable, "-c", script])
+    # the encoders the version-2 file carries are views of the method's tensors: the file did not grow
+    checkpoint = load_checkpoint(smit_run / "checkpoint_final.pt")
+    key = "stages.0.blocks.0.attn.qkv.weight"
+    assert checkpoint["default_encoder"] == "teacher"
+    assert checkpoint["encoders"]["teacher"][key].data_ptr() == checkpoint["method"]["teacher.encoder." + key].data_ptr()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_export_reads_each_methods_encoders_from_a_checkpoint_of_either_version(name: str, tmp_path: Path) -> None:
+    """For every method, the encoders export reads from the engine's checkpoint (version 2) and from the
+    method state of a version-1 checkpoint are exactly ``method.encoder_state(source)``."""
+    import dataclasses
+
+    from nnunet_ssl.checkpoints import FINAL
+    from nnunet_ssl.pretraining.config import RunConfig
+    from nnunet_ssl.pretraining.data import DataConfig
+    from nnunet_ssl.pretraining.engine import Engine
+    from nnunet_ssl.pretraining.methods import build_method
+    from nnunet_ssl.weights.export import read_run
+
+    fields = {f.name for f in dataclasses.fields(METHODS[name][1])}
+    overrides = {k: v for k, v in {"crop_size": 64, "out_dim": 64}.items() if k in fields}
+    torch.manual_seed(0)
+    method = build_method(name, "tiny", overrides=overrides)
+    with torch.no_grad():  # a teacher that differs from its student, so the roles cannot be confused
+        for parameter in getattr(method, "teacher", torch.nn.Module()).parameters():
+            parameter.add_(1.0)
+    config = RunConfig(method=name, data=DataConfig(inputs=("x",), cache_dir=str(tmp_path / "cache"), modality="mr"),
+                       preset="tiny", method_overrides=overrides)
+    new_run = tmp_path / "v2"
+    new_run.mkdir()
+    engine = Engine(config, new_run)
+    intensity = {"modality": "MR", "percentiles": [5.0, 95.0], "per_image": True, "range": [0.0, 1.0]}
+    optimizer = torch.optim.AdamW(method.student_modules().parameters())
+    engine._save(FINAL, method, optimizer, torch.amp.GradScaler("cuda", enabled=False), 3, 2, intensity)
+    old_run = as_version_1(new_run, tmp_path / "v1")
+    for run_dir in (new_run, old_run):
+        exported = read_run(run_dir)
+        assert (exported.method, exported.preset, exported.in_channels, exported.step) == (name, "tiny", 1, 3)
+        assert exported.intensity == intensity  # version 1: from the run's settings (modality mr)
+        for source in ("default", "teacher", "student"):
+            try:
+                expected = method.encoder_state(source)
+            except ValueError:
+                with pytest.raises(ValueError, match=f"{name} has no 'teacher' encoder"):
+                    exported.encoder(source)
+                continue
+            got = exported.encoder(source)
+            assert got.keys() == expected.keys() and "mask_token" not in got
+            assert all(torch.equal(got[k], expected[k]) for k in expected), (run_dir.name, source)
+
+
+def test_export_of_a_version_1_checkpoint_reads_the_modalities_of_its_cache(tmp_path: Path) -> None:
+    """Without a modality setting, a version-1 run's intensity record comes from its cache manifest, as then."""
+    from nnunet_ssl.pretraining.config import RunConfig
+    from nnunet_ssl.pretraining.data import DataConfig, Manifest, ManifestEntry
+    from nnunet_ssl.pretraining.methods import build_method
+    from nnunet_ssl.weights.export import read_run
+    from nnunet_ssl.weights.intensity import pretraining_intensity
+
+    cache = tmp_path / "cache"
+    entries = [ManifestEntry(key=f"v{i}", source=f"v{i}.nii.gz", kind="file", modality=m, status=status)
+               for i, (m, status) in enumerate([("mr", "ok"), ("mr", "ok"), ("ct", "unreadable")])]
+    manifest = Manifest(str(cache / "manifest.json"), entries)
+    manifest.save()
+    data = DataConfig(inputs=("x",), cache_dir=str(cache))
+    config = RunConfig(method="simmim", data=data, preset="tiny")
+    method = build_method("simmim", "tiny", overrides={"crop_size": 64})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "method": method.state_dict(), "step": 1,
+                "config": config.to_dict()}, run_dir / "checkpoint_final.pt")
+    expected = pretraining_intensity(None, [e.modality for e in Manifest.load(str(cache)).usable()],
+                                     data.ct_window, data.mr_percentiles)  # what the engine records now
+    assert read_run(run_dir).intensity == expected and expected["modality"] == "MR"
 
 
 def test_argument_errors_and_resume_without_checkpoint_leave_nothing_behind(
@@ -257,10 +380,11 @@ def test_saving_a_latest_checkpoint_keeps_the_one_before(tmp_path: Path) -> None
     from nnunet_ssl.pretraining.engine import Engine
 
     engine = Engine(RunConfig(method="simmim", data=DataConfig(inputs=("x",), cache_dir=str(tmp_path / "c"))), tmp_path)
-    model = torch.nn.Linear(2, 2)
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(2, 2)})
+    model.encoder_modules = (("student", "encoder"),)  # what a method declares (see methods.base)
     optimizer = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    engine._save(LATEST, model, optimizer, scaler, 4, 2)
+    engine._save(LATEST, model, optimizer, scaler, 4, 2, {})
     assert not (tmp_path / PREVIOUS).exists()
-    engine._save(LATEST, model, optimizer, scaler, 6, 2)
+    engine._save(LATEST, model, optimizer, scaler, 6, 2, {})
     assert load_checkpoint(tmp_path / PREVIOUS)["step"] == 4 and load_checkpoint(tmp_path / LATEST)["step"] == 6

@@ -1,19 +1,135 @@
-"""Turn a pretraining run into an nnU-Net ``-pretrained_weights`` file."""
+"""Turn a pretraining run into an nnU-Net ``-pretrained_weights`` file: a pure function of its checkpoint.
+
+Export reads what a pretraining checkpoint carries and imports no training code (``nnunet_ssl.layers``):
+the encoders by role (``"teacher"``, ``"student"``), which one ``"default"`` means, and the intensity
+mapping of the data, all written by the pretraining engine (checkpoint version 2).
+
+A version-1 checkpoint, written before those entries existed, still exports the same file: its
+encoders are read from the method's state under the key prefixes that every method of that version
+used (:data:`V1_ENCODER_PREFIXES`), and its intensity mapping from the run's settings and its cache
+manifest, as the engine of that version decided it.
+"""
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nnunet_ssl.checkpoints import find_checkpoint, load_checkpoint
-from nnunet_ssl.pretraining.config import RunConfig
-from nnunet_ssl.pretraining.engine import build_run_method
+from torch import Tensor
+
+from nnunet_ssl.checkpoints import FINAL, PRETRAINING_ONLY_KEYS, find_checkpoint, load_checkpoint
+from nnunet_ssl.weights.intensity import pretraining_intensity
 from nnunet_ssl.weights.targets import DatasetTarget, build_weights_for_target
 
 logger = logging.getLogger(__name__)
 
+#: ``--from`` choices of ``nnunet-ssl export``: ``"default"`` is the role the run names (its teacher if it has one).
+ENCODER_SOURCES = ("default", "teacher", "student")
+#: Where a version-1 checkpoint's ``method`` state keeps each encoder, tried in this order: the methods
+#: with an EMA teacher (SMIT, DINO, iBOT) hold ``teacher.encoder`` (their default) and ``student.encoder``,
+#: the others their only encoder as ``encoder``. Frozen with that version: newer checkpoints say it themselves.
+V1_ENCODER_PREFIXES = (("teacher", "teacher.encoder."), ("student", "student.encoder."), ("student", "encoder."))
+#: The file in a pretraining cache that lists its volumes, and the status of a usable one.
+CACHE_MANIFEST, USABLE = "manifest.json", "ok"
 
-def load_run_encoder(run_dir: Path, source: str = "default") -> tuple[dict[str, Any], Any, str]:
+
+@dataclass(frozen=True)
+class PretrainingRun:
+    """What export needs from one checkpoint of a pretraining run.
+
+    Attributes:
+        method: Pretraining method name, e.g. ``"smit"``.
+        preset: Encoder preset name.
+        in_channels: Input channels of the pretrained encoder.
+        encoders: Encoder state dicts by role (``"teacher"``, ``"student"``), without pretraining-only keys.
+        default_encoder: The role that ``"default"`` exports.
+        intensity: The intensity mapping pretraining used (:func:`~nnunet_ssl.weights.intensity.pretraining_intensity`).
+        checkpoint: The checkpoint file read.
+        step: Optimisation steps the checkpoint holds.
+    """
+
+    method: str
+    preset: str
+    in_channels: int
+    encoders: dict[str, dict[str, Tensor]]
+    default_encoder: str
+    intensity: dict[str, Any]
+    checkpoint: Path
+    step: int
+
+    def encoder(self, source: str = "default") -> dict[str, Tensor]:
+        """The encoder of ``source`` (one of :data:`ENCODER_SOURCES`).
+
+        Raises:
+            ValueError: For an unknown source, or ``"teacher"`` of a run without one.
+        """
+        if source not in ENCODER_SOURCES:
+            raise ValueError(f"unknown encoder source {source!r}; choose one of {ENCODER_SOURCES}")
+        role = self.default_encoder if source == "default" else source
+        if role not in self.encoders:
+            raise ValueError(
+                f"{self.checkpoint}: {self.method} has no {source!r} encoder; choose one of {('default', *self.encoders)}"
+            )
+        return self.encoders[role]
+
+
+def read_run(run_dir: Path) -> PretrainingRun:
+    """The final (else latest) checkpoint of a run, or the checkpoint file given, as export reads it.
+
+    Raises:
+        FileNotFoundError: When the folder holds no checkpoint.
+        ValueError: When the file is not a pretraining checkpoint or lacks an entry export needs.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir if run_dir.is_file() else find_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint_final.pt or checkpoint_latest.pt; is this a pretraining run?")
+    checkpoint = load_checkpoint(path)
+    try:
+        config = checkpoint["config"]
+        if "encoders" in checkpoint:
+            encoders, default, intensity = checkpoint["encoders"], checkpoint["default_encoder"], checkpoint["intensity"]
+        else:
+            encoders, default = _v1_encoders(checkpoint["method"])
+            intensity = _v1_intensity(config["data"])
+        run = PretrainingRun(
+            method=config["method"], preset=config["preset"], in_channels=int(config["in_channels"]),
+            encoders=dict(encoders), default_encoder=default, intensity=intensity, checkpoint=path,
+            step=int(checkpoint["step"]),
+        )
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path}: a pretraining checkpoint without {error}; it cannot be exported") from error
+    if not run.encoders or run.default_encoder not in run.encoders:
+        raise ValueError(f"{path}: no encoder found in the checkpoint; it cannot be exported")
+    return run
+
+
+def _v1_encoders(method_state: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], str]:
+    """Encoders by role of a version-1 checkpoint's ``method`` state, and the default role."""
+    encoders: dict[str, dict[str, Tensor]] = {}
+    for role, prefix in V1_ENCODER_PREFIXES:
+        state = {k[len(prefix):]: v for k, v in method_state.items() if k.startswith(prefix)}
+        state = {k: v for k, v in state.items() if k not in PRETRAINING_ONLY_KEYS}
+        if state and role not in encoders:
+            encoders[role] = state
+    return encoders, "teacher" if "teacher" in encoders else "student"
+
+
+def _v1_intensity(data: dict[str, Any]) -> dict[str, Any]:
+    """The intensity mapping of a version-1 run: its settings, else the modalities its cache manifest lists."""
+    cached: list[str] = []
+    if not data.get("modality"):
+        try:
+            manifest = json.loads((Path(data["cache_dir"]) / CACHE_MANIFEST).read_text(encoding="utf-8"))
+            cached = [e.get("modality") for e in manifest["entries"] if e.get("status") == USABLE]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            cached = []  # no manifest left: CT, as the engine of version 1 decided then
+    return pretraining_intensity(data.get("modality"), cached, data["ct_window"], data["mr_percentiles"])
+
+
+def load_run_encoder(run_dir: Path, source: str = "default") -> tuple[dict[str, Tensor], PretrainingRun, str]:
     """Encoder weights of a run's final (else latest) checkpoint.
 
     Args:
@@ -22,46 +138,13 @@ def load_run_encoder(run_dir: Path, source: str = "default") -> tuple[dict[str, 
             ``"teacher"`` or ``"student"``.
 
     Returns:
-        ``(encoder_state, run_config, checkpoint_path)``.
+        ``(encoder_state, run, checkpoint_path)``; ``run.preset``, ``run.method`` describe the run.
     """
-    run_dir = Path(run_dir)
-    checkpoint_path = run_dir if run_dir.is_file() else find_checkpoint(run_dir)
-    if checkpoint_path is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint_final.pt or checkpoint_latest.pt; is this a pretraining run?")
-    checkpoint = load_checkpoint(checkpoint_path)
-    config = RunConfig.from_dict(checkpoint["config"])
-    method = build_run_method(config)
-    method.load_state_dict(checkpoint["method"])
-    if checkpoint_path.name != "checkpoint_final.pt":
-        logger.warning("%s: the run has not finished; exporting its latest checkpoint (step %d)", run_dir, checkpoint["step"])
-    return method.encoder_state(source), config, str(checkpoint_path)
-
-
-def intensity_of(config: Any) -> dict[str, Any]:
-    """The intensity mapping pretraining used, recorded in the export's metadata.
-
-    Without a ``modality`` setting, the modalities the cache manifest records (given or decided from
-    the intensities) say it: ``"CT"``, ``"MR"``, or ``"mixed"``.
-    """
-    data = config.data
-    modalities = {data.modality} if data.modality else _cached_modalities(data.cache_dir) or {"ct"}
-    ct = {"window": list(data.ct_window)}
-    mr = {"percentiles": list(data.mr_percentiles), "per_image": True}
-    if modalities == {"ct"}:
-        return {"modality": "CT", **ct, "range": [0.0, 1.0]}
-    if modalities == {"mr"}:
-        return {"modality": "MR", **mr, "range": [0.0, 1.0]}
-    return {"modality": "mixed", **ct, **mr, "range": [0.0, 1.0]}
-
-
-def _cached_modalities(cache_dir: str) -> set[str]:
-    from nnunet_ssl.pretraining.data import Manifest
-
-    try:
-        manifest = Manifest.load(cache_dir)
-    except (OSError, ValueError):
-        return set()
-    return {e.modality for e in manifest.usable() if e.modality in ("ct", "mr")}
+    run = read_run(run_dir)
+    state = run.encoder(source)
+    if run.checkpoint.name != FINAL:
+        logger.warning("%s: the run has not finished; exporting its latest checkpoint (step %d)", run_dir, run.step)
+    return state, run, str(run.checkpoint)
 
 
 def export_run(
@@ -82,14 +165,14 @@ def export_run(
         channels: Stem adaptation when the channel counts differ (``replicate``, ``first``, ``mean``).
         finetune_policy: A validated policy string stored for the trainer ("" for none).
     """
-    encoder_state, config, checkpoint_path = load_run_encoder(run_dir, source)
+    encoder_state, run, checkpoint_path = load_run_encoder(run_dir, source)
     return build_weights_for_target(
         encoder_state,
-        config.preset,
+        run.preset,
         target,
-        method=config.method,
+        method=run.method,
         source=f"{checkpoint_path} ({source})",
-        intensity=intensity_of(config),
+        intensity=run.intensity,
         decoder_seed=decoder_seed,
         channels=channels,
         finetune_policy=finetune_policy,

@@ -6,6 +6,7 @@ of the same mapping is expected, a different range (nnU-Net's z-scoring) or anot
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,33 @@ def _is_unit_window(properties: dict[str, Any]) -> bool:
     if None in (low, high, mean, std):
         return False
     return bool(np.isclose(mean, low) and np.isclose(std, high - low))
+
+
+def pretraining_intensity(
+    modality: str | None, cached_modalities: Iterable[str], ct_window: Sequence[float], mr_percentiles: Sequence[float]
+) -> dict[str, Any]:
+    """The intensity mapping a pretraining run used, as a weights file's metadata records it (``intensity``).
+
+    The pretraining engine stores it in every checkpoint; :func:`intensity_warnings` reads it back.
+
+    Args:
+        modality: The run's ``modality`` setting (``"ct"``, ``"mr"``) or None when the data decided it.
+        cached_modalities: Modalities of the usable volumes in the run's cache (used when ``modality`` is None;
+            none known means CT).
+        ct_window: The run's CT window in HU.
+        mr_percentiles: The run's per-image MR percentiles.
+
+    Returns:
+        ``{"modality": "CT"|"MR"|"mixed", "window"/"percentiles": ..., "range": [0.0, 1.0]}``.
+    """
+    modalities = {modality} if modality else {m for m in cached_modalities if m in ("ct", "mr")} or {"ct"}
+    ct = {"window": list(ct_window)}
+    mr = {"percentiles": list(mr_percentiles), "per_image": True}
+    if modalities == {"ct"}:
+        return {"modality": "CT", **ct, "range": [0.0, 1.0]}
+    if modalities == {"mr"}:
+        return {"modality": "MR", **mr, "range": [0.0, 1.0]}
+    return {"modality": "mixed", **ct, **mr, "range": [0.0, 1.0]}
 
 
 def plans_channel_mappings(plans: dict[str, Any], configuration: str) -> list[ChannelMapping]:

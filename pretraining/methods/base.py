@@ -11,7 +11,13 @@ from typing import ClassVar, Protocol
 
 from torch import Tensor, nn
 
+from nnunet_ssl.checkpoints import PRETRAINING_ONLY_KEYS
 from nnunet_ssl.pretraining.context import StepContext  # re-exported: part of the method contract
+
+#: ``encoder_modules`` of a method with an EMA teacher (what ``"default"`` exports) and a student branch.
+TEACHER_AND_STUDENT: tuple[tuple[str, str], ...] = (("teacher", "teacher.encoder"), ("student", "student.encoder"))
+#: ``encoder_modules`` of a teacher-free method that holds its encoder as ``self.encoder``.
+STUDENT_ONLY: tuple[tuple[str, str], ...] = (("student", "encoder"),)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class PretrainingMethod(Protocol):
     name: ClassVar[str]
     num_views: ClassVar[int]
     info: ClassVar[MethodInfo]
+    #: ``(role, submodule path)`` of every encoder the method can export, the default first
+    #: (:data:`TEACHER_AND_STUDENT` or :data:`STUDENT_ONLY`); checkpoints carry them (:func:`encoder_states`).
+    encoder_modules: ClassVar[tuple[tuple[str, str], ...]]
 
     def training_step(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:
         """Forward pass and loss. Returns scalars to log; ``"loss"`` is what the engine back-propagates."""
@@ -61,6 +70,20 @@ class PretrainingMethod(Protocol):
     def encoder_state(self, source: str = "default") -> dict[str, Tensor]:
         """Encoder weights to export: ``"student"``, ``"teacher"`` or the method's default."""
         ...
+
+
+def encoder_states(method: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Every encoder the method exports, by role (``"teacher"``, ``"student"``), the default one first.
+
+    The pretraining engine stores this in each checkpoint, so that ``nnunet-ssl export`` reads the
+    encoders without building the method. The tensors are the method's own (detached, not copied):
+    saved beside ``method.state_dict()`` they share its storage, and the file does not grow.
+    Pretraining-only keys (the mask token) are left out, as :meth:`PretrainingMethod.encoder_state` does.
+    """
+    return {
+        role: {k: v for k, v in method.get_submodule(path).state_dict().items() if k not in PRETRAINING_ONLY_KEYS}
+        for role, path in method.encoder_modules  # type: ignore[attr-defined]
+    }
 
 
 def before_optimizer_step(method: object, context: StepContext) -> None:

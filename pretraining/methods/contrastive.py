@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from nnunet_ssl.pretraining.heads import READOUTS, linear_head, x4_vector
 from nnunet_ssl.pretraining.losses import nt_xent_loss
-from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
+from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import (
     checked_views,
     student_encoder,
@@ -69,6 +69,7 @@ class Contrastive(nn.Module):
 
     name: ClassVar[str] = "contrastive"
     num_views: ClassVar[int] = 2
+    encoder_modules: ClassVar[tuple[tuple[str, str], ...]] = STUDENT_ONLY
     info: ClassVar[MethodInfo] = MethodInfo(
         family="contrastive",
         views="2 crops per volume (positive pair); all other views negatives, across ranks",

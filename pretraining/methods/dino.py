@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from nnunet_ssl.networks.presets import SwinPreset
 from nnunet_ssl.pretraining.heads import DINOHead
 from nnunet_ssl.pretraining.losses import cross_view_distillation_loss
-from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
+from nnunet_ssl.pretraining.methods.base import TEACHER_AND_STUDENT, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_crop_settings, with_drop_path
 from nnunet_ssl.pretraining.methods.distillation import (
     DistillationConfig,
@@ -76,6 +76,7 @@ class DINO(nn.Module):
 
     name: ClassVar[str] = "dino"
     num_views: ClassVar[int] = 2
+    encoder_modules: ClassVar[tuple[tuple[str, str], ...]] = TEACHER_AND_STUDENT
     info: ClassVar[MethodInfo] = MethodInfo(
         family="self-distillation",
         views="2 crops of one 128^3 region, unmasked, for student and EMA teacher (local crops: off)",

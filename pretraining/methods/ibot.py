@@ -32,7 +32,7 @@ from nnunet_ssl.pretraining.losses import (
     masked_patch_distillation_loss,
 )
 from nnunet_ssl.pretraining.masking import random_unit_masks, validate_mask_settings
-from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
+from nnunet_ssl.pretraining.methods.base import TEACHER_AND_STUDENT, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_crop_settings, with_drop_path
 from nnunet_ssl.pretraining.methods.distillation import (
     DistillationConfig,
@@ -94,6 +94,7 @@ class IBOT(nn.Module):
 
     name: ClassVar[str] = "ibot"
     num_views: ClassVar[int] = 2
+    encoder_modules: ClassVar[tuple[tuple[str, str], ...]] = TEACHER_AND_STUDENT
     info: ClassVar[MethodInfo] = MethodInfo(
         family="masked image modelling + self-distillation",
         views="2 crops of one 128^3 region; student masked 0.75 (16^3 units), EMA teacher unmasked",

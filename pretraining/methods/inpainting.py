@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from nnunet_ssl.pretraining.heads import ConvUpHead
 from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS, reconstruction_loss
-from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
+from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import (
     MIN_CONV_HEAD_CROP,
     checked_views,
@@ -73,6 +73,7 @@ class Inpainting(nn.Module):
 
     name: ClassVar[str] = "inpainting"
     num_views: ClassVar[int] = 1
+    encoder_modules: ClassVar[tuple[tuple[str, str], ...]] = STUDENT_ONLY
     info: ClassVar[MethodInfo] = MethodInfo(
         family="restoration",
         views="1 crop, noise cutout + cross-sample paste (aug_rand)",

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from nnunet_ssl.pretraining.heads import ConvUpHead
 from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS, reconstruction_loss
-from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
+from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import (
     MIN_CONV_HEAD_CROP,
     checked_views,
@@ -66,6 +66,7 @@ class Reconstruction(nn.Module):
 
     name: ClassVar[str] = "reconstruction"
     num_views: ClassVar[int] = 1
+    encoder_modules: ClassVar[tuple[tuple[str, str], ...]] = STUDENT_ONLY
     info: ClassVar[MethodInfo] = MethodInfo(
         family="restoration",
         views="1 clean crop",

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from nnunet_ssl.pretraining.heads import READOUTS, linear_head, x4_vector
 from nnunet_ssl.pretraining.losses import rotation_loss
-from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
+from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import (
     checked_views,
     student_encoder,
@@ -58,6 +58,7 @@ class Rotation(nn.Module):
 
     name: ClassVar[str] = "rotation"
     num_views: ClassVar[int] = 1
+    encoder_modules: ClassVar[tuple[tuple[str, str], ...]] = STUDENT_ONLY
     info: ClassVar[MethodInfo] = MethodInfo(
         family="pretext classification",
         views="1 crop rotated k * 90 deg in the axial plane, k uniform in 0..3",

@@ -14,7 +14,7 @@ from typing import ClassVar
 from nnunet_ssl.pretraining.heads import LinearPixelHead
 from nnunet_ssl.pretraining.losses import masked_pixel_loss
 from nnunet_ssl.pretraining.masking import random_unit_masks
-from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
+from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings, with_drop_path
 from torch import Tensor, nn
 
@@ -57,6 +57,7 @@ class SimMIM(nn.Module):
 
     name: ClassVar[str] = "simmim"
     num_views: ClassVar[int] = 1
+    encoder_modules: ClassVar[tuple[tuple[str, str], ...]] = STUDENT_ONLY
     info: ClassVar[MethodInfo] = MethodInfo(
         family="masked image modelling",
         views="1 crop, masked 0.75 (16^3 units)",

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from nnunet_ssl.pretraining.heads import ConvUpHead, linear_head, x4_vector
 from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS, nt_xent_loss, reconstruction_loss, rotation_loss
-from nnunet_ssl.pretraining.methods.base import MethodInfo, StepContext
+from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import (
     MIN_CONV_HEAD_CROP,
     checked_views,
@@ -88,6 +88,7 @@ class SwinUNETRPretraining(nn.Module):
 
     name: ClassVar[str] = "swinunetr"
     num_views: ClassVar[int] = 1
+    encoder_modules: ClassVar[tuple[tuple[str, str], ...]] = STUDENT_ONLY
     info: ClassVar[MethodInfo] = MethodInfo(
         family="multi-objective",
         views="1 crop -> 2 axial rotations, each corrupted by aug_rand",
