@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 from nnunet_ssl.networks import PRESETS, SwinUNETRSeg
 from nnunet_ssl.trainers.base import WarmupCosineLRScheduler
+from nnunet_ssl.trainers.inputs import FINETUNE_ENV as ENV_VAR
+from nnunet_ssl.trainers.inputs import TrainerInputError
 from nnunet_ssl.trainers.policy import (
     FineTunePolicy,
     PolicyError,
@@ -18,7 +21,7 @@ from nnunet_ssl.trainers.policy import (
     parse_policy,
     policy_parameter_groups,
 )
-from nnunet_ssl.trainers.policy_trainer import ENV_VAR, INIT_ARGS_KEY
+from nnunet_ssl.trainers.policy_trainer import INIT_ARGS_KEY
 from nnunet_ssl.trainers.recipe import FineTuneRecipe
 
 
@@ -272,11 +275,21 @@ def test_trainer_unfreezes_at_epoch_k_also_after_a_resume(nnunet_env: Path, monk
     assert again["init_args"][INIT_ARGS_KEY]["policy"] == FineTunePolicy(2, 2, 0.5).to_dict()
 
 
-def test_bad_environment_policy_fails_before_training(nnunet_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_environment_policy_is_refused_before_nnunet_creates_anything(
+    nnunet_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under nnUNetv2_train: one line naming the variable, exit 1, no results folder; from Python: the error itself."""
     monkeypatch.setenv(ENV_VAR, "llrd=2")
-    trainer = _trainer()
-    with pytest.raises(PolicyError, match=r"NNUNET_SSL_FINETUNE='llrd=2'.*llrd must be a number in \(0, 1\]"):
-        trainer.initialize()
+    with pytest.raises(SystemExit) as exit_:
+        _trainer()
+    message = str(exit_.value.code)
+    assert message.startswith("nnunet-ssl: refusing NNUNET_SSL_FINETUNE, nothing was written.")
+    assert re.search(r"NNUNET_SSL_FINETUNE='llrd=2'.*llrd must be a number in \(0, 1\]", message)
+    assert not (nnunet_env / "results").exists()
+    monkeypatch.setattr("sys.argv", ["python", "my_script.py"])
+    with pytest.raises(TrainerInputError, match=r"NNUNET_SSL_FINETUNE='llrd=2'") as error:
+        _trainer()
+    assert error.value.input_name == ENV_VAR and isinstance(error.value.__cause__, PolicyError)
 
 
 def test_policy_from_the_weights_file_and_the_environment_over_it(nnunet_env: Path, monkeypatch) -> None:

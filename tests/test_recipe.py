@@ -8,7 +8,8 @@ import torch
 
 from nnunet_ssl.networks import PRESETS, SwinUNETRSeg
 from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
-from nnunet_ssl.trainers.base import WarmupCosineLRScheduler, pretrained_weights_argument
+from nnunet_ssl.trainers.base import WarmupCosineLRScheduler
+from nnunet_ssl.trainers.inputs import pretrained_weights_argument
 from nnunet_ssl.trainers.named import TRAINERS
 from nnunet_ssl.trainers.recipe import FineTuneRecipe, fitted_batch_size, swin_compatible_patch_size
 

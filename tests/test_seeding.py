@@ -9,13 +9,8 @@ import torch
 from batchgenerators.dataloading.data_loader import DataLoader
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 
-from nnunet_ssl.trainers.seeding import (
-    SEED_ENV,
-    process_seed,
-    seed_from_environment,
-    seed_process,
-    worker_seeds,
-)
+from nnunet_ssl.trainers.inputs import SEED_ENV, TrainerInputError, seed_from_environment
+from nnunet_ssl.trainers.seeding import process_seed, seed_process, worker_seeds
 
 
 def test_seed_from_environment() -> None:
@@ -24,7 +19,7 @@ def test_seed_from_environment() -> None:
     assert seed_from_environment({SEED_ENV: "42"}) == 42
     assert seed_from_environment({SEED_ENV: str(2**32 - 1)}) == 2**32 - 1
     for bad in ("abc", "1.5", "-1", str(2**32)):
-        with pytest.raises(ValueError, match=SEED_ENV):
+        with pytest.raises(TrainerInputError, match=SEED_ENV):
             seed_from_environment({SEED_ENV: bad})
 
 
@@ -78,11 +73,12 @@ def test_seeded_background_worker_repeats_its_batches() -> None:
 
 
 def test_epoch_override_from_environment() -> None:
-    from nnunet_ssl.trainers.recipe import EPOCHS_ENV, FineTuneRecipe, epochs_from_environment, with_epochs
+    from nnunet_ssl.trainers.inputs import EPOCHS_ENV, epochs_from_environment
+    from nnunet_ssl.trainers.recipe import FineTuneRecipe, with_epochs
 
     assert epochs_from_environment({}) is None and epochs_from_environment({EPOCHS_ENV: "12"}) == 12
     for bad in ("0", "-3", "ten", "1.5"):
-        with pytest.raises(ValueError, match=EPOCHS_ENV):
+        with pytest.raises(TrainerInputError, match=EPOCHS_ENV):
             epochs_from_environment({EPOCHS_ENV: bad})
     recipe = with_epochs(FineTuneRecipe(), 1)
     assert (recipe.num_epochs, recipe.warmup_epochs) == (1, 0)  # the 50-epoch warm-up no longer fits

@@ -7,12 +7,12 @@ A named trainer sets three class attributes and nothing else:
 * ``recipe``: a :class:`FineTuneRecipe` (optimizer, schedule, epochs).
 
 Everything else (patch-size fitting, network building, deep supervision, optimizer and schedule,
-provenance logging) lives here once.
+provenance logging) lives here once. What an invocation asks beyond nnU-Net's constructor arguments
+(``-pretrained_weights``, ``--val``, the ``NNUNET_SSL_*`` variables) is read once, in the constructor,
+through :mod:`nnunet_ssl.trainers.inputs`.
 """
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any, ClassVar
 
 import torch
@@ -23,28 +23,27 @@ from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_ssl.networks.presets import get_preset
-from nnunet_ssl.networks.segmentation import SwinUNETRSeg
+from nnunet_ssl.networks.segmentation import SwinUNETRSeg, unwrap
 from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
 from nnunet_ssl.splits import FoldEntry, manifest_entry_for_fold
+from nnunet_ssl.trainers.inputs import (
+    EPOCHS_ENV,
+    PRETRAINED_WEIGHTS_OPTION,
+    SEED_ENV,
+    TrainerInputError,
+    TrainerInputs,
+    refuse_under_nnunet_train,
+)
 from nnunet_ssl.trainers.policy import FineTunePolicy
 from nnunet_ssl.trainers.policy_trainer import FineTunePolicyMixin
 from nnunet_ssl.trainers.recipe import (
-    EPOCHS_ENV,
     FineTuneRecipe,
-    epochs_from_environment,
     fitted_batch_size,
     should_stop_early,
     swin_compatible_patch_size,
     with_epochs,
 )
-from nnunet_ssl.trainers.seeding import (
-    CHECKPOINT_KEY,
-    SEED_ENV,
-    process_seed,
-    seed_from_environment,
-    seed_process,
-    worker_seeds,
-)
+from nnunet_ssl.trainers.seeding import CHECKPOINT_KEY, process_seed, seed_process, worker_seeds
 from nnunet_ssl.weights.format import WeightsError, encoder_digest
 from nnunet_ssl.weights.intensity import intensity_warnings, plans_channel_mappings
 from nnunet_ssl.weights.preflight import preflight_weights
@@ -83,12 +82,6 @@ class WarmupCosineLRScheduler(_LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-def unwrap(network: nn.Module) -> nn.Module:
-    """The plain module behind DDP and torch.compile wrappers."""
-    module = getattr(network, "module", network)
-    return getattr(module, "_orig_mod", module)
-
-
 class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
     """nnU-Net trainer for the Swin encoder + SwinUNETR decoder."""
 
@@ -105,8 +98,15 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         device: torch.device = torch.device("cuda"),
     ) -> None:
         plan_notes = self.fit_plans_to_swin(plans, configuration)
-        self.weights_metadata = self.check_pretrained_weights_early(plans, configuration, dataset_json)
-        self.seed = seed_from_environment(os.environ)
+        try:  # every input checked before nnU-Net creates the results folder
+            self.trainer_inputs = TrainerInputs.read()
+            self.weights_metadata = self.check_pretrained_weights_early(
+                self.trainer_inputs, plans, configuration, dataset_json)
+            self._requested_policy = self.requested_finetune_policy(self.trainer_inputs, self.weights_metadata)
+        except TrainerInputError as error:
+            refuse_under_nnunet_train(error)
+            raise
+        self.seed = self.trainer_inputs.seed
         if self.seed is not None:
             seed_process(self.seed)  # before nnU-Net builds anything that draws random numbers
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -119,7 +119,7 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         )
         self.split_entry: FoldEntry | None = manifest_entry_for_fold(self.preprocessed_dataset_folder_base, fold)
         self.active_recipe = self.recipe_for_fold(self.split_entry)
-        epochs = epochs_from_environment(os.environ)
+        epochs = self.trainer_inputs.epochs
         if epochs is not None:
             self.active_recipe = with_epochs(self.active_recipe, epochs)
             self.print_to_log_file(f"{EPOCHS_ENV}={epochs}: training for {epochs} epochs "
@@ -295,20 +295,24 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
 
     # ------------------------------------------------------------------ pretrained weights
     @classmethod
-    def check_pretrained_weights_early(cls, plans: dict, configuration: str, dataset_json: dict) -> dict | None:
-        """Check ``-pretrained_weights`` before nnU-Net creates the results folder; exit cleanly if it does not fit.
+    def check_pretrained_weights_early(
+        cls, inputs: TrainerInputs, plans: dict, configuration: str, dataset_json: dict
+    ) -> dict | None:
+        """Check ``-pretrained_weights`` before nnU-Net creates the results folder.
 
         nnU-Net builds the trainer, initialises it and only then loads the file with bare assertions,
         after the fold folder and its log exist. Returns the file's metadata (None without the option).
+
+        Raises:
+            TrainerInputError: the file does not fit the network this trainer builds for these plans.
         """
-        path = pretrained_weights_argument(sys.argv)
-        if path is None or "--val" in sys.argv:  # --val ignores -pretrained_weights
+        if inputs.pretrained_weights is None:
             return None
         try:
-            return preflight_weights(path, cls, plans, configuration, dataset_json,
+            return preflight_weights(inputs.pretrained_weights, cls, plans, configuration, dataset_json,
                                      continue_training=bool(plans.get("continue_training")))
         except WeightsError as error:
-            raise SystemExit(f"nnunet-ssl: refusing -pretrained_weights, nothing was written.\n{error}") from None
+            raise TrainerInputError(PRETRAINED_WEIGHTS_OPTION, str(error)) from error
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -349,15 +353,6 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         for warning in intensity_warnings(intensity, mappings):
             self.print_to_log_file(f"WARNING: {warning}")
 
-
-def pretrained_weights_argument(argv: list[str]) -> str | None:
-    """The value of nnUNetv2_train's ``-pretrained_weights`` option in ``argv``, if any."""
-    for i, arg in enumerate(argv):
-        if arg == "-pretrained_weights" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("-pretrained_weights="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def describe(trainer_class: type[SwinTrainerBase]) -> dict[str, Any]:

@@ -13,6 +13,9 @@ Where a run's policy comes from, first match wins:
    with the weights it was chosen for.
 4. The trainer class's ``finetune_policy_default`` (empty for every trainer today).
 
+2 and 3 are the trainer's inputs (:mod:`nnunet_ssl.trainers.inputs`), read once when it is built;
+:meth:`FineTunePolicyMixin.requested_finetune_policy` picks from them.
+
 Why ``init_args``: nnU-Net 2.8.1's ``save_checkpoint`` writes a fixed set of keys (an extra
 top-level key would need a copy of that method), and ``load_checkpoint`` restores ``init_args`` into
 ``my_init_kwargs``, which the next ``save_checkpoint`` writes again. The predictor reads only
@@ -20,14 +23,13 @@ top-level key would need a copy of that method), and ``load_checkpoint`` restore
 """
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any, ClassVar
 
-import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ssl.checkpoints import load_nnunet_checkpoint
+from nnunet_ssl.networks.segmentation import unwrap
+from nnunet_ssl.trainers.inputs import FINETUNE_ENV, PRETRAINED_WEIGHTS_OPTION, TrainerInputError, TrainerInputs
 from nnunet_ssl.trainers.policy import (
     FineTunePolicy,
     PolicyError,
@@ -38,34 +40,8 @@ from nnunet_ssl.trainers.policy import (
     policy_parameter_groups,
 )
 
-#: Environment variable holding a policy string.
-ENV_VAR = "NNUNET_SSL_FINETUNE"
 #: Key of the policy in the nnU-Net checkpoint's ``init_args``.
 INIT_ARGS_KEY = "nnunet_ssl_finetune_policy"
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    module = getattr(network, "module", network)
-    return getattr(module, "_orig_mod", module)
-
-
-def policy_from_environment(environ: dict[str, str] | None = None) -> FineTunePolicy | None:
-    """The policy in ``NNUNET_SSL_FINETUNE``, or None when it is unset or empty."""
-    text = (os.environ if environ is None else environ).get(ENV_VAR)
-    if text is None or not text.strip():
-        return None
-    return parse_policy(text, origin=f"environment variable {ENV_VAR}={text!r}")
-
-
-def policy_from_weights_file(path: str) -> FineTunePolicy | None:
-    """The policy ``nnunet-ssl export --policy`` stored in a weights file, or None."""
-    from nnunet_ssl.weights.format import load_weights_file
-
-    _, metadata = load_weights_file(path)
-    text = metadata.get("finetune_policy") or ""
-    if not text:
-        return None
-    return parse_policy(text, origin=f"{path} (metadata finetune_policy={text!r})")
 
 
 def policy_from_checkpoint(checkpoint: dict[str, Any], origin: str) -> FineTunePolicy | None:
@@ -102,29 +78,42 @@ class FineTunePolicyMixin(nnUNetTrainer):
 
     #: Policy string of a trainer class when neither a checkpoint, the environment nor the weights file sets one.
     finetune_policy_default: ClassVar[str] = ""
+    #: The invocation's inputs and the ``-pretrained_weights`` file's metadata; the trainer sets both
+    #: when it is built (defaults: no inputs, no file).
+    trainer_inputs: TrainerInputs = TrainerInputs()
+    weights_metadata: dict[str, Any] | None = None
 
     _finetune_policy: FineTunePolicy | None = None
     _finetune_policy_origin: str = "default"
+    _requested_policy: tuple[FineTunePolicy, str] | None = None
 
     @property
     def finetune_policy(self) -> FineTunePolicy:
         return self._finetune_policy if self._finetune_policy is not None else FineTunePolicy()
 
-    def requested_finetune_policy(self) -> tuple[FineTunePolicy, str]:
-        """The policy this invocation asks for (environment, weights file, class default) and its origin."""
-        policy = policy_from_environment()
-        if policy is not None:
-            return policy, f"environment variable {ENV_VAR}"
-        from nnunet_ssl.trainers.base import pretrained_weights_argument
+    @classmethod
+    def requested_finetune_policy(
+        cls, inputs: TrainerInputs, weights_metadata: dict[str, Any] | None
+    ) -> tuple[FineTunePolicy, str]:
+        """The policy an invocation asks for (environment, weights file, class default) and its origin.
 
-        path = pretrained_weights_argument(sys.argv)
-        if path is not None and os.path.isfile(path):
-            policy = policy_from_weights_file(path)
-            if policy is not None:
-                return policy, f"weights file {path}"
-        if self.finetune_policy_default:
-            return parse_policy(self.finetune_policy_default, f"{type(self).__name__}.finetune_policy_default"), \
-                f"default of {type(self).__name__}"
+        Raises:
+            TrainerInputError: the weights file's policy string does not parse.
+            PolicyError: the class default does not parse.
+        """
+        if inputs.finetune_policy is not None:
+            return inputs.finetune_policy, f"environment variable {FINETUNE_ENV}"
+        text = (weights_metadata or {}).get("finetune_policy") or ""
+        if text:
+            path = inputs.pretrained_weights
+            try:
+                policy = parse_policy(text, origin=f"{path} (metadata finetune_policy={text!r})")
+            except PolicyError as error:
+                raise TrainerInputError(PRETRAINED_WEIGHTS_OPTION, str(error)) from error
+            return policy, f"weights file {path}"
+        if cls.finetune_policy_default:
+            return parse_policy(cls.finetune_policy_default, f"{cls.__name__}.finetune_policy_default"), \
+                f"default of {cls.__name__}"
         return FineTunePolicy(), "default (none set)"
 
     def set_finetune_policy(self, policy: FineTunePolicy, origin: str) -> None:
@@ -136,11 +125,13 @@ class FineTunePolicyMixin(nnUNetTrainer):
     # ------------------------------------------------------------------ nnU-Net hooks
     def initialize(self) -> None:
         if not self.was_initialized and self._finetune_policy is None:
-            self.set_finetune_policy(*self.requested_finetune_policy())
+            requested = self._requested_policy or self.requested_finetune_policy(self.trainer_inputs,
+                                                                                 self.weights_metadata)
+            self.set_finetune_policy(*requested)
         super().initialize()
         self.print_to_log_file(
             f"Fine-tuning policy (from {self._finetune_policy_origin}): "
-            f"{self.finetune_policy.describe(num_encoder_levels(_unwrap(self.network)))}"
+            f"{self.finetune_policy.describe(num_encoder_levels(unwrap(self.network)))}"
         )
 
     def finetune_parameter_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
@@ -148,7 +139,7 @@ class FineTunePolicyMixin(nnUNetTrainer):
         policy = self.finetune_policy
         if policy.is_default:
             return None
-        network = _unwrap(self.network)
+        network = unwrap(self.network)
         policy.check_levels(num_encoder_levels(network))
         return policy_parameter_groups(network, weight_decay, policy)
 
@@ -161,10 +152,10 @@ class FineTunePolicyMixin(nnUNetTrainer):
         origin = f"checkpoint {filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else ''}".strip()
         if stored is None:
             stored, origin = FineTunePolicy(), f"{origin} (written without a policy: none)"
-        requested = policy_from_environment()
+        requested = self.trainer_inputs.finetune_policy
         if requested is not None and requested != stored:
             self.print_to_log_file(
-                f"WARNING: {ENV_VAR} asks for '{requested.to_string()}' but this run was started with "
+                f"WARNING: {FINETUNE_ENV} asks for '{requested.to_string()}' but this run was started with "
                 f"'{stored.to_string()}'; resuming keeps the checkpoint's policy. Start a new run (another "
                 "fold or trainer folder) to change it."
             )
@@ -179,7 +170,7 @@ class FineTunePolicyMixin(nnUNetTrainer):
     def on_train_epoch_start(self) -> None:
         policy = self.finetune_policy
         epoch = self.current_epoch
-        apply_freezing(_unwrap(self.network), policy, epoch, toggle_requires_grad=not self.is_ddp)
+        apply_freezing(unwrap(self.network), policy, epoch, toggle_requires_grad=not self.is_ddp)
         if policy.freeze_encoder_epochs:
             if epoch == policy.freeze_encoder_epochs:
                 ramp = (f" with a linear encoder lr warm-up over {policy.encoder_lr_warmup_epochs} epoch(s)"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from nnunet_ssl.networks.presets import ENCODER_STRIDE
@@ -93,24 +92,6 @@ def fitted_batch_size(batch_size: int, old_patch: list[int], new_patch: list[int
     if new_volume <= old_volume:
         return batch_size
     return max(min(2, batch_size), int(batch_size * old_volume / new_volume))
-
-
-#: Environment variable overriding the epochs of the fold being trained (``nnunet-ssl experiment``'s epochs).
-EPOCHS_ENV = "NNUNET_SSL_EPOCHS"
-
-
-def epochs_from_environment(environ: Mapping[str, str]) -> int | None:
-    """The epoch override in ``NNUNET_SSL_EPOCHS``; None when unset or empty.
-
-    Raises:
-        ValueError: when the value is not a positive integer.
-    """
-    value = environ.get(EPOCHS_ENV, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{EPOCHS_ENV}={value!r} is not a positive number of epochs")
-    return int(value)
 
 
 def with_epochs(recipe: FineTuneRecipe, epochs: int) -> FineTuneRecipe:

@@ -1,5 +1,7 @@
 """Seeding of the Swin trainers from ``NNUNET_SSL_SEED`` (no seed: nnU-Net's unseeded behaviour).
 
+The variable is read with the trainer's other inputs (:mod:`nnunet_ssl.trainers.inputs`).
+
 nnU-Net 2.8.1 does not seed training: the process RNGs start from OS entropy and its background
 augmenters (``NonDetMultiThreadedAugmenter`` with ``seeds=None``) call ``np.random.seed(None)`` in
 every worker. With a seed the trainer seeds Python's ``random``, NumPy and torch in the training
@@ -13,37 +15,14 @@ See docs/reproducibility.md for what this makes reproducible and what it does no
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-#: The environment variable the Swin trainers read their seed from.
-SEED_ENV = "NNUNET_SSL_SEED"
-#: Largest seed NumPy's legacy ``np.random.seed`` (used in nnU-Net's workers) accepts.
-MAX_SEED = 2**32 - 1
 #: Key of the seed in the ``init_args`` nnU-Net saves in every checkpoint.
 CHECKPOINT_KEY = "nnunet_ssl_seed"
 #: Data-loader streams: their worker seeds never coincide.
 STREAMS = {"train": 0, "val": 1}
-
-
-def seed_from_environment(environ: Mapping[str, str]) -> int | None:
-    """The seed in ``NNUNET_SSL_SEED``; None when unset or empty.
-
-    Raises:
-        ValueError: when the value is not an integer in [0, 2**32 - 1].
-    """
-    value = environ.get(SEED_ENV, "").strip()
-    if not value:
-        return None
-    try:
-        seed = int(value)
-    except ValueError:
-        raise ValueError(f"{SEED_ENV}={value!r} is not an integer seed") from None
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"{SEED_ENV}={seed} is outside [0, {MAX_SEED}]")
-    return seed
 
 
 def process_seed(seed: int, epoch: int, rank: int = 0) -> int:

@@ -23,8 +23,7 @@ from pathlib import Path
 from nnunet_ssl.case_ids import check_case_ids
 from nnunet_ssl.experiment.spec import Arm, Experiment, ExperimentError, TestSetSpec, trainer_name
 from nnunet_ssl.splits import FoldEntry
-from nnunet_ssl.trainers.recipe import EPOCHS_ENV
-from nnunet_ssl.trainers.seeding import SEED_ENV
+from nnunet_ssl.trainers.inputs import EPOCHS_ENV, SEED_ENV
 
 
 SKIP, FRESH, RESUME, VALIDATE = "skip", "fresh", "resume", "validate"

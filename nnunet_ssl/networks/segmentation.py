@@ -84,3 +84,8 @@ def decode_provenance(buffer: Tensor) -> dict | None:
     raw = bytes(buffer.cpu().tolist()).rstrip(b"\x00")
     return json.loads(raw) if raw else None
 
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    module = getattr(network, "module", network)
+    return getattr(module, "_orig_mod", module)
