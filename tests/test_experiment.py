@@ -371,7 +371,7 @@ def test_report_cka_few_shot_vs_full(tmp_path: Path, monkeypatch: pytest.MonkeyP
     from nnunet_ssl.experiment.report import make_experiment_report
     from nnunet_ssl.networks import PRESETS, SwinEncoder
     from nnunet_ssl.weights import build_weights_file
-    from test_cka import _plans
+    from test_cka_helpers import nnunet_plans as _plans
 
     root = tmp_path / "pre"
     folder = fake_preprocessed_dataset(root)

@@ -1,0 +1,96 @@
+"""``nnunet-ssl cka`` end to end on a tiny preset (``analysis/cka/run.py`` through the CLI): files, refusals, two folds."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from test_cka_helpers import nnunet_plans
+
+from nnunet_ssl.analysis.cka.gather import encoder_layer_names, stage_layers
+from nnunet_ssl.analysis.cka.run import cka_between_folds
+from nnunet_ssl.cli import main
+from nnunet_ssl.networks import PRESETS, SwinEncoder
+from nnunet_ssl.weights import build_weights_file, save_weights_file
+
+
+@pytest.fixture(scope="module")
+def cka_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An export file, a fold whose encoder is the same (saved with wrapper prefixes), and 3 raw CT cases."""
+    root = tmp_path_factory.mktemp("cka")
+    torch.manual_seed(7)
+    pretrained = SwinEncoder(PRESETS["tiny"], use_mask_token=True)
+    payload = build_weights_file(pretrained.state_dict(), "tiny", 1, 3, method="smit", source="unit-test")
+    weights = save_weights_file(payload, root / "smit_tiny.pt")
+    tampered = {**payload, "metadata": {**payload["metadata"], "preset": "monai"}}
+    save_weights_file(tampered, root / "wrong_preset.pt")
+
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
+                    "numTraining": 3, "file_ending": ".nii.gz"}
+    results = root / "Dataset990_CKA" / "SwinSMITTrainer_tiny_2epochs__nnUNetPlans__3d_fullres"
+    fold = results / "fold_0"
+    fold.mkdir(parents=True)
+    (results / "plans.json").write_text(json.dumps(nnunet_plans(64)), encoding="utf-8")
+    (results / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
+    checkpoint = {
+        "network_weights": {f"_orig_mod.{k}": v for k, v in payload["network_weights"].items()},
+        "trainer_name": "SwinSMITTrainer_tiny_2epochs",
+        "init_args": {"plans": nnunet_plans(64), "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset_json},
+        "current_epoch": np.int64(2),  # nnU-Net's checkpoints hold numpy scalars
+    }
+    torch.save(checkpoint, fold / "checkpoint_final.pth")
+
+    images = root / "imagesTs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, n) for n in (72, 80, 80)), indexing="ij")
+    for i in range(3):
+        body = (zz**2 + yy**2 + xx**2 < 0.8).astype(np.float32)
+        volume = -1000 + body * (1040 + 80 * np.sin(4 * (i + 1) * xx) + 30 * rng.standard_normal(body.shape))
+        image = sitk.GetImageFromArray(volume.astype(np.float32))
+        image.SetSpacing((1.0, 1.0, 1.0))
+        sitk.WriteImage(image, str(images / f"case{i}_0000.nii.gz"))
+    return {"weights": weights, "wrong_preset": root / "wrong_preset.pt", "fold": fold, "images": images}
+
+
+def test_cka_command_writes_tables_and_figures_and_identical_encoders_score_one(
+    cka_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "cka"
+    argv = ["cka", "--pretrained", str(cka_inputs["weights"]), "--finetuned", str(cka_inputs["fold"]),
+            "--data", str(cka_inputs["images"]), "--out", str(out), "--patches-per-case", "3", "--batch-size", "4"]
+    assert main(argv) == 0
+    for name in ("cka_per_layer.csv", "cka_matrix.csv", "cka_per_layer.png", "cka_heatmap.png", "cka_settings.json"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "cka_per_layer.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["layer"] for r in rows] == encoder_layer_names(PRESETS["tiny"])
+    assert all(float(r["cka"]) == pytest.approx(1.0, abs=1e-6) for r in rows)
+    with open(out / "cka_matrix.csv", encoding="utf-8") as handle:
+        matrix = list(csv.reader(handle))
+    assert len(matrix) == 1 + 9 and all(len(row) == 1 + 9 for row in matrix)
+    summary = json.loads((out / "cka_settings.json").read_text(encoding="utf-8"))
+    assert summary["examples"] == 9 and summary["minibatches"] == 2 and summary["preset"] == "tiny"
+
+
+def test_cka_command_refuses_mismatches_naming_the_file(cka_inputs: dict[str, Path], tmp_path: Path, caplog) -> None:
+    common = ["--finetuned", str(cka_inputs["fold"]), "--data", str(cka_inputs["images"]), "--out", str(tmp_path)]
+    assert main(["cka", "--pretrained", str(cka_inputs["wrong_preset"]), *common]) == 1
+    assert "wrong_preset.pt" in caplog.text and "'monai'" in caplog.text
+    assert main(["cka", "--pretrained", str(cka_inputs["weights"]), *common, "--checkpoint", "best"]) == 1
+    assert "checkpoint_best.pth does not exist" in caplog.text
+    assert main(["cka", "--pretrained", str(cka_inputs["weights"]), *common, "--batch-size", "2"]) == 1
+    assert "--batch-size must be at least 4" in caplog.text
+
+
+def test_cka_between_two_finetuned_folds_per_stage(cka_inputs: dict[str, Path]) -> None:
+    """Few-shot vs full-data feature reuse: a fold against itself is 1 at every stage's last block."""
+    assert stage_layers("tiny") == [f"stage{s}.block2" for s in range(1, 5)]
+    result = cka_between_folds(cka_inputs["fold"], cka_inputs["fold"], cka_inputs["images"], patches_per_case=2,
+                               batch_size=4)
+    assert result.layers == stage_layers("tiny") and result.examples == 6
+    assert all(value == pytest.approx(1.0, abs=1e-6) for _, value in result.per_layer())
