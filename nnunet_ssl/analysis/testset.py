@@ -29,7 +29,9 @@ from nnunet_ssl.analysis.results import (
     training_state,
 )
 from nnunet_ssl.case_ids import check_case_ids
+from nnunet_ssl.checkpoints import load_nnunet_checkpoint
 from nnunet_ssl.io import atomic_json_dump
+from nnunet_ssl.nnunet_ext import ext_trainer_path
 
 if TYPE_CHECKING:
     import torch
@@ -107,8 +109,6 @@ def resolve_device(name: str | None) -> torch.device:
 
 def ensure_ext_trainer_path() -> None:
     """Put the plugin's trainer folder into ``nnUNet_extTrainer`` (nnU-Net reads it at each lookup)."""
-    from nnunet_ssl.nnunet_ext import ext_trainer_path
-
     folder = str(ext_trainer_path())
     current = os.environ.get("nnUNet_extTrainer", "")
     if folder not in current.split(os.pathsep):
@@ -245,8 +245,6 @@ def collect_test_run(
         ValueError: the checkpoint to predict with holds objects other than tensors, plain values and
             numpy scalars (refused before nnU-Net's predictor would unpickle it).
     """
-    from nnunet_ssl.checkpoints import load_nnunet_checkpoint
-
     fold_dir = layout.fold_dir(trainer, fold)
     status, reason = training_state(fold_dir, settings.checkpoint)
     if status != COMPLETE:
