@@ -118,7 +118,8 @@ def imports_of(name: str, source: Source, modules: set[str]) -> tuple[list[Impor
                 if imported != name and imported not in own_packages and imported in modules:
                     via = target if imported != target else ""
                     found.append(Import(name, imported, source.path, node.lineno, where.get(node, ""), via))
-    return found, external
+    unique = {(i.imported, i.line): i for i in reversed(found)}  # one per module and line (the direct one first)
+    return sorted(unique.values(), key=lambda i: (i.line, i.imported)), external
 
 
 def _module_of(dotted: str, modules: set[str]) -> str | None:
