@@ -1,8 +1,8 @@
 """Reading checkpoints and digesting encoder weights, with no nnU-Net and no pretraining imports.
 
-Both ``nnunet_ssl.pretraining`` (which writes run checkpoints) and ``nnunet_ssl.weights`` (which
-exports and converts them) import this module, so the two packages import one way only:
-``weights`` -> ``pretraining`` -> ``checkpoints``.
+A foundation module (``nnunet_ssl.layers``): ``nnunet_ssl.pretraining`` (which writes run checkpoints)
+and ``nnunet_ssl.weights`` (which exports and converts them, from what the checkpoint carries) both
+read checkpoints here, and neither imports the other for it.
 """
 from __future__ import annotations
 
