@@ -1,39 +1,52 @@
 """The main job: the whole story on generated phantoms, through nnU-Net's own commands.
 
-Stages (each skipped when its output exists, so a re-run resumes):
+The demo is an experiment (``demo_experiment.yaml``, written into the work folder: a scratch and a
+SMIT arm on one 5-shot fold, scored on the test images) run by the experiment runner, plus the stages
+around it. Each stage is skipped when its output exists, so a re-run resumes:
 
 1. generate phantoms (labeled dataset 501 + unlabeled pool);
 2. pretrain SMIT briefly on the unlabeled pool (``nnunet-ssl pretrain``, resumable);
 3. ``nnunet-ssl plan``: nnU-Net's planning and preprocessing with the paper's spacing and CT window;
-4. ``nnunet-ssl export`` of the SMIT (student) encoder for those plans;
-5. ``nnunet-ssl split``: a 5-shot fold appended to nnU-Net's ``splits_final.json``;
-6. ``nnUNetv2_train`` on that fold from scratch and from the SMIT weights (``--c`` continues a killed run),
-   with nnU-Net's epoch progress (epoch k/N, losses, pseudo-Dice) printed as it goes;
-7. ``nnUNetv2_predict`` on the test images with both;
-8. ``nnunet-ssl report``: test-set Dice, gap %, Wilcoxon, curves (``report/report.md``);
-9. ``nnunet-ssl cka``: pretrained vs fine-tuned SMIT encoder, layer by layer (``cka/``).
+4. the experiment file, its 5-shot fold appended to nnU-Net's ``splits_final.json`` (``nnunet-ssl
+   split``'s code) and its jobs (:func:`nnunet_ssl.experiment.runner.prepare`);
+5. the jobs, one stage each (:func:`nnunet_ssl.experiment.runner.run_job`): ``nnunet-ssl export`` of the
+   SMIT (student) encoder for those plans; ``nnUNetv2_train`` on the fold from scratch and from the
+   SMIT weights (``--c`` continues a killed run), with nnU-Net's epoch progress (epoch k/N, losses,
+   pseudo-Dice) printed as it goes; ``nnUNetv2_predict`` on the test images with both;
+6. the experiment report (:mod:`nnunet_ssl.experiment.report`): test-set Dice, gap % and Wilcoxon vs
+   scratch, curves (``report/report.md``), rendered as ``nnunet-ssl experiment report`` renders it;
+7. ``nnunet-ssl cka``: pretrained vs fine-tuned SMIT encoder, layer by layer (``cka/``).
+
+``nnunet-ssl experiment run|emit|report demo_work/demo_experiment.yaml`` works on the same folder
+(with ``nnUNet_raw`` and ``nnUNet_preprocessed`` set to the demo's).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
+
+import yaml
 
 from nnunet_ssl.cpu_memory import with_freed_memory_kept
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 from nnunet_ssl.demo_progress import EpochProgress, keep_structures
-from nnunet_ssl.io import atomic_json_dump
+from nnunet_ssl.experiment.grid import RESUME, SKIP, Job, decide
+from nnunet_ssl.experiment.runner import FAILED, Prepared, prepare, run_job
+from nnunet_ssl.experiment.spec import Experiment, load_experiment
+from nnunet_ssl.io import atomic_json_dump, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 PLANS = "nnUNetSwinPlans"
+EXPERIMENT_FILE = "demo_experiment.yaml"
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,12 @@ class DemoError(RuntimeError):
 
 
 class Demo:
-    """Runs the demo stages with nnU-Net's folders inside ``config.work_dir``."""
+    """Runs the demo stages with nnU-Net's folders inside ``config.work_dir``.
+
+    The work folder is also the experiment's output: ``results/<arm>/``, ``predictions/<arm>/``,
+    ``weights/<arm>.pt``, ``logs/`` and ``report/`` (:mod:`nnunet_ssl.experiment.grid`). The arms are
+    named after their trainers, so the report's rows name the trainers that made them.
+    """
 
     def __init__(self, config: DemoConfig) -> None:
         from nnunet_ssl.nnunet_ext import ext_trainer_path
@@ -84,15 +102,18 @@ class Demo:
         self.root = config.work_dir.resolve()
         self.raw = self.root / "nnUNet_raw"
         self.preprocessed = self.root / "nnUNet_preprocessed"
-        self.results = self.root / "nnUNet_results"
         self.logs = self.root / "logs"
         #: Per trainer, the epoch progress lines printed while it trained in this run.
         self.progress: dict[str, list[str]] = {}
+        self._prepared: Prepared | None = None
+        #: What every command needs: nnU-Net's folders, the demo's process counts and seed (the
+        #: experiment's jobs get the same through the experiment file's ``env``, and their
+        #: ``nnUNet_results`` per arm).
         self.env = {
             **os.environ,
             "nnUNet_raw": str(self.raw),
             "nnUNet_preprocessed": str(self.preprocessed),
-            "nnUNet_results": str(self.results),
+            "nnUNet_results": str(self.root / "nnUNet_results"),
             "nnUNet_extTrainer": str(ext_trainer_path()),
             "nnUNet_def_n_proc": str(config.processes),
             "nnUNet_n_proc_DA": str(config.augmentation_processes),
@@ -106,28 +127,6 @@ class Demo:
     def dataset_name(self) -> str:
         return f"Dataset{self.config.dataset_id:03d}_{self.config.phantoms.dataset_name}"
 
-    @cached_property
-    def fold(self) -> int:
-        """The 5-shot fold's index, read once from the split manifest (after the split stage)."""
-        from nnunet_ssl.splits import MANIFEST_FILE, read_manifest
-
-        c = self.config
-        for entry in read_manifest(self.preprocessed / self.dataset_name / MANIFEST_FILE):
-            if (entry.kind, entry.size, entry.seed) == ("few_shot", c.shots, c.split_seed):
-                return entry.fold
-        raise DemoError(f"no {c.shots}-shot fold (seed {c.split_seed}) in the split manifest; re-run the split stage")
-
-    def fold_dir(self, trainer: str) -> Path:
-        c = self.config
-        return self.results / self.dataset_name / f"{trainer}__{PLANS}__{c.configuration}" / f"fold_{self.fold}"
-
-    @property
-    def predictions_root(self) -> Path:
-        return self.root / "predictions"
-
-    def predictions(self, trainer: str) -> Path:
-        return self.predictions_root / trainer / f"fold_{self.fold}"
-
     @property
     def trainers(self) -> tuple[str, str]:
         return self.config.scratch_trainer, self.config.pretrained_trainer
@@ -137,8 +136,8 @@ class Demo:
         return self.root / "pretraining" / "smit"
 
     @property
-    def weights_file(self) -> Path:
-        return self.root / "weights" / f"smit_{self.dataset_name}.pt"
+    def experiment_file(self) -> Path:
+        return self.root / EXPERIMENT_FILE
 
     @property
     def report_dir(self) -> Path:
@@ -152,20 +151,90 @@ class Demo:
     def test_images_dir(self) -> Path:
         return self.raw / self.dataset_name / "imagesTs"
 
-    def stages(self) -> list[tuple[str, Callable[[], None]]]:
+    # ------------------------------------------------------------------ the experiment
+    def experiment_settings(self) -> dict[str, object]:
+        """The demo as an experiment file's content (written to ``demo_experiment.yaml``).
+
+        The pretraining run and the output are relative to the work folder; ``env`` carries what the
+        demo's own commands get (:attr:`env`: nnU-Net's folders, process counts, memory settings) to
+        every job.
+        """
+        c = self.config
         scratch, pretrained = self.trainers
+        env = {key: self.env[key] for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_def_n_proc",
+                                               "nnUNet_n_proc_DA", "PYTHONUNBUFFERED")}
+        env.update({key: value for key, value in self.env.items() if key.startswith("MALLOC_")})
+        return {
+            "dataset": c.dataset_id, "plans": PLANS, "configuration": c.configuration, "preset": "tiny",
+            "seed": c.seed, "device": "cpu", "output": ".", "env": env,
+            "arms": [
+                {"name": scratch, "trainer": scratch},
+                # the student, not the default EMA teacher: after a few dozen steps at momentum 0.996 the
+                # teacher is still about 90% its random initialisation (0.996**30 = 0.89), while the student
+                # has learned to reconstruct masked patches ([SMIT]'s own code fine-tunes from the student)
+                {"name": pretrained, "trainer": pretrained, "method": "smit",
+                 "pretraining_run": str(self.pretrain_dir.relative_to(self.root)), "export_from": "student"},
+            ],
+            "settings": {"few_shot": {"shots": [c.shots], "seeds": [c.split_seed]}},
+            "test_set": "imagesTs",
+        }
+
+    @contextlib.contextmanager
+    def nnunet_folders(self) -> Iterator[None]:
+        """``nnUNet_raw`` and ``nnUNet_preprocessed`` set to the demo's while the runner works in this process."""
+        keys = ("nnUNet_raw", "nnUNet_preprocessed")
+        saved = {key: os.environ.get(key) for key in keys}
+        os.environ.update({key: self.env[key] for key in keys})
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def load_experiment(self) -> Experiment:
+        return load_experiment(self.experiment_file)
+
+    @property
+    def prepared(self) -> Prepared:
+        """The experiment with its fold and jobs (after the experiment stage)."""
+        if self._prepared is None:
+            with self.nnunet_folders():
+                self._prepared = prepare(self.load_experiment())
+        return self._prepared
+
+    @property
+    def fold(self) -> int:
+        """The 5-shot fold's index (from the split manifest, after the experiment stage)."""
+        return next(iter(self.prepared.settings[0].folds))
+
+    def fold_dir(self, trainer: str) -> Path:
+        return self.prepared.paths.fold_dir(trainer, trainer, self.fold)
+
+    @property
+    def weights_file(self) -> Path:
+        return self.prepared.paths.weights(self.config.pretrained_trainer)
+
+    # ------------------------------------------------------------------ running
+    def stages(self) -> list[tuple[str, Callable[[], bool | None]]]:
+        """The stages before the experiment's jobs (which are known once the experiment is prepared)."""
         return [
             ("generate phantoms", self.make_phantoms),
             ("nnunet-ssl pretrain --method smit (unlabeled pool)", self.pretrain),
             ("nnunet-ssl plan (nnU-Net planning + preprocessing, paper setup)", self.plan),
-            ("nnunet-ssl export --from student (SMIT encoder -> -pretrained_weights file)", self.export),
-            (f"nnunet-ssl split --shots {self.config.shots}", self.split),
-            (f"nnUNetv2_train {scratch} (from scratch)", lambda: self.train(scratch, None)),
-            (f"nnUNetv2_train {pretrained} -pretrained_weights", lambda: self.train(pretrained, self.weights_file)),
-            ("nnUNetv2_predict on the test images (both)", self.predict),
-            ("nnunet-ssl report", self.report),
+            (f"experiment {EXPERIMENT_FILE}: nnunet-ssl split --shots {self.config.shots} and the jobs", self.experiment),
+        ]
+
+    def closing_stages(self) -> list[tuple[str, Callable[[], bool | None]]]:
+        return [
+            ("experiment report (test-set Dice, gap %, Wilcoxon, curves)", self.report),
             ("nnunet-ssl cka (pretrained vs fine-tuned SMIT encoder)", self.cka),
         ]
+
+    #: Jobs of the demo's experiment: one export, then a training and a prediction per arm.
+    JOBS = 5
 
     @property
     def stage_times_file(self) -> Path:
@@ -179,20 +248,31 @@ class Demo:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        stages = self.stages()
         times = self._read_stage_times()
         started = time.monotonic()
-        for index, (name, stage) in enumerate(stages, start=1):
-            start = time.monotonic()
-            logger.info("[%d/%d] %s ...", index, len(stages), name)
-            worked = stage()
-            seconds = time.monotonic() - start
-            if worked is not False:
-                times[name] = round(seconds, 1)
-                atomic_json_dump(times, self.stage_times_file)
-            logger.info("[%d/%d] %s done in %.0f s", index, len(stages), name, seconds)
-        self.summarize(sum(times.get(name, 0.0) for name, _ in stages), time.monotonic() - started)
+        before, after = self.stages(), self.closing_stages()
+        total = len(before) + self.JOBS + len(after)
+        names = []
+        for name, stage in before:
+            names.append(self._stage(len(names) + 1, total, name, stage, times))
+        for job in self.prepared.jobs:
+            names.append(self._stage(len(names) + 1, total, job_title(job), lambda job=job: self.run_job(job), times))
+        for name, stage in after:
+            names.append(self._stage(len(names) + 1, total, name, stage, times))
+        self.summarize(sum(times.get(name, 0.0) for name in names), time.monotonic() - started)
         return self.report_dir / "report.md"
+
+    def _stage(self, index: int, total: int, name: str, stage: Callable[[], bool | None],
+               times: dict[str, float]) -> str:
+        start = time.monotonic()
+        logger.info("[%d/%d] %s ...", index, total, name)
+        worked = stage()
+        seconds = time.monotonic() - start
+        if worked is not False:
+            times[name] = round(seconds, 1)
+            atomic_json_dump(times, self.stage_times_file)
+        logger.info("[%d/%d] %s done in %.0f s", index, total, name, seconds)
+        return name
 
     def _read_stage_times(self) -> dict[str, float]:
         try:
@@ -224,6 +304,7 @@ class Demo:
             "--checkpoint-every", "10", "--workers", "1", "--no-progress",
             "--set", "out_dim=1024", "head_hidden_dim=256", "head_bottleneck_dim=64", *resume,
         )
+        return True
 
     def plan(self) -> bool:
         stamp = self.preprocessed / self.dataset_name / ".nnunet_ssl_demo_planned"
@@ -235,81 +316,72 @@ class Demo:
             "-np", str(self.config.processes), "--verify",
         )
         stamp.touch()
+        return True
 
-    def export(self) -> bool:
-        if self.weights_file.is_file():
-            logger.info("    already exported: %s", self.weights_file)
+    def experiment(self) -> None:
+        """Write the experiment file, make its fold (idempotent: a re-run finds it) and build the jobs."""
+        atomic_write_text(yaml.safe_dump(self.experiment_settings(), sort_keys=False), self.experiment_file)
+        self._prepared = None
+        prepared = self.prepared
+        logger.info("    %d-shot fold: %d (splits_manifest.json); %d jobs, logs in %s", self.config.shots, self.fold,
+                    len(prepared.jobs), prepared.paths.logs)
+        if len(prepared.jobs) != self.JOBS:
+            raise DemoError(f"the demo's experiment has {len(prepared.jobs)} jobs, expected {self.JOBS}")
+
+    def run_job(self, job: Job) -> bool:
+        """One job of the experiment through the runner; False when it was already done."""
+        action, _ = decide(job)
+        if action == SKIP:
+            done = {"export": "already exported", "train": "already trained", "predict": "predictions exist"}[job.kind]
+            logger.info("    %s: %s", done, job.done[0].parent if job.kind != "export" else job.done[0])
             return False
-        # The student, not the default EMA teacher: after a few dozen steps at momentum 0.996 the
-        # teacher is still about 90% its random initialisation (0.996**30 = 0.89), while the student
-        # has learned to reconstruct masked patches ([SMIT]'s own code fine-tunes from the student).
-        self._run(
-            "export", "nnunet-ssl", "export", str(self.pretrain_dir), "-d", str(self.config.dataset_id),
-            "-c", self.config.configuration, "-p", PLANS, "--from", "student", "--out", str(self.weights_file),
-        )
+        logger.info("    $ %s  (log: %s)", " ".join(job.resume if action == RESUME and job.resume else job.command),
+                    job.log)
+        on_line = None
+        if job.kind == "train":
+            if action == RESUME:
+                logger.info("    continuing the interrupted run from checkpoint_latest.pth")
+            trainer = self.prepared.experiment.arm(job.arm).trainer or job.arm
+            progress = EpochProgress(self.epochs(trainer), self.structure_names())
+            self.progress[trainer] = progress.lines
+            on_line = progress.feed
+        with self.nnunet_folders():
+            status, detail = run_job(job, on_line)
+        if status == FAILED:
+            tail = "\n".join(job.log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
+            raise DemoError(f"stage '{job.id}' failed: {detail}:\n{tail}")
+        if job.kind == "train":
+            self._log_weights_lines(job.done[0].parent)
+        return True
 
-    def split(self) -> None:
-        c = self.config
-        self._run(  # idempotent: a re-run returns the existing fold
-            "split", "nnunet-ssl", "split", "-d", str(c.dataset_id), "--shots", str(c.shots),
-            "--seeds", str(c.split_seed),
-        )
-        logger.info("    %d-shot fold: %d (splits_manifest.json)", c.shots, self.fold)
-
-    def train(self, trainer: str, weights: Path | None) -> bool:
+    @staticmethod
+    def epochs(trainer: str) -> int | None:
         from nnunet_ssl.trainers.named import TRAINERS
 
-        fold_dir = self.fold_dir(trainer)
-        if (fold_dir / "checkpoint_final.pth").is_file():
-            logger.info("    already trained: %s", fold_dir)
-            return False
-        c = self.config
-        args = [str(c.dataset_id), c.configuration, str(self.fold), "-tr", trainer, "-p", PLANS, "-device", "cpu"]
-        if (fold_dir / "checkpoint_latest.pth").is_file():
-            logger.info("    continuing the interrupted run from checkpoint_latest.pth")
-            args.append("--c")
-        elif weights is not None:
-            args += ["-pretrained_weights", str(weights)]
-        epochs = TRAINERS[trainer].recipe.for_few_shot().num_epochs if trainer in TRAINERS else None
-        progress = EpochProgress(epochs, self.structure_names())
-        self.progress[trainer] = progress.lines
-        self._run(f"train_{trainer}", "nnUNetv2_train", *args, on_line=progress.feed)
+        return TRAINERS[trainer].recipe.for_few_shot().num_epochs if trainer in TRAINERS else None
+
+    @staticmethod
+    def _log_weights_lines(fold_dir: Path) -> None:
         for log in sorted(fold_dir.glob("training_log_*.txt")):
             for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
                 if any(key in line for key in ("Pretrained weights loaded", "training from scratch", "-shot fold")):
                     logger.info("    %s", line.split(": ", 1)[-1])
-        return True
 
     def structure_names(self) -> list[str]:
         """Foreground label names of the dataset, by label value."""
         labels = json.loads((self.raw / self.dataset_name / "dataset.json").read_text(encoding="utf-8"))["labels"]
         return [name for name, value in sorted(labels.items(), key=lambda item: item[1]) if value != 0]
 
-    def predict(self) -> bool:
-        c = self.config
-        cases = [p.name.replace("_0000.nii.gz", ".nii.gz") for p in sorted(self.test_images_dir.glob("*_0000.nii.gz"))]
-        worked = False
-        for trainer in self.trainers:
-            out = self.predictions(trainer)
-            if all((out / case).is_file() for case in cases):
-                logger.info("    predictions exist: %s", out)
-                continue
-            worked = True
-            self._run(
-                f"predict_{trainer}", "nnUNetv2_predict", "-i", str(self.test_images_dir), "-o", str(out),
-                "-d", str(c.dataset_id), "-c", c.configuration, "-p", PLANS, "-tr", trainer,
-                "-f", str(self.fold), "-device", "cpu", "-npp", "1", "-nps", "1",
-            )
-        return worked
-
     def report(self) -> None:
-        c = self.config
-        self._run(
-            "report", "nnunet-ssl", "report", "-d", str(c.dataset_id), "--trainers", *self.trainers,
-            "-p", PLANS, "-c", c.configuration, "--folds", str(self.fold),
-            "--test-images", str(self.test_images_dir), "--test-labels", str(self.raw / self.dataset_name / "labelsTs"),
-            "--predictions", str(self.predictions_root), "--device", "cpu", "--out", str(self.report_dir),
-        )
+        """The experiment report (what ``nnunet-ssl experiment report`` writes) into ``report/``."""
+        from nnunet_ssl.experiment.report import build_experiment_report, write_experiment_report
+
+        with self.nnunet_folders():
+            report = build_experiment_report(self.prepared, cka=True, device="cpu")
+            write_experiment_report(report, self.report_dir)
+        for run in report.transfer.runs:
+            logger.info("    %-40s fold %-3d %-10s %s", run.trainer, run.fold, run.status,
+                        f"{len(run.dice)} cases" if run.complete else run.reason)
 
     def cka(self) -> bool:
         if (self.cka_dir / "cka_per_layer.csv").is_file():
@@ -321,6 +393,7 @@ class Demo:
             "--patches-per-case", str(self.config.cka_patches_per_case), "--batch-size", "4", "--device", "cpu",
             "--out", str(self.cka_dir),
         )
+        return True
 
     def summarize(self, seconds: float, this_run_seconds: float) -> None:
         """Print where everything is and the headline table.
@@ -334,13 +407,14 @@ class Demo:
         per_layer = (self.cka_dir / "cka_per_layer.csv").read_text(encoding="utf-8").strip().splitlines()[1:]
         cka = ", ".join(f"{row.split(',')[0]} {float(row.split(',')[1]):.2f}" for row in per_layer)
         logger.info(
-            "demo finished in %.1f min\n\nreport: %s\nCKA:    %s\n\n%s\nCKA pretrained vs fine-tuned SMIT encoder "
-            "(1 = unchanged): %s",
-            seconds / 60, report, self.cka_dir, headline, cka,
+            "demo finished: its work took %.1f min (this run: %.1f min)\n\nreport: %s\nCKA:    %s\n\n%s\n"
+            "CKA pretrained vs fine-tuned SMIT encoder (1 = unchanged): %s",
+            seconds / 60, this_run_seconds / 60, report, self.cka_dir, headline, cka,
         )
         atomic_json_dump(
             {"report": str(report), "cka": str(self.cka_dir), "fold": self.fold, "minutes": round(seconds / 60, 2),
-             "this_run_minutes": round(this_run_seconds / 60, 2), "stage_seconds": str(self.stage_times_file)},
+             "this_run_minutes": round(this_run_seconds / 60, 2), "stage_seconds": str(self.stage_times_file),
+             "experiment": str(self.experiment_file)},
             self.root / "summary.json",
         )
 
@@ -353,8 +427,7 @@ class Demo:
         with log_file.open("a", encoding="utf-8") as log:
             process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True, encoding="utf-8", errors="replace", bufsize=1)
-            assert process.stdout is not None
-            for line in process.stdout:
+            for line in process.stdout or ():
                 log.write(line)
                 log.flush()
                 if on_line is not None:
@@ -363,6 +436,16 @@ class Demo:
         if returncode != 0:
             tail = "\n".join(log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
             raise DemoError(f"stage '{stage}' failed (exit {returncode}); see {log_file}:\n{tail}")
+
+
+def job_title(job: Job) -> str:
+    """A job as a demo stage line, e.g. ``nnUNetv2_train SwinSMITTrainer_tiny_16epochs -pretrained_weights``."""
+    if job.kind == "export":
+        return f"nnunet-ssl export --from student ({job.arm}: SMIT encoder -> -pretrained_weights file)"
+    if job.kind == "train":
+        pretrained = "-pretrained_weights" in job.command
+        return f"nnUNetv2_train {job.arm}" + (" -pretrained_weights" if pretrained else " (from scratch)")
+    return f"nnUNetv2_predict {job.arm} on the test images"
 
 
 def section(markdown: str, heading: str) -> str:

@@ -1,5 +1,7 @@
 """The main job, shortened: every stage of `nnunet-ssl demo` on tiny phantoms, then a resumed re-run.
 
+The demo is an experiment file run by the experiment runner; its report is the experiment report.
+
 Marked ``e2e``: real nnU-Net planning, training, prediction, report and CKA (a few minutes).
 """
 from __future__ import annotations
@@ -14,6 +16,8 @@ import pytest
 
 from nnunet_ssl.data.phantoms import PhantomConfig
 from nnunet_ssl.demo import Demo, DemoConfig
+from nnunet_ssl.experiment.grid import SKIP, decide
+from nnunet_ssl.experiment.spec import load_experiment
 
 pytestmark = pytest.mark.e2e
 
@@ -86,3 +90,16 @@ def test_rerun_resumes_instead_of_starting_over(demo: tuple[Demo, Path], caplog:
                     "predictions exist", "CKA exists"):
         assert skipped in log, skipped
     assert {t: (runner.fold_dir(t) / "checkpoint_final.pth").stat().st_mtime_ns for t in (SCRATCH, SMIT)} == checkpoints
+    assert all(decide(job)[0] == SKIP for job in runner.prepared.jobs)  # the runner sees the experiment as done
+
+
+def test_demo_is_an_experiment_file(demo: tuple[Demo, Path]) -> None:
+    """The demo's experiment file is an ordinary one: its grid is the demo's jobs, its report the demo's report."""
+    runner, report = demo
+    experiment = load_experiment(runner.experiment_file)
+    assert [a.name for a in experiment.arms] == [SCRATCH, SMIT] and experiment.output == runner.root
+    assert [job.kind for job in runner.prepared.jobs] == ["export", "train", "predict", "train", "predict"]
+    text = report.read_text(encoding="utf-8")
+    assert text.startswith("# Experiment report: demo_experiment.yaml") and "## Arms: few-shot, 3 training cases" in text
+    for name in ("tables.csv", "runs.csv", "dice_per_case.csv", "summary.csv"):
+        assert f"`{name}`" in text and (runner.report_dir / name).is_file(), name

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,14 @@ def ext_trainer_variable(environ: dict[str, str] | os._Environ) -> str:
     return os.pathsep.join([folder, *(p for p in current if p != folder)])
 
 
-def run_job(job: Job) -> tuple[str, str]:
-    """Run one job now; returns (status, detail)."""
+def run_job(job: Job, on_line: Callable[[str], None] | None = None) -> tuple[str, str]:
+    """Run one job now; returns (status, detail).
+
+    Args:
+        job: The job; its output is appended to ``job.log``.
+        on_line: Called with each line of the command's output as it comes (e.g. to show nnU-Net's
+            epoch progress), without the line ending.
+    """
     action, argv = decide(job)
     if action == SKIP or argv is None:
         return SKIPPED, "already done"
@@ -122,10 +129,19 @@ def run_job(job: Job) -> tuple[str, str]:
     with open(job.log, "a", encoding="utf-8") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {action}: {' '.join(argv)}\n")
         log.flush()
-        result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if on_line is None:
+            returncode = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        else:
+            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       encoding="utf-8", errors="replace", bufsize=1)
+            for line in process.stdout or ():
+                log.write(line)
+                log.flush()
+                on_line(line.rstrip("\n"))
+            returncode = process.wait()
     seconds = time.monotonic() - started
-    if result.returncode != 0:
-        return FAILED, f"exit {result.returncode} after {seconds:.0f} s ({action}); see {job.log}"
+    if returncode != 0:
+        return FAILED, f"exit {returncode} after {seconds:.0f} s ({action}); see {job.log}"
     missing = [str(p) for p in job.done if not p.is_file()]
     if missing:
         return FAILED, f"exited 0 but {missing[0]} is missing; see {job.log}"
