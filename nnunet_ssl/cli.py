@@ -407,168 +407,258 @@ def add_channels_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_no_arguments(parser: argparse.ArgumentParser) -> None:
+    """``ext-path`` and ``trainers`` take no arguments."""
+
+
+def _add_make_phantoms_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (gets nnUNet_raw/ and unlabeled/)")
+    parser.add_argument("--num-train", type=int, default=12,
+                        help="labelled training cases, imagesTr/labelsTr (default 12)")
+    parser.add_argument("--num-test", type=int, default=4,
+                        help="labelled test cases, imagesTs/labelsTs, numbered after the training cases (default 4)")
+    parser.add_argument("--num-unlabeled", type=int, default=16,
+                        help="unlabelled volumes for pretraining, in unlabeled/ (default 16)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="root seed; every case draws from its own stream derived from it (default 0)")
+    parser.add_argument("--dataset-id", type=int, default=501,
+                        help="nnU-Net dataset id, 1-999, zero-padded in the folder name (default 501: nnUNet_raw/Dataset501_Phantom)")
+
+
+def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("An option left out takes its value from --config, else (with --resume) from the run's "
+                     "config.json, else the default shown.")
+    parser.add_argument("--method", help="a method name (--list-methods shows them all)")
+    parser.add_argument("--list-methods", action="store_true",
+                        help="print every method (family, views, heads, loss terms with default weights) and exit")
+    parser.add_argument("--data", nargs="+", help="folders, files, nnU-Net raw datasets or path lists")
+    parser.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, loss_curves.png); required to train")
+    parser.add_argument("--preset", help="architecture preset (default smit)")
+    parser.add_argument("--config", help="JSON/YAML with data/engine/method_overrides sections")
+    parser.add_argument("--epochs", type=int, help="passes over the pretraining volumes (default 500, the paper's)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (for quick runs)")
+    parser.add_argument("--batch-size", type=int, help="volumes per process and step (default 2)")
+    parser.add_argument("--lr", type=float,
+                        help="peak lr at the reference batch of 2 (scaled with the global batch; default 2e-4)")
+    parser.add_argument("--warmup-epochs", type=float,
+                        help="epochs of linear learning-rate warm-up before the cosine decay (converted to steps; "
+                        "default 30)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the parameter initialisation, the crops and the masks (default 0)")
+    parser.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"],
+                        help="mixed precision on a GPU: auto (bf16 where the GPU supports it, else fp16 with a "
+                        "gradient scaler; default), bf16, fp16, or off (float32); a CPU always runs float32")
+    parser.add_argument("--checkpoint-every", type=int,
+                        help="steps between checkpoints; one is always written at the end (default 200)")
+    parser.add_argument("--modality", choices=["ct", "mr"],
+                        help="modality of every input volume: ct (an HU window, default -500 500, mapped to [0, 1]) "
+                        "or mr (per-image percentiles, default 5 95, mapped to [0, 1]); default: per volume from "
+                        "nnU-Net's channel_names, the DICOM Modality tag, else its intensities (ambiguous volumes are "
+                        "skipped)")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                        help="target spacing in mm along the image x, y, z axes the volumes are resampled to "
+                        "(default 1.5 1.5 2)")
+    parser.add_argument("--crop-size", type=int, help="edge of the cubic crops (views) in voxels (default 96)")
+    parser.add_argument("--workers", type=int,
+                        help="background processes for preprocessing and loading crops; 0 = in this process (default 2)")
+    parser.add_argument("--cache-dir", help="preprocessed volume cache (default RUN_DIR/cache)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="method settings, e.g. mask_ratio=0.6")
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """``-d``, ``-c``, ``-p``: the dataset plans a weights file is built for (export, convert)."""
+    parser.add_argument("-d", "--dataset", help="dataset name or id (reads nnUNet_preprocessed)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres",
+                        help="nnU-Net configuration of the plans the weights are for (default 3d_fullres)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans",
+                        help="plans identifier, or a path to a plans .json (default nnUNetPlans)")
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="pretraining run folder (pretrain --out) or one of its checkpoints; a run "
+                        "folder gives its final checkpoint, else its latest (with a warning)")
+    _add_target_arguments(parser)
+    parser.add_argument("--out", required=True, help="weights file to write (refused if it exists, unless --force)")
+    add_force_argument(parser)
+    parser.add_argument("--from", choices=["default", "teacher", "student"], default="default",
+                        help="which encoder: default = teacher for distillation methods, else the student")
+    parser.add_argument("--decoder-seed", type=int, default=0,
+                        help="seed of the freshly initialised decoder stored beside the encoder, so an export is "
+                        "reproducible (default 0)")
+    add_channels_argument(parser)
+    parser.add_argument("--policy", default="", metavar="POLICY",
+                        help="fine-tuning policy stored in the file for the trainer, e.g. "
+                        "freeze_encoder_epochs=50,encoder_lr_warmup_epochs=10 (NNUNET_SSL_FINETUNE overrides it)")
+
+
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="model_swinvit.pt-style MONAI checkpoint, MONAI SwinUNETR state dict, SMIT "
+                        "checkpoint, or an nnunet-ssl pretraining run (folder or checkpoint)")
+    _add_target_arguments(parser)
+    parser.add_argument("--out", required=True, help="weights file to write (refused if it exists, unless --force)")
+    add_force_argument(parser)
+    parser.add_argument("--preset", help="architecture preset (default: monai_ssl for MONAI self-supervised "
+                        "checkpoints, smit_public for SMIT, the run's for our runs; required for a full SwinUNETR)")
+    parser.add_argument("--layout", choices=["monai_ssl", "monai_swinunetr", "smit"], help="skip layout detection")
+    parser.add_argument("--prefix", help="key prefix of the encoder when the file holds several")
+    parser.add_argument("--method", help="method recorded in the metadata (default: by layout)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="write the file even if keys are missing, unplaced or of another shape (they stay fresh)")
+    parser.add_argument("--decoder-seed", type=int, default=0,
+                        help="seed of the freshly initialised parts (the decoder, and encoder keys the source lacks), "
+                        "so a conversion is reproducible (default 0)")
+    add_channels_argument(parser)
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", "--dataset", required=True, help="dataset name or id in nnUNet_raw")
+    parser.add_argument("--preset", default="smit",
+                        help="architecture preset; its input size is the patch (default smit)")
+    parser.add_argument("--modality", choices=["ct", "mr"],
+                        help="for every channel (default: dataset.json channel names)")
+    parser.add_argument("--hu-window", type=float, nargs=2, default=[-175.0, 250.0], metavar=("LOW", "HIGH"),
+                        help="CT window in HU mapped to [0, 1] (default -175 250)")
+    parser.add_argument("--mr-normalization", choices=["percentile", "zscore"], default="percentile",
+                        help="MR channels: per-image percentiles to [0, 1] as in the paper and pretraining (default), "
+                        "or nnU-Net's z-score")
+    parser.add_argument("--mr-percentiles", type=float, nargs=2, default=[5.0, 95.0], metavar=("LOW", "HIGH"),
+                        help="MR percentiles mapped to 0 and 1 (default 5 95)")
+    parser.add_argument("--mr-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="a fixed MR window mapped to [0, 1] instead (e.g. 0 400)")
+    parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0], metavar=("X", "Y", "Z"),
+                        help="target spacing in mm along the image x, y, z axes (default 1.5 1.5 2)")
+    parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                        help="patch size in nnU-Net's axis order (default: the preset's, cubic)")
+    parser.add_argument("--batch-size", type=int, default=2, help="patches per training step, written to the plans "
+                        "(default 2)")
+    parser.add_argument("--plans-name", default="nnUNetSwinPlans",
+                        help="plans identifier for -p (default nnUNetSwinPlans)")
+    parser.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
+    parser.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
+
+
+def _add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", "--dataset", required=True, help="dataset name or id (must be preprocessed)")
+    parser.add_argument("--shots", type=int, nargs="+", help="few-shot training set sizes, e.g. 5 10 20")
+    parser.add_argument("--sizes", type=int, nargs="+", help="data-limited training set sizes, e.g. 20 40 60")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one nested family of folds per seed (default 0)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--val-cases", type=int, help="draw a fixed validation set of N cases")
+    group.add_argument("--val-from-fold", type=int, help="use this fold's validation set (default: fold 0)")
+    parser.add_argument("--list", action="store_true", help="show the folds made so far and exit")
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="demo_work", help="work folder (default: demo_work)")
+
+
+def _add_inspect_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="weights file written by `nnunet-ssl export` or `nnunet-ssl convert`")
+    parser.add_argument("--trainer", help="trainer name to check against, e.g. SwinSMITTrainer")
+    parser.add_argument("-d", "--dataset", help="dataset name or id (needs nnUNet_preprocessed)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres",
+                        help="nnU-Net configuration checked against with --trainer (default 3d_fullres)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+
+
+def _add_cka_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained", required=True,
+                        help="weights file from `nnunet-ssl export`, or a pretraining run")
+    parser.add_argument("--finetuned", required=True,
+                        help="nnU-Net results fold: .../<Trainer>__<plans>__<config>/fold_N")
+    parser.add_argument("--data", required=True,
+                        help="raw images in nnU-Net format (CASE_0000.nii.gz ...), e.g. imagesTs")
+    parser.add_argument("--out", required=True, help="output folder (CSV tables, PNG figures, settings)")
+    parser.add_argument("--layers", default="all", help="'all' (default) or comma-separated names: embed,stage1.block1,...")
+    parser.add_argument("--checkpoint", choices=["final", "best"], default="final", help="fold checkpoint to compare")
+    parser.add_argument("--patches-per-case", type=int, default=4, help="seeded random crops per case (default 4)")
+    parser.add_argument("--batch-size", type=int, default=8, help="patches per minibatch, at least 4 (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patch positions (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", "--dataset", required=True, help="dataset name or id")
+    parser.add_argument("--trainers", nargs="+", required=True, help="trainer class names to compare")
+    parser.add_argument("--reference",
+                        help="trainer the others are compared with (default: the first of --trainers)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres",
+                        help="nnU-Net configuration of the trained folds (default 3d_fullres)")
+    parser.add_argument("-f", "--folds", type=int, nargs="+",
+                        help="folds (default: all found, plus the few-shot manifest's)")
+    parser.add_argument("--test-images", help="score on this test set (nnU-Net layout, CASE_0000.nii.gz ...) ...")
+    parser.add_argument("--test-labels", help="... with these labels (CASE.nii.gz); default: nnU-Net's validation")
+    parser.add_argument("--checkpoint", choices=["final", "best"], default="final", help="checkpoint to predict with")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="prediction device (default: cuda if available)")
+    parser.add_argument("--hd95", action="store_true",
+                        help="also the 95th-percentile Hausdorff distance (needs MONAI)")
+    parser.add_argument("--predictions", help="score existing test predictions in DIR/<trainer>/fold_N/ "
+                        "(e.g. from nnUNetv2_predict) instead of predicting")
+    parser.add_argument("--out", required=True, help="report folder (report.md, CSVs, PNGs, predictions/)")
+
+
+def _add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["run", "emit", "report"],
+                        help="run: train/validate/predict every job; emit: print the grid as shell; report: the tables")
+    parser.add_argument("file", help="experiment file (YAML)")
+    parser.add_argument("--jobs", type=int, default=1, help="run: jobs at a time (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="run: no progress bar")
+    parser.add_argument("--format", choices=["commands", "slurm"], default="commands",
+                        help="emit: one command a line, or a SLURM job-array script")
+    parser.add_argument("--out",
+                        help="emit: write to this file instead of stdout (refused if it exists, unless --force)")
+    add_force_argument(parser, "emit's --out file")
+    parser.add_argument("--no-cka", action="store_true", help="report: skip the few-shot vs full-data CKA")
+    parser.add_argument("--device", default="cpu", help="report: device of the CKA forward passes (default cpu)")
+
+
+_Command = tuple[str, Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]
+
+
+def _commands() -> tuple[_Command, ...]:
+    """Every subcommand in ``--help`` order: name, handler, one-line help, the function that adds its arguments.
+
+    Built on each call, so a parser calls the module's handlers as they are then (tests replace some).
+    """
+    return (
+        ("ext-path", cmd_ext_path, "print the folder for nnUNet_extTrainer", _add_no_arguments),
+        ("trainers", cmd_trainers, "list the plugin's nnU-Net trainers", _add_no_arguments),
+        ("make-phantoms", cmd_make_phantoms, "generate synthetic CT phantoms in nnU-Net raw format",
+         _add_make_phantoms_arguments),
+        ("pretrain", cmd_pretrain, "pretrain the Swin encoder on unlabeled volumes", _add_pretrain_arguments),
+        ("export", cmd_export, "write a -pretrained_weights file for a dataset's plans from a pretraining run",
+         _add_export_arguments),
+        ("convert", cmd_convert, "write a -pretrained_weights file from MONAI/SMIT weights or a pretraining run",
+         _add_convert_arguments),
+        ("plan", cmd_plan, "plan and preprocess a dataset with the paper's setup (own plans file)", _add_plan_arguments),
+        ("split", cmd_split, "append nested few-shot / data-limited folds to splits_final.json", _add_split_arguments),
+        ("demo", cmd_demo, "run the whole story on generated phantoms (resumes when re-run)", _add_demo_arguments),
+        ("inspect-weights", cmd_inspect_weights, "print a weights file's metadata and check it against a trainer",
+         _add_inspect_weights_arguments),
+        ("cka", cmd_cka, "layer-wise CKA between a pretrained encoder and its fine-tuned nnU-Net encoder",
+         _add_cka_arguments),
+        ("report", cmd_report, "transfer report: Dice, gap % and Wilcoxon p vs a reference, few-shot, curves",
+         _add_report_arguments),
+        ("experiment", cmd_experiment, "the benchmark grid of an experiment file: run it, emit it, report it",
+         _add_experiment_arguments),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``nnunet-ssl`` parser: ``-v`` and one subcommand of :func:`_commands`."""
     parser = argparse.ArgumentParser(prog="nnunet-ssl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    for name, handler, help_text, add_arguments in _commands():
         # argparse %-formats help strings (not descriptions): a literal % must be doubled there
-        p = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
-        p.set_defaults(handler=handler)
-        return p
-
-    add("ext-path", cmd_ext_path, "print the folder for nnUNet_extTrainer")
-    add("trainers", cmd_trainers, "list the plugin's nnU-Net trainers")
-
-    p = add("make-phantoms", cmd_make_phantoms, "generate synthetic CT phantoms in nnU-Net raw format")
-    p.add_argument("--out", required=True, help="output folder (gets nnUNet_raw/ and unlabeled/)")
-    p.add_argument("--num-train", type=int, default=12)
-    p.add_argument("--num-test", type=int, default=4)
-    p.add_argument("--num-unlabeled", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dataset-id", type=int, default=501)
-
-    p = add("pretrain", cmd_pretrain, "pretrain the Swin encoder on unlabeled volumes")
-    p.add_argument("--method", help="a method name (--list-methods shows them all)")
-    p.add_argument("--list-methods", action="store_true",
-                   help="print every method (family, views, heads, loss terms with default weights) and exit")
-    p.add_argument("--data", nargs="+", help="folders, files, nnU-Net raw datasets or path lists")
-    p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, loss_curves.png); required to train")
-    p.add_argument("--preset", help="architecture preset (default smit)")
-    p.add_argument("--config", help="JSON/YAML with data/engine/method_overrides sections")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (for quick runs)")
-    p.add_argument("--batch-size", type=int, help="volumes per process and step")
-    p.add_argument("--lr", type=float, help="peak lr at the reference batch of 2 (scaled with the global batch)")
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"])
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--modality", choices=["ct", "mr"])
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"))
-    p.add_argument("--crop-size", type=int)
-    p.add_argument("--workers", type=int, help="background loader processes")
-    p.add_argument("--cache-dir", help="preprocessed volume cache (default RUN_DIR/cache)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="method settings, e.g. mask_ratio=0.6")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    p = add("export", cmd_export, "write a -pretrained_weights file for a dataset's plans from a pretraining run")
-    p.add_argument("run_dir")
-    p.add_argument("-d", "--dataset", help="dataset name or id (reads nnUNet_preprocessed)")
-    p.add_argument("-c", "--configuration", default="3d_fullres")
-    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier, or a path to a plans .json")
-    p.add_argument("--out", required=True, help="weights file to write (refused if it exists, unless --force)")
-    add_force_argument(p)
-    p.add_argument("--from", choices=["default", "teacher", "student"], default="default",
-                   help="which encoder: default = teacher for distillation methods, else the student")
-    p.add_argument("--decoder-seed", type=int, default=0)
-    add_channels_argument(p)
-    p.add_argument("--policy", default="", metavar="POLICY",
-                   help="fine-tuning policy stored in the file for the trainer, e.g. "
-                   "freeze_encoder_epochs=50,encoder_lr_warmup_epochs=10 (NNUNET_SSL_FINETUNE overrides it)")
-
-    p = add("convert", cmd_convert, "write a -pretrained_weights file from MONAI/SMIT weights or a pretraining run")
-    p.add_argument("source", help="model_swinvit.pt-style MONAI checkpoint, MONAI SwinUNETR state dict, SMIT "
-                   "checkpoint, or an nnunet-ssl pretraining run (folder or checkpoint)")
-    p.add_argument("-d", "--dataset", help="dataset name or id (reads nnUNet_preprocessed)")
-    p.add_argument("-c", "--configuration", default="3d_fullres")
-    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier, or a path to a plans .json")
-    p.add_argument("--out", required=True, help="weights file to write (refused if it exists, unless --force)")
-    add_force_argument(p)
-    p.add_argument("--preset", help="architecture preset (default: monai_ssl for MONAI self-supervised "
-                   "checkpoints, smit_public for SMIT, the run's for our runs; required for a full SwinUNETR)")
-    p.add_argument("--layout", choices=["monai_ssl", "monai_swinunetr", "smit"], help="skip layout detection")
-    p.add_argument("--prefix", help="key prefix of the encoder when the file holds several")
-    p.add_argument("--method", help="method recorded in the metadata (default: by layout)")
-    p.add_argument("--allow-partial", action="store_true",
-                   help="write the file even if keys are missing, unplaced or of another shape (they stay fresh)")
-    p.add_argument("--decoder-seed", type=int, default=0)
-    add_channels_argument(p)
-
-    p = add("plan", cmd_plan, "plan and preprocess a dataset with the paper's setup (own plans file)")
-    p.add_argument("-d", "--dataset", required=True, help="dataset name or id in nnUNet_raw")
-    p.add_argument("--preset", default="smit", help="architecture preset; its input size is the patch (default smit)")
-    p.add_argument("--modality", choices=["ct", "mr"], help="for every channel (default: dataset.json channel names)")
-    p.add_argument("--hu-window", type=float, nargs=2, default=[-175.0, 250.0], metavar=("LOW", "HIGH"),
-                   help="CT window in HU mapped to [0, 1] (default -175 250)")
-    p.add_argument("--mr-normalization", choices=["percentile", "zscore"], default="percentile",
-                   help="MR channels: per-image percentiles to [0, 1] as in the paper and pretraining (default), "
-                   "or nnU-Net's z-score")
-    p.add_argument("--mr-percentiles", type=float, nargs=2, default=[5.0, 95.0], metavar=("LOW", "HIGH"),
-                   help="MR percentiles mapped to 0 and 1 (default 5 95)")
-    p.add_argument("--mr-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="a fixed MR window mapped to [0, 1] instead (e.g. 0 400)")
-    p.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0], metavar=("X", "Y", "Z"),
-                   help="target spacing in mm along the image x, y, z axes (default 1.5 1.5 2)")
-    p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
-                   help="patch size in nnU-Net's axis order (default: the preset's, cubic)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--plans-name", default="nnUNetSwinPlans", help="plans identifier for -p (default nnUNetSwinPlans)")
-    p.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
-    p.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
-
-    p = add("split", cmd_split, "append nested few-shot / data-limited folds to splits_final.json")
-    p.add_argument("-d", "--dataset", required=True, help="dataset name or id (must be preprocessed)")
-    p.add_argument("--shots", type=int, nargs="+", help="few-shot training set sizes, e.g. 5 10 20")
-    p.add_argument("--sizes", type=int, nargs="+", help="data-limited training set sizes, e.g. 20 40 60")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one nested family of folds per seed")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--val-cases", type=int, help="draw a fixed validation set of N cases")
-    group.add_argument("--val-from-fold", type=int, help="use this fold's validation set (default: fold 0)")
-    p.add_argument("--list", action="store_true", help="show the folds made so far and exit")
-
-    p = add("demo", cmd_demo, "run the whole story on generated phantoms (resumes when re-run)")
-    p.add_argument("--out", default="demo_work", help="work folder (default: demo_work)")
-
-    p = add("inspect-weights", cmd_inspect_weights, "print a weights file's metadata and check it against a trainer")
-    p.add_argument("file")
-    p.add_argument("--trainer", help="trainer name to check against, e.g. SwinSMITTrainer")
-    p.add_argument("-d", "--dataset", help="dataset name or id (needs nnUNet_preprocessed)")
-    p.add_argument("-c", "--configuration", default="3d_fullres")
-    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
-
-    p = add("cka", cmd_cka, "layer-wise CKA between a pretrained encoder and its fine-tuned nnU-Net encoder")
-    p.add_argument("--pretrained", required=True, help="weights file from `nnunet-ssl export`, or a pretraining run")
-    p.add_argument("--finetuned", required=True, help="nnU-Net results fold: .../<Trainer>__<plans>__<config>/fold_N")
-    p.add_argument("--data", required=True, help="raw images in nnU-Net format (CASE_0000.nii.gz ...), e.g. imagesTs")
-    p.add_argument("--out", required=True, help="output folder (CSV tables, PNG figures, settings)")
-    p.add_argument("--layers", default="all", help="'all' or comma-separated names: embed,stage1.block1,...")
-    p.add_argument("--checkpoint", choices=["final", "best"], default="final", help="fold checkpoint to compare")
-    p.add_argument("--patches-per-case", type=int, default=4, help="seeded random crops per case (default 4)")
-    p.add_argument("--batch-size", type=int, default=8, help="patches per minibatch, at least 4 (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the patch positions")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-
-    p = add("report", cmd_report, "transfer report: Dice, gap % and Wilcoxon p vs a reference, few-shot, curves")
-    p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
-    p.add_argument("--trainers", nargs="+", required=True, help="trainer class names to compare")
-    p.add_argument("--reference", help="trainer the others are compared with (default: the first of --trainers)")
-    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
-    p.add_argument("-c", "--configuration", default="3d_fullres")
-    p.add_argument("-f", "--folds", type=int, nargs="+", help="folds (default: all found, plus the few-shot manifest's)")
-    p.add_argument("--test-images", help="score on this test set (nnU-Net layout, CASE_0000.nii.gz ...) ...")
-    p.add_argument("--test-labels", help="... with these labels (CASE.nii.gz); default: nnU-Net's validation")
-    p.add_argument("--checkpoint", choices=["final", "best"], default="final", help="checkpoint to predict with")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="prediction device (default: cuda if available)")
-    p.add_argument("--hd95", action="store_true", help="also the 95th-percentile Hausdorff distance (needs MONAI)")
-    p.add_argument("--predictions", help="score existing test predictions in DIR/<trainer>/fold_N/ "
-                   "(e.g. from nnUNetv2_predict) instead of predicting")
-    p.add_argument("--out", required=True, help="report folder (report.md, CSVs, PNGs, predictions/)")
-
-    p = add("experiment", cmd_experiment, "the benchmark grid of an experiment file: run it, emit it, report it")
-    p.add_argument("action", choices=["run", "emit", "report"],
-                   help="run: train/validate/predict every job; emit: print the grid as shell; report: the tables")
-    p.add_argument("file", help="experiment file (YAML)")
-    p.add_argument("--jobs", type=int, default=1, help="run: jobs at a time (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="run: no progress bar")
-    p.add_argument("--format", choices=["commands", "slurm"], default="commands",
-                   help="emit: one command a line, or a SLURM job-array script")
-    p.add_argument("--out", help="emit: write to this file instead of stdout (refused if it exists, unless --force)")
-    add_force_argument(p, "emit's --out file")
-    p.add_argument("--no-cka", action="store_true", help="report: skip the few-shot vs full-data CKA")
-    p.add_argument("--device", default="cpu", help="report: device of the CKA forward passes (default cpu)")
+        command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)
+        command.set_defaults(handler=handler)
+        add_arguments(command)
     return parser
 
 
