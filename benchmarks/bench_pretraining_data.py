@@ -13,25 +13,37 @@ Gaussian noise of 20 HU), writes them as ``.nii.gz`` into a temporary folder and
    ``num_workers=0`` for reference.
 3. **Sizes**: cache size vs source ``.nii.gz`` size (and the raw int16 size).
 
+With ``--scan`` it measures the scan instead: the checks ``read_source`` makes on each NIfTI
+file before SimpleITK reads it (``check_nifti``: the header, the length of the data, the float
+voxels), and ``read_source`` as a whole (check and read), per encoding (int16 ``.nii.gz``,
+float32 ``.nii.gz``, int16 ``.nii``), medians over files and repeats. ``--baseline`` times a
+copy of ``pretraining/data/preprocess.py`` from another commit in the same run, interleaved
+per file, and reports the ratios.
+
 Usage::
 
     python -m benchmarks.bench_pretraining_data                 # 5 x 512 x 512 x 150
     python -m benchmarks.bench_pretraining_data --num-volumes 3 --shape 256 256 100 --markdown
+    git show HEAD~1:pretraining/data/preprocess.py > /tmp/preprocess_before.py
+    python -m benchmarks.bench_pretraining_data --scan --baseline /tmp/preprocess_before.py --markdown
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import logging
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from types import ModuleType
 
 import blosc2
 import numpy as np
@@ -45,7 +57,9 @@ from nnunet_ssl.pretraining.data import (
     open_array,
     summarize,
 )
+from nnunet_ssl.pretraining.data import preprocess
 from nnunet_ssl.pretraining.data.preprocess import resample_to_spacing, window_ct
+from nnunet_ssl.pretraining.data.sources import Source
 
 from benchmarks.tables import format_table
 
@@ -140,6 +154,111 @@ def time_loader(manifest, config: DataConfig, batches: int, warmup: int, seed: i
     return batches / elapsed, batches * views.shape[0] * views.shape[1] / elapsed
 
 
+#: The encodings ``--scan`` writes each volume in: label -> (file suffix, pixel type, compressed).
+SCAN_ENCODINGS = {
+    "int16 .nii.gz": ("_i16.nii.gz", sitk.sitkInt16, True),
+    "float32 .nii.gz": ("_f32.nii.gz", sitk.sitkFloat32, True),
+    "int16 .nii": ("_i16.nii", sitk.sitkInt16, False),
+}
+
+
+def load_baseline(path: str) -> ModuleType:
+    """A copy of ``preprocess.py`` (e.g. from ``git show``) imported beside the current one."""
+    name = f"{preprocess.__package__}._baseline_preprocess"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_scan_volumes(src: str, args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each generated volume in every :data:`SCAN_ENCODINGS` (reused when ``--keep`` has them)."""
+    rng = np.random.default_rng(args.seed)
+    paths: dict[str, list[str]] = {label: [] for label in SCAN_ENCODINGS}
+    for i in range(args.num_volumes):
+        nz = round(args.shape[2] * rng.uniform(0.9, 1.1))
+        image = None
+        for label, (suffix, pixel, compressed) in SCAN_ENCODINGS.items():
+            path = os.path.join(src, f"ct_{i:03d}{suffix}")
+            if not os.path.isfile(path):
+                if image is None:
+                    image = ct_phantom((args.shape[0], args.shape[1], nz), tuple(args.spacing), args.seed + i)
+                sitk.WriteImage(sitk.Cast(image, pixel), path, useCompression=compressed)
+            paths[label].append(path)
+    return paths
+
+
+def time_scan(
+    paths: dict[str, list[str]], modules: dict[str, ModuleType], repeats: int
+) -> dict[tuple[str, str, str], list[float]]:
+    """Seconds of ``check_nifti`` and ``read_source`` per (step, encoding, module) call.
+
+    Every file is timed with every module in turn (the order alternating per repeat), so a slow
+    phase of a shared machine hits all of them.
+    """
+    times: dict[tuple[str, str, str], list[float]] = {}
+    labels = list(modules)
+    for r in range(repeats):
+        order = labels if r % 2 == 0 else labels[::-1]
+        for encoding, files in paths.items():
+            for path in files:
+                source = Source(key=path, path=path, kind="nifti", modality="ct")
+                for label in order:
+                    module = modules[label]
+                    t0 = time.perf_counter()
+                    module.check_nifti(path)
+                    times.setdefault(("check_nifti", encoding, label), []).append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    module.read_source(source)
+                    times.setdefault(("read_source", encoding, label), []).append(time.perf_counter() - t0)
+        logger.info("scan repeat %d of %d done", r + 1, repeats)
+    return times
+
+
+def nibabel_import_seconds(runs: int = 5) -> float:
+    """Median seconds a fresh process spends importing nibabel after numpy, scipy and SimpleITK."""
+    code = (
+        "import time, numpy, scipy.ndimage, SimpleITK; t = time.perf_counter(); "
+        "import nibabel.nifti2, nibabel.arrayproxy, nibabel.openers; print(time.perf_counter() - t)"
+    )
+    out = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) for _ in range(runs)]
+    return statistics.median(out)
+
+
+def run_scan(args: argparse.Namespace, work: str) -> tuple[list[str], list[list[str]]]:
+    """``--scan``: the table header and rows (times in ms, ratios current / baseline)."""
+    src = os.path.join(work, "nifti_scan")
+    os.makedirs(src, exist_ok=True)
+    t0 = time.perf_counter()
+    paths = write_scan_volumes(src, args)
+    logger.info("volumes ready in %.1f s", time.perf_counter() - t0)
+    modules = {"current": preprocess}
+    if args.baseline:
+        modules = {"baseline": load_baseline(args.baseline), "current": preprocess}
+    times = time_scan(paths, modules, args.repeats)
+    header = ["step", "encoding", *(f"{label} (ms, median)" for label in modules)]
+    if args.baseline:
+        header.append("current / baseline")
+    rows = []
+    for step in ("check_nifti", "read_source"):
+        for encoding in paths:
+            medians = [statistics.median(times[(step, encoding, label)]) for label in modules]
+            row = [step, encoding, *(f"{1e3 * m:.2f}" for m in medians)]
+            if args.baseline:
+                row.append(f"{medians[-1] / medians[0]:.2f}")
+            rows.append(row)
+    try:
+        nibabel_ms = f"{1e3 * nibabel_import_seconds():.0f}"
+    except (subprocess.CalledProcessError, ValueError):
+        nibabel_ms = "not installed"
+    row = ["import nibabel (fresh process)", "once per worker", *([""] * (len(modules) - 1)), nibabel_ms]
+    rows.append(row + [""] * (len(header) - len(row)))
+    return header, rows
+
+
 def machine_description(args: argparse.Namespace) -> list[str]:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -148,20 +267,32 @@ def machine_description(args: argparse.Namespace) -> list[str]:
     except (OSError, StopIteration):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    data = (
+        f"- data: {args.num_volumes} generated CT volumes of {' x '.join(map(str, args.shape))} voxels "
+        f"(x y z, slice count varied +-10 %) at {' x '.join(map(str, args.spacing))} mm, "
+        + (
+            f"each written as {', '.join(SCAN_ENCODINGS)}; {args.repeats} repeats"
+            if args.scan
+            else f"int16, written as .nii.gz; crops {args.crop}^3, regions {args.region}^3, target spacing 1.5 x 1.5 x 2 mm"
+        )
+    )
     return [
         f"- command: `python -m benchmarks.bench_pretraining_data {' '.join(sys.argv[1:])}`".rstrip(),
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {cpu}, {cores} cores available",
         (
             f"- SimpleITK {sitk.Version.VersionString()}, blosc2 {blosc2.__version__}, torch {torch.__version__}, "
-            f"numpy {np.__version__}, Python {platform.python_version()}"
+            f"numpy {np.__version__}, nibabel {_version('nibabel')}, Python {platform.python_version()}"
         ),
-        (
-            f"- data: {args.num_volumes} generated CT volumes of {' x '.join(map(str, args.shape))} int16 voxels "
-            f"(x y z, slice count varied +-10 %) at {' x '.join(map(str, args.spacing))} mm, written as .nii.gz; "
-            f"crops {args.crop}^3, regions {args.region}^3, target spacing 1.5 x 1.5 x 2 mm"
-        ),
+        data,
     ]
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.import_module(package).__version__
+    except ImportError:
+        return "not installed"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -178,10 +309,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", default=None, help="folder for the volumes and the cache (default: a temp folder, deleted)")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table for docs/benchmarks.md")
+    parser.add_argument("--scan", action="store_true", help="measure the NIfTI checks and reads of the scan instead (module docstring)")
+    parser.add_argument("--baseline", default=None, help="with --scan: a copy of preprocess.py to time against in the same run")
+    parser.add_argument("--repeats", type=int, default=3, help="with --scan: timed passes over every file")
     args = parser.parse_args(argv)
-    if args.num_volumes < 1 or min(args.shape) < 2 or args.naive_samples < 1 or args.crops_per_sample < 1:
-        parser.error("need at least one volume, sample and crop")
+    if args.num_volumes < 1 or min(args.shape) < 2 or args.naive_samples < 1 or args.crops_per_sample < 1 or args.repeats < 1:
+        parser.error("need at least one volume, sample, crop and repeat")
+    if args.baseline and not args.scan:
+        parser.error("--baseline needs --scan")
     return args
+
+
+def print_tables(args: argparse.Namespace, header: list[str], rows: list[list[str]]) -> None:
+    sys.stdout.write("\n" + format_table(header, rows, markdown=False) + "\n\n")
+    if args.markdown:
+        sys.stdout.write("\n".join(machine_description(args)) + "\n\n" + format_table(header, rows, markdown=True) + "\n")
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,6 +333,15 @@ def main(argv: list[str] | None = None) -> None:
     work = args.keep or tempfile.mkdtemp(prefix="bench_pretraining_data_")
     os.makedirs(work, exist_ok=True)
     started = time.perf_counter()
+    if args.scan:
+        try:
+            header, rows = run_scan(args, work)
+        finally:
+            if args.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+        logger.info("done in %.1f min", (time.perf_counter() - started) / 60)
+        print_tables(args, header, rows)
+        return
     try:
         src = os.path.join(work, "nifti")
         os.makedirs(src, exist_ok=True)
@@ -241,11 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         ["cache .b2nd (float16, body-cropped, 1.5x1.5x2 mm)", f"{cache_bytes / MB:.1f} MB ({cached_voxels / 1e6:.1f} M voxels: x y z {shapes})"],
         ["cache / source .nii.gz", f"{cache_bytes / source_bytes:.2f}"],
     ]
-    header = ["measure", "value"]
-    sys.stdout.write("\n" + format_table(header, rows, markdown=False) + "\n\n")
-    if args.markdown:
-        sys.stdout.write("\n".join(machine_description(args)) + "\n\n" + format_table(header, rows, markdown=True) + "\n")
-    sys.stdout.flush()
+    print_tables(args, ["measure", "value"], rows)
 
 
 if __name__ == "__main__":
