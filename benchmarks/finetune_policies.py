@@ -37,13 +37,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nnunet_ssl.analysis.stats import spread
-from nnunet_ssl.trainers.named import DEMO_RECIPE, SwinScratchTrainer, SwinSMITTrainer
+from nnunet_ssl.trainers.named import CPU_TRIAL_RECIPE, SwinScratchTrainer, SwinSMITTrainer
 
 logger = logging.getLogger("finetune_policies")
 
-#: The study's schedule: the demo recipe (tiny network, lr 1e-3, 1 warm-up epoch, cosine) shortened
+#: The study's schedule: the CPU-trial recipe (tiny network, lr 1e-3, 1 warm-up epoch, cosine) shortened
 #: to 10 epochs of 6 iterations, to fit a 2-core CPU shared with other jobs.
-STUDY_RECIPE = replace(DEMO_RECIPE, num_epochs=10, iterations_per_epoch=6)
+STUDY_RECIPE = replace(CPU_TRIAL_RECIPE, num_epochs=10, iterations_per_epoch=6)
 
 
 class SwinScratchTrainer_tiny_policystudy(SwinScratchTrainer):  # noqa: N801 (nnU-Net trainer naming)

@@ -50,17 +50,19 @@ def cmd_make_phantoms(args: argparse.Namespace) -> int:
 
 
 def cmd_trainers(args: argparse.Namespace) -> int:
-    from nnunet_ssl.trainers.base import describe
-    from nnunet_ssl.trainers.named import TRAINERS
+    from nnunet_ssl.trainers.named import TRAINERS, describe
 
     rows = [describe(cls) for cls in TRAINERS.values()]
-    header = f"{'trainer':42s} {'preset':13s} {'method':15s} {'epochs':>6s} {'few-shot':>8s} {'it/epoch':>8s}"
+    header = (f"{'trainer':34s} {'preset':13s} {'method':15s} {'schedule':9s} {'epochs':>6s} {'few-shot':>8s} "
+              f"{'it/epoch':>8s}")
     lines = [header, "-" * len(header)]
     lines += [
-        f"{r['trainer']:42s} {r['preset']:13s} {r['method']:15s} {r['epochs']:6d} {r['few_shot_epochs']:8d} "
-        f"{r['iterations_per_epoch']:8d}"
+        f"{r['trainer']:34s} {r['preset']:13s} {r['method']:15s} {r['schedule']:9s} {r['epochs']:6d} "
+        f"{r['few_shot_epochs']:8d} {r['iterations_per_epoch']:8d}"
         for r in rows
     ]
+    lines += ["", "paper: the paper's recipe, for a GPU. cpu-trial: a first try on a CPU (tiny network, no test-time "
+              "mirroring).", "Other schedules are trainers of your own (README, Trainers)."]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -33,3 +33,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order inside a file, and of the other files, is unchanged
+
+
+@pytest.fixture()
+def test_trainers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnU-Net (and ``find_trainer``) find the tests' own trainers (``short_trainers``) in this test and its subprocesses."""
+    from short_trainers import with_test_trainers
+
+    for variable, value in with_test_trainers(os.environ).items():
+        if os.environ.get(variable) != value:
+            monkeypatch.setenv(variable, value)

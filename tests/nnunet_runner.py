@@ -8,24 +8,26 @@ from pathlib import Path
 
 from nnunet_ssl.cpu_memory import with_freed_memory_kept
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
-from nnunet_ssl.nnunet_ext import ext_trainer_path
+from short_trainers import with_test_trainers
 
 BIN = Path(sys.executable).parent
 
 
 class NnUNet:
-    """nnU-Net's folders under ``root`` (raw data in ``raw``); every command gets them in its environment."""
+    """nnU-Net's folders under ``root`` (raw data in ``raw``); every command gets them in its environment.
+
+    nnU-Net finds the plugin's trainers and the tests' own (``short_trainers``) through ``nnUNet_extTrainer``.
+    """
 
     def __init__(self, root: Path, raw: Path, dataset: str = "Dataset501_Phantom") -> None:
         self.root = root
         self.dataset = dataset
         # nnU-Net's commands keep freed memory for reuse, as the demo starts them (nnunet_ssl/cpu_memory.py)
         self.env = with_freed_memory_kept({
-            **os.environ,
+            **with_test_trainers(os.environ),
             "nnUNet_raw": str(raw),
             "nnUNet_preprocessed": str(root / "preprocessed"),
             "nnUNet_results": str(root / "results"),
-            "nnUNet_extTrainer": str(ext_trainer_path()),
             "nnUNet_def_n_proc": "1",
             "nnUNet_n_proc_DA": "1",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),  # conftest lowers it for parallel workers

@@ -34,6 +34,7 @@ from nnunet_runner import BIN, NnUNet
 
 pytestmark = pytest.mark.e2e
 
+#: The tests' own trainers (short_trainers), named in the arms and found through nnUNet_extTrainer.
 SCRATCH = "SwinScratchTrainer_tiny_2epochs"
 SMIT = "SwinSMITTrainer_tiny_2epochs"
 LABELS = {"liver": 1, "spleen": 2, "kidney": 3, "lesion": 4}
@@ -50,9 +51,10 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[NnUNet, Path]:
         "--no-progress", "--set", "out_dim=64", "head_hidden_dim=64", "head_bottleneck_dim=32",
     )
     spec = {
-        "dataset": 501, "plans": "nnUNetPlans", "trainer_variant": "_tiny_2epochs", "device": "cpu", "seed": 0,
+        "dataset": 501, "plans": "nnUNetPlans", "device": "cpu", "seed": 0,
         "output": "out", "epochs": {"few_shot": 1}, "env": {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"},
-        "arms": [{"name": "scratch"}, {"name": "smit", "method": "smit", "pretraining_run": "smit_run"}],
+        "arms": [{"name": "scratch", "trainer": SCRATCH},
+                 {"name": "smit", "method": "smit", "pretraining_run": "smit_run", "trainer": SMIT}],
         "settings": {"few_shot": {"shots": [3], "seeds": [0, 1]}},
         "test_set": "imagesTs",
     }

@@ -1,5 +1,6 @@
 """Every SSL method end to end through the CLIs: `nnunet-ssl pretrain`, `nnunet-ssl export`, then the
-method's own ``Swin<Method>Trainer_tiny_2epochs`` in a real ``nnUNetv2_train -pretrained_weights FILE``.
+method's own test trainer ``Swin<Method>Trainer_tiny_2epochs`` (``short_trainers``, found by nnU-Net through
+``nnUNet_extTrainer``) in a real ``nnUNetv2_train -pretrained_weights FILE``.
 
 Marked ``e2e``. To fit the suite's budget each method pretrains 2 steps of 2 volumes (32^3 crops, or
 64^3 where the conv up-sampling head needs them) with small heads, and each training runs one epoch
@@ -19,9 +20,9 @@ import torch
 from nnunet_ssl.data.phantoms import PhantomConfig
 from nnunet_ssl.pretraining.methods import METHODS, build_config
 from nnunet_ssl.pretraining.metrics_log import read_metrics
-from nnunet_ssl.trainers.named import TRAINERS
 from nnunet_ssl.weights import load_weights_file
 from nnunet_runner import NnUNet
+from short_trainers import short_trainer_for
 
 pytestmark = pytest.mark.e2e
 
@@ -34,12 +35,6 @@ def nnunet(tmp_path_factory: pytest.TempPathFactory) -> NnUNet:
     runner = NnUNet.with_phantoms(tmp_path_factory.mktemp("methods"), config)
     runner.env["NNUNET_SSL_EPOCHS"] = "1"
     return runner
-
-
-def tiny_trainer_for(method: str) -> str:
-    names = [n for n, cls in TRAINERS.items() if cls.method == method and n.endswith("_tiny_2epochs")]
-    assert len(names) == 1, f"no single *_tiny_2epochs trainer for {method}: {names}"
-    return names[0]
 
 
 def small_head_settings(method: str) -> list[str]:
@@ -78,7 +73,7 @@ def test_method_pretrains_exports_and_its_trainer_loads_the_weights(nnunet: NnUN
     _, metadata = load_weights_file(path)
     assert metadata["method"] == method
 
-    trainer = tiny_trainer_for(method)
+    trainer = short_trainer_for(method)
     policy = {"NNUNET_SSL_FINETUNE": POLICY, "NNUNET_SSL_EPOCHS": ""} if method == "smit" else {}
     nnunet.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", trainer, "-device", "cpu", "-pretrained_weights", str(path),
                env=policy)

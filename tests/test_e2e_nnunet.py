@@ -20,12 +20,12 @@ from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 from nnunet_ssl.weights import encoder_digest, load_weights_file
 from nnunet_ssl.weights.export import load_run_encoder
 from nnunet_runner import BIN, NnUNet
+from short_trainers import EXT_FOLDER, SwinSMITTrainer_tiny_2epochs
 
 pytestmark = pytest.mark.e2e
 
+#: The tests' own trainers (short_trainers), found by nnU-Net through nnUNet_extTrainer.
 SCRATCH = "SwinScratchTrainer_tiny_2epochs"
-
-
 SMIT = "SwinSMITTrainer_tiny_2epochs"
 
 
@@ -128,8 +128,6 @@ def test_mismatched_weights_fail_fast_with_a_clear_error(nnunet: NnUNet, weights
 
 
 def test_pretrained_trainer_without_weights_warns_loudly(nnunet: NnUNet) -> None:
-    from nnunet_ssl.trainers.named import TRAINERS
-
     preprocessed = Path(nnunet.env["nnUNet_preprocessed"]) / "Dataset501_Phantom"
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text(encoding="utf-8"))
     dataset_json = json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
@@ -137,7 +135,7 @@ def test_pretrained_trainer_without_weights_warns_loudly(nnunet: NnUNet) -> None
     previous = {k: os.environ.get(k) for k in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw")}
     os.environ.update({k: nnunet.env[k] for k in previous})
     try:
-        trainer = TRAINERS[SMIT](plans, "3d_fullres", 2, dataset_json, torch.device("cpu"))
+        trainer = SwinSMITTrainer_tiny_2epochs(plans, "3d_fullres", 2, dataset_json, torch.device("cpu"))
         trainer.initialize()
         trainer.log_weights_provenance()
         log = Path(trainer.log_file).read_text(encoding="utf-8", errors="replace")
@@ -183,12 +181,12 @@ def test_multichannel_dataset_trains_from_scratch(tmp_path: Path) -> None:
 
 def test_report_scores_validation_and_test_set_and_reuses_predictions(nnunet: NnUNet, trained_scratch: Path) -> None:
     """`nnunet-ssl report` on a real nnU-Net run: validation summary, then the phantom test set (in-process
-    prediction, nnUNet_extTrainer set by the report itself), then a re-run that predicts nothing."""
+    prediction, the plugin's folder added to nnUNet_extTrainer by the report itself), then a re-run that predicts nothing."""
     import csv
 
     untrained = "SwinSimMIMTrainer_tiny_2epochs"
     raw = Path(nnunet.env["nnUNet_raw"]) / "Dataset501_Phantom"
-    env = {k: v for k, v in nnunet.env.items() if k != "nnUNet_extTrainer"}
+    env = {**nnunet.env, "nnUNet_extTrainer": str(EXT_FOLDER)}  # the tests' trainers only: the report adds the plugin's
 
     def report(out: Path, *extra: str) -> subprocess.CompletedProcess:
         command = [str(BIN / "nnunet-ssl"), "report", "-d", "501", "--trainers", SCRATCH, untrained, "-f", "0",
@@ -239,6 +237,9 @@ def test_report_scores_validation_and_test_set_and_reuses_predictions(nnunet: Nn
     assert pooled["overall"]["status"] == "complete" and 0.0 <= float(pooled["overall"]["mean_dice"]) <= 1.0
     assert f"{SCRATCH} (reference)" in first.stdout and "test set: 2 cases" in (out / "report.md").read_text(encoding="utf-8")
     assert "2 test case(s) predicted now, 0 reused" in first.stderr
+    from nnunet_ssl.nnunet_ext import ext_trainer_path
+
+    assert f"nnUNet_extTrainer={EXT_FOLDER}{os.pathsep}{ext_trainer_path()}" in first.stderr
 
     # a re-run reuses every prediction
     before = {p.name: p.stat().st_mtime_ns for p in predictions.glob("*.nii.gz")}

@@ -33,7 +33,7 @@ def write_experiment(tmp_path: Path, **changes) -> Path:
     (tmp_path / "smit.pt").write_bytes(b"weights")
     (tmp_path / "runs" / "simmim").mkdir(parents=True, exist_ok=True)
     data = {
-        "dataset": 777, "plans": "nnUNetPlans", "trainer_variant": "_tiny_2epochs", "device": "cpu", "seed": 3,
+        "dataset": 777, "plans": "nnUNetPlans", "device": "cpu", "seed": 3,
         "arms": [{"name": "scratch"}, {"name": "smit", "method": "smit", "weights": "smit.pt"},
                  {"name": "simmim", "method": "simmim", "pretraining_run": "runs/simmim"}],
         "settings": {"few_shot": {"shots": [3, 5], "seeds": [0, 1]}, "full": {"folds": [0, 1]}},
@@ -76,7 +76,11 @@ def test_valid_file_and_relative_paths(tmp_path: Path) -> None:
     ({"epochs": {"full": 0}}, "epochs.full"),
     ({"seed": -1}, "seed"),
     ({"device": "tpu"}, "device"),
-    ({"trainer_variant": "_nosuch"}, "no trainer 'SwinScratchTrainer_nosuch'"),
+    ({"trainer_variant": "_tiny_2epochs"}, "trainer_variant is no longer read.*preset: tiny"),
+    ({"preset": "tiny"}, r"arm simmim: 0 named trainers for method simmim with preset tiny.*have preset smit; of preset "
+                         r"tiny: SwinScratchTrainer_tiny_16epochs \(scratch\), SwinSMITTrainer_tiny_16epochs \(smit\)"),
+    ({"arms": [{"name": "s", "trainer": "SwinScratchTrainer_nosuch"}]}, r"arm s: trainer: no trainer 'SwinScratchTrainer_nosuch'"),
+    ({"arms": [{"name": "s", "trainer": "SwinSMITTrainer"}]}, r"trainer SwinSMITTrainer is for smit, the arm's method is scratch"),
     ({"env": {"NNUNET_SSL_SEED": 1}}, "env sets"),
     ({"learning_rate": 1}, "unknown field"),
 ])
@@ -100,13 +104,41 @@ def test_new_methods_need_no_code_change(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setitem(methods.METHODS, "dino", methods.METHODS["smit"])
     experiment = experiment_from_dict(
-        {"dataset": 1, "arms": [{"name": "dino", "method": "dino", "weights": "smit.pt"}],
-         "settings": {"full": {}}, "trainer_variant": "_tiny_2epochs"},
+        {"dataset": 1, "arms": [{"name": "dino", "method": "dino", "weights": "smit.pt"}], "settings": {"full": {}}},
         write_experiment(tmp_path),
     )
     from nnunet_ssl.experiment.spec import trainer_name
 
-    assert trainer_name(experiment, experiment.arm("dino")) == "SwinDINOTrainer_tiny_2epochs"
+    assert trainer_name(experiment, experiment.arm("dino")) == "SwinDINOTrainer"
+
+
+def test_arm_trainers_from_the_preset_or_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """preset: tiny gives the CPU-trial trainers; a trainer of one's own is named in the arm and found in
+    nnUNet_extTrainer's folders, as nnUNetv2_train will find it."""
+    from nnunet_ssl.experiment.spec import trainer_name
+
+    arms = [{"name": "scratch"}, {"name": "smit", "method": "smit", "weights": "smit.pt"}]
+    tiny = load_experiment(write_experiment(tmp_path, preset="tiny", arms=arms))
+    assert [trainer_name(tiny, arm) for arm in tiny.arms] == ["SwinScratchTrainer_tiny_16epochs",
+                                                             "SwinSMITTrainer_tiny_16epochs"]
+    own = [{"name": "scratch", "trainer": "SwinScratchTrainer_tiny_2epochs"},
+           {"name": "smit", "method": "smit", "weights": "smit.pt", "trainer": "SwinSMITTrainer_tiny_2epochs"}]
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)  # the tests' own trainers are not named trainers
+    with pytest.raises(ExperimentError, match=r"arm scratch: trainer: no trainer 'SwinScratchTrainer_tiny_2epochs'"):
+        load_experiment(write_experiment(tmp_path, arms=own))
+
+
+def test_arm_trainer_of_ones_own_through_nnunet_ext_trainer(tmp_path: Path, test_trainers: None) -> None:
+    from nnunet_ssl.experiment.spec import trainer_name
+
+    own = [{"name": "scratch", "trainer": "SwinScratchTrainer_tiny_2epochs"},
+           {"name": "smit", "method": "smit", "weights": "smit.pt", "trainer": "SwinSMITTrainer_tiny_2epochs"}]
+    experiment = load_experiment(write_experiment(tmp_path, arms=own))
+    assert [trainer_name(experiment, arm) for arm in experiment.arms] == ["SwinScratchTrainer_tiny_2epochs",
+                                                                         "SwinSMITTrainer_tiny_2epochs"]
+    wrong = [{"name": "smit", "method": "smit", "weights": "smit.pt", "trainer": "SwinDINOTrainer_tiny_2epochs"}]
+    with pytest.raises(ExperimentError, match="trainer SwinDINOTrainer_tiny_2epochs is for dino, the arm's method is smit"):
+        load_experiment(write_experiment(tmp_path, arms=wrong))
 
 
 MANIFEST = [FoldEntry(5 + i, "few_shot", size, seed, [], []) for i, (size, seed) in
@@ -281,7 +313,7 @@ def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         {"labels": {"background": 0, "liver": 1, "spleen": 2}, "file_ending": ".nii.gz"}), encoding="utf-8")
     monkeypatch.setenv("nnUNet_preprocessed", str(root))
     monkeypatch.delenv("nnUNet_raw", raising=False)
-    path = write_experiment(tmp_path, dataset="Dataset777_Fake", arms=[
+    path = write_experiment(tmp_path, dataset="Dataset777_Fake", preset="tiny", arms=[
         {"name": "scratch"}, {"name": "smit", "method": "smit", "weights": "smit.pt"}],
         settings={"full": {"folds": [0]}, "few_shot": {"shots": [3], "seeds": [0, 1]}})
     experiment = load_experiment(path)
@@ -298,7 +330,7 @@ def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     folds = {"full": 0, "seed0": 5, "seed1": 6}
     assert prepared.settings[1].folds == {5: 0, 6: 1}
     for arm in ("scratch", "smit"):
-        trainer = "SwinScratchTrainer_tiny_2epochs" if arm == "scratch" else "SwinSMITTrainer_tiny_2epochs"
+        trainer = "SwinScratchTrainer_tiny_16epochs" if arm == "scratch" else "SwinSMITTrainer_tiny_16epochs"
         for fold in folds.values():
             if (arm, fold) == ("smit", 6):
                 continue  # never trained: must be listed, not averaged in
@@ -386,7 +418,7 @@ def test_report_cka_few_shot_vs_full(tmp_path: Path, monkeypatch: pytest.MonkeyP
         sitk.WriteImage(image, str(images / f"case_{i:03d}_0000.nii.gz"))
     monkeypatch.setenv("nnUNet_preprocessed", str(root))
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    path = write_experiment(tmp_path, dataset="Dataset777_Fake", arms=[{"name": "scratch"}],
+    path = write_experiment(tmp_path, dataset="Dataset777_Fake", preset="tiny", arms=[{"name": "scratch"}],
                             settings={"full": {"folds": [0]}, "few_shot": {"shots": [3], "seeds": [0]}})
     experiment = load_experiment(path)
     prepared = prepare(experiment)
@@ -394,9 +426,9 @@ def test_report_cka_few_shot_vs_full(tmp_path: Path, monkeypatch: pytest.MonkeyP
     payload = build_weights_file(SwinEncoder(PRESETS["tiny"]).state_dict(), "tiny", 1, 3, method="smit")
     splits = json.loads((folder / "splits_final.json").read_text(encoding="utf-8"))
     for fold in (0, 5):
-        fold_dir = prepared.paths.fold_dir("scratch", "SwinScratchTrainer_tiny_2epochs", fold)
+        fold_dir = prepared.paths.fold_dir("scratch", "SwinScratchTrainer_tiny_16epochs", fold)
         _fake_fold(fold_dir, splits[fold]["val"], {c: (0.5, 0.5) for c in splits[fold]["val"]}, [0.2, 0.4])
-        torch.save({"network_weights": payload["network_weights"], "trainer_name": "SwinScratchTrainer_tiny_2epochs",
+        torch.save({"network_weights": payload["network_weights"], "trainer_name": "SwinScratchTrainer_tiny_16epochs",
                     "init_args": {"configuration": "3d_fullres"}, "logging": {"ema_fg_dice": [0.2, 0.4]}},
                    fold_dir / "checkpoint_final.pth")
         (fold_dir.parent / "plans.json").write_text(json.dumps(_plans(64)), encoding="utf-8")

@@ -9,8 +9,7 @@ import torch
 from nnunet_ssl.networks import PRESETS, SwinUNETRSeg
 from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
 from nnunet_ssl.trainers.base import WarmupCosineLRScheduler
-from nnunet_ssl.trainers.inputs import pretrained_weights_argument
-from nnunet_ssl.trainers.named import TRAINERS
+from nnunet_ssl.trainers.named import CPU_TRIAL_RECIPE, SCHEDULES, TRAINERS, UnknownTrainerError, find_trainer
 from nnunet_ssl.trainers.recipe import FineTuneRecipe, fitted_batch_size, swin_compatible_patch_size
 
 
@@ -66,12 +65,6 @@ def test_recipe_validates() -> None:
         FineTuneRecipe(warmup_epochs=10, num_epochs=10)
 
 
-def test_pretrained_weights_argument_parsing() -> None:
-    assert pretrained_weights_argument(["nnUNetv2_train", "501", "-pretrained_weights", "w.pt"]) == "w.pt"
-    assert pretrained_weights_argument(["x", "-pretrained_weights=a.pt"]) == "a.pt"
-    assert pretrained_weights_argument(["x", "501"]) is None
-
-
 def test_every_design_trainer_exists_with_its_preset() -> None:
     expected = {
         "SwinSMITTrainer": "smit", "SwinSimMIMTrainer": "smit", "SwinInpaintingTrainer": "smit",
@@ -81,7 +74,6 @@ def test_every_design_trainer_exists_with_its_preset() -> None:
     }
     for name, preset in expected.items():
         assert TRAINERS[name].preset_name == preset
-        assert TRAINERS[f"{name}_tiny_2epochs"].preset_name == "tiny" if f"{name}_tiny_2epochs" in TRAINERS else True
     assert TRAINERS["SwinScratchTrainer"].method is None
     assert TRAINERS["SwinSMITTrainer"].method == "smit"
 
@@ -93,11 +85,47 @@ def test_trainers_are_found_by_nnunet_through_the_shim(monkeypatch) -> None:
 
     monkeypatch.setattr(find_objects.nnUNet_extTrainer, "get", lambda: str(ext_trainer_path()))
     monkeypatch.setattr(find_objects.nnUNet_extTrainer, "is_set", lambda: True)
-    found = find_objects.recursive_find_trainer_class_by_name("SwinSMITTrainer_tiny_2epochs")
-    assert found is TRAINERS["SwinSMITTrainer_tiny_2epochs"]
+    found = find_objects.recursive_find_trainer_class_by_name("SwinSMITTrainer_tiny_16epochs")
+    assert found is TRAINERS["SwinSMITTrainer_tiny_16epochs"]
 
 
-def test_short_variants_predict_without_mirroring_and_full_trainers_with() -> None:
+def test_every_named_trainer_has_a_product_schedule_and_only_the_cpu_trial_skips_mirroring() -> None:
+    """What users are offered: the paper's recipe, or the CPU trial (tiny preset); no test schedule."""
+    from nnunet_ssl.trainers.named import describe
+
     for name, cls in TRAINERS.items():
-        short = name.endswith(("_tiny_2epochs", "_tiny_16epochs"))
-        assert cls.recipe.test_time_mirroring is not short, name
+        schedule = describe(cls)["schedule"]
+        assert schedule in SCHEDULES, name
+        assert (schedule == "cpu-trial") == (cls.preset_name == "tiny"), name
+        assert cls.recipe.test_time_mirroring is (schedule == "paper"), name
+    assert {n for n, c in TRAINERS.items() if c.recipe is CPU_TRIAL_RECIPE} == {
+        "SwinScratchTrainer_tiny_16epochs", "SwinSMITTrainer_tiny_16epochs"}
+    assert CPU_TRIAL_RECIPE.num_epochs * CPU_TRIAL_RECIPE.iterations_per_epoch == 160  # the demo's schedule
+
+
+def test_trainers_command_lists_no_test_only_trainer(capsys: pytest.CaptureFixture[str]) -> None:
+    from nnunet_ssl.cli import main
+    from short_trainers import TEST_TRAINERS
+
+    assert main(["trainers"]) == 0
+    listing = capsys.readouterr().out
+    assert "SwinSMITTrainer_tiny_16epochs" in listing and "cpu-trial" in listing
+    assert not [name for name in TEST_TRAINERS if name in listing]
+    assert not set(TEST_TRAINERS) & set(TRAINERS)
+
+
+def test_find_trainer_finds_named_trainers_and_own_trainers_only_through_nnunet_ext_trainer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nnunet_ssl.nnunet_ext import ext_trainer_path
+    from short_trainers import EXT_FOLDER, TEST_TRAINERS
+
+    assert find_trainer("SwinSMITTrainer", ext_folders=[]) is TRAINERS["SwinSMITTrainer"]
+    with pytest.raises(UnknownTrainerError, match="SwinSMITTrainer_tiny_2epochs"):
+        find_trainer("SwinSMITTrainer_tiny_2epochs", ext_folders=[str(ext_trainer_path())])
+    found = find_trainer("SwinSMITTrainer_tiny_2epochs", ext_folders=[str(ext_trainer_path()), str(EXT_FOLDER)])
+    assert found is TEST_TRAINERS["SwinSMITTrainer_tiny_2epochs"]  # the class itself: its module stays importable
+    monkeypatch.setenv("nnUNet_extTrainer", str(EXT_FOLDER))
+    assert find_trainer("SwinScratchTrainer_tiny_2epochs") is TEST_TRAINERS["SwinScratchTrainer_tiny_2epochs"]
+    with pytest.raises(UnknownTrainerError, match=r"no trainer 'NoSuchTrainer'.*trainer_ext"):
+        find_trainer("NoSuchTrainer")

@@ -16,11 +16,13 @@ import torch
 from nnunet_ssl.cli import build_parser, training_hint
 from nnunet_ssl.networks import PRESETS, SwinEncoder
 from nnunet_ssl.plans.planner import SwinPlanSettings
+from nnunet_ssl.trainers.inputs import TrainerInputError
 from nnunet_ssl.trainers.named import TRAINERS
 from nnunet_ssl.weights import WeightsError, build_weights_file, save_weights_file
 from nnunet_ssl.weights.intensity import ChannelMapping, intensity_warnings
 from nnunet_ssl.weights.preflight import preflight_weights
 from nnunet_ssl.weights.targets import resolve_target
+from short_trainers import SwinSMITTrainer_tiny_2epochs
 
 COMMAND = re.compile(r"`((?:nnunet-ssl|nnUNetv2_\w+) [^`]*)`")
 
@@ -91,7 +93,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_preflight_accepts_a_fitting_file(tiny_weights: Path) -> None:
     plans, dataset_json = plans_and_dataset(1)
-    metadata = preflight_weights(tiny_weights, TRAINERS["SwinSMITTrainer_tiny_2epochs"], plans, "3d_fullres", dataset_json)
+    metadata = preflight_weights(tiny_weights, SwinSMITTrainer_tiny_2epochs, plans, "3d_fullres", dataset_json)
     assert metadata["preset"] == "tiny"
 
 
@@ -106,14 +108,14 @@ def test_preflight_refuses_another_preset_with_existing_fixes(tiny_weights: Path
 def test_preflight_refuses_other_channel_count_with_existing_fixes(tiny_weights: Path) -> None:
     plans, dataset_json = plans_and_dataset(2)
     with pytest.raises(WeightsError, match=r"1 input channel\(s\), the dataset 2") as error:
-        preflight_weights(tiny_weights, TRAINERS["SwinSMITTrainer_tiny_2epochs"], plans, "3d_fullres", dataset_json)
+        preflight_weights(tiny_weights, SwinSMITTrainer_tiny_2epochs, plans, "3d_fullres", dataset_json)
     assert_commands_exist(str(error.value))
 
 
 def test_preflight_refuses_continue_with_weights(tiny_weights: Path) -> None:
     plans, dataset_json = plans_and_dataset(1)
     with pytest.raises(WeightsError, match="cannot be combined with --c"):
-        preflight_weights(tiny_weights, TRAINERS["SwinSMITTrainer_tiny_2epochs"], plans, "3d_fullres", dataset_json,
+        preflight_weights(tiny_weights, SwinSMITTrainer_tiny_2epochs, plans, "3d_fullres", dataset_json,
                           continue_training=True)
 
 
@@ -122,8 +124,38 @@ def test_trainer_exits_cleanly_before_creating_its_folder(tiny_weights: Path, tm
     plans, dataset_json = plans_and_dataset(2)
     monkeypatch.setattr(sys, "argv", ["nnUNetv2_train", "900", "3d_fullres", "0", "-pretrained_weights", str(tiny_weights)])
     with pytest.raises(SystemExit) as error:
-        TRAINERS["SwinSMITTrainer_tiny_2epochs"](plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+        SwinSMITTrainer_tiny_2epochs(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
     assert "nothing was written" in str(error.value.code) and "input channel" in str(error.value.code)
+    assert str(error.value.code).startswith("nnunet-ssl: refusing -pretrained_weights, nothing was written.\n")
+    assert error.value.__suppress_context__  # nnU-Net's command prints the message only, no traceback
+
+
+def test_trainer_inputs_are_read_from_nnunet_train_only_and_refused_as_errors_elsewhere(
+    tiny_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-pretrained_weights``/``--val`` are nnUNetv2_train's: another program's argv is not read as its options,
+    and a bad environment value raises a TrainerInputError there (no SystemExit outside nnU-Net's command)."""
+    from nnunet_ssl.trainers.inputs import TrainerInputs
+
+    args = ["501", "3d_fullres", "0", "-pretrained_weights", str(tiny_weights)]
+    assert TrainerInputs.read(["/venv/bin/nnUNetv2_train", *args], {}).pretrained_weights == str(tiny_weights)
+    assert TrainerInputs.read(["nnUNetv2_train", *args[:3], f"-pretrained_weights={tiny_weights}"], {}).pretrained_weights \
+        == str(tiny_weights)
+    assert TrainerInputs.read(["/x/nnunetv2/run/run_training.py", *args], {}).nnunet_train
+    assert TrainerInputs.read(["nnUNetv2_train", *args, "--val"], {}).pretrained_weights is None  # nnU-Net ignores it
+    assert TrainerInputs.read(["pytest", *args], {}) == TrainerInputs()
+    inputs = TrainerInputs.read(["pytest"], {"NNUNET_SSL_SEED": "7", "NNUNET_SSL_EPOCHS": "3",
+                                             "NNUNET_SSL_FINETUNE": "llrd=0.5"})
+    assert (inputs.seed, inputs.epochs, inputs.finetune_policy.llrd) == (7, 3, 0.5)
+
+    plans, dataset_json = plans_and_dataset(1)
+    monkeypatch.setattr(sys, "argv", ["python", "-c", "..."])
+    monkeypatch.setenv("NNUNET_SSL_SEED", "seven")
+    with pytest.raises(TrainerInputError, match="NNUNET_SSL_SEED='seven' is not an integer seed"):
+        SwinSMITTrainer_tiny_2epochs(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    monkeypatch.setattr(sys, "argv", ["nnUNetv2_train", "900", "3d_fullres", "0"])
+    with pytest.raises(SystemExit, match="^nnunet-ssl: refusing NNUNET_SSL_SEED, nothing was written.\n"):
+        SwinSMITTrainer_tiny_2epochs(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
 
 
 def test_export_without_plans_names_the_swin_plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

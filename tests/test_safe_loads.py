@@ -159,11 +159,11 @@ def _trained_one_epoch(device: torch.device):
     """A trainer after one epoch of nnU-Net's own hooks (train and validation step, logger, best checkpoint)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_ssl.trainers.named import TRAINERS
+    from short_trainers import TEST_TRAINERS
 
     plans = copy.deepcopy(PLANS)
     plans["continue_training"] = False
-    trainer = TRAINERS[TRAINER](plans, "3d_fullres", 0, dict(DATASET_JSON), device)
+    trainer = TEST_TRAINERS[TRAINER](plans, "3d_fullres", 0, dict(DATASET_JSON), device)
     trainer.initialize()
     # nnU-Net's default (the short test recipe turns test-time mirroring off): a tuple of axes
     nnUNetTrainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size(trainer)
@@ -206,21 +206,21 @@ def test_a_checkpoint_nnunet_writes_loads_safely_with_every_entry(nnunet_env: Pa
         assert repr(safe["optimizer_state"]) == repr(unsafe["optimizer_state"])
 
     # resuming reads the policy through the safe loader, and nnU-Net then loads the same file
-    from nnunet_ssl.trainers.named import TRAINERS
+    from short_trainers import TEST_TRAINERS
 
     plans = copy.deepcopy(PLANS)
     plans["continue_training"] = True
-    resumed = TRAINERS[TRAINER](plans, "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
+    resumed = TEST_TRAINERS[TRAINER](plans, "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
     resumed.load_checkpoint(str(fold / "checkpoint_final.pth"))
     assert resumed.current_epoch == 1 and resumed.finetune_policy.llrd == 0.5
 
 
 def test_resume_refuses_a_planted_checkpoint_before_nnunet_unpickles_it(nnunet_env: Path) -> None:
-    from nnunet_ssl.trainers.named import TRAINERS
+    from short_trainers import TEST_TRAINERS
 
     plans = copy.deepcopy(PLANS)
     plans["continue_training"] = True
-    trainer = TRAINERS[TRAINER](plans, "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
+    trainer = TEST_TRAINERS[TRAINER](plans, "3d_fullres", 0, dict(DATASET_JSON), torch.device("cpu"))
     marker = nnunet_env / "created"
     path = plant(Path(trainer.output_folder) / "checkpoint_latest.pth", marker)
     with pytest.raises(UnsafeCheckpointError, match="checkpoint_latest.pth: refused"):

@@ -218,7 +218,7 @@ def test_emit_out_needs_force_and_never_replaces_the_experiment_file(tmp_path: P
         monkeypatch.setenv(variable, str(tmp_path / variable.split("_")[1]))
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(yaml.safe_dump({
-        "dataset": 777, "plans": "nnUNetPlans", "trainer_variant": "_tiny_2epochs", "device": "cpu",
+        "dataset": 777, "plans": "nnUNetPlans", "preset": "tiny", "device": "cpu",
         "arms": [{"name": "scratch"}], "settings": {"full": {"folds": [0]}},
     }), encoding="utf-8")
     before = experiment.read_bytes()

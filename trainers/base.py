@@ -353,15 +353,3 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         for warning in intensity_warnings(intensity, mappings):
             self.print_to_log_file(f"WARNING: {warning}")
 
-
-
-def describe(trainer_class: type[SwinTrainerBase]) -> dict[str, Any]:
-    """Summary of a named trainer for listings (``nnunet-ssl trainers``)."""
-    return {
-        "trainer": trainer_class.__name__,
-        "preset": trainer_class.preset_name,
-        "method": trainer_class.method or "scratch",
-        "epochs": trainer_class.recipe.num_epochs,
-        "few_shot_epochs": trainer_class.recipe.for_few_shot().num_epochs,
-        "iterations_per_epoch": trainer_class.recipe.iterations_per_epoch,
-    }

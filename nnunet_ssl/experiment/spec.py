@@ -5,8 +5,8 @@ An experiment file is YAML (or JSON)::
     dataset: 501                      # nnU-Net dataset id or name (preprocessed with these plans)
     plans: nnUNetSwinPlans
     configuration: 3d_fullres
-    preset: smit                      # preset of the named trainers (smit, smit128, smit_s, smit_p)
-    trainer_variant: ""               # e.g. "_tiny_2epochs": appended to every arm's trainer name
+    preset: smit                      # picks each arm's named trainer: smit, smit128, smit_s, smit_p (paper
+                                      # schedule), or tiny (the CPU trial: scratch and smit arms only)
     seed: 0                           # NNUNET_SSL_SEED of every training
     device: cuda                      # nnUNetv2_train / nnUNetv2_predict -device
     output: experiment_out            # relative to the experiment file
@@ -20,6 +20,7 @@ An experiment file is YAML (or JSON)::
       - name: simmim
         method: simmim
         pretraining_run: runs/simmim  # a `nnunet-ssl pretrain` folder, exported for these plans
+        trainer: MySimMIMTrainer      # optional: any Swin trainer by name (yours: in nnUNet_extTrainer)
     settings:
       full: {folds: [0, 1, 2, 3, 4]}  # nnU-Net's cross-validation folds
       few_shot: {shots: [5, 10, 20], seeds: [0, 1, 2]}
@@ -27,6 +28,9 @@ An experiment file is YAML (or JSON)::
     test_set: imagesTs                # the raw dataset's imagesTs/labelsTs, or {images: DIR, labels: DIR}
 
 Every field is checked when the file is read; an error names the file and the field.
+
+An arm's trainer is the named trainer (``nnunet-ssl trainers``) of its method and the file's ``preset``,
+or the arm's ``trainer``; there is no other way to build a trainer name.
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ class Arm:
         weights: A ``-pretrained_weights`` file (``nnunet-ssl export``).
         pretraining_run: A pretraining run folder, exported for the experiment's plans.
         export_from: ``nnunet-ssl export --from`` for a pretraining run.
-        trainer: Explicit trainer class name (default: the method's named trainer + variant).
+        trainer: Explicit trainer class name (default: the named trainer of the method and the file's preset).
     """
 
     name: str
@@ -112,7 +116,6 @@ class Experiment:
     plans: str = "nnUNetPlans"
     configuration: str = "3d_fullres"
     preset: str = "smit"
-    trainer_variant: str = ""
     seed: int = 0
     device: str = "cuda"
     full_folds: tuple[int, ...] = ()
@@ -169,8 +172,14 @@ def experiment_from_dict(data: Any, source: Path) -> Experiment:
     where = str(source)
     if not isinstance(data, Mapping):
         raise ExperimentError(f"{where}: expected a mapping of fields at the top level")
-    known = {"dataset", "plans", "configuration", "preset", "trainer_variant", "seed", "device", "output", "epochs",
+    known = {"dataset", "plans", "configuration", "preset", "seed", "device", "output", "epochs",
              "env", "arms", "settings", "test_set"}
+    if "trainer_variant" in data:
+        raise ExperimentError(
+            f"{where}: trainer_variant is no longer read (it appended a suffix to trainer names). For the CPU trial "
+            "schedule set preset: tiny (SwinScratchTrainer_tiny_16epochs, SwinSMITTrainer_tiny_16epochs); for any "
+            "other trainer name it in the arm (trainer: NAME); `nnunet-ssl trainers` lists the named trainers"
+        )
     _no_unknown(data, known, where, "")
     base = source.resolve().parent
 
@@ -189,9 +198,9 @@ def experiment_from_dict(data: Any, source: Path) -> Experiment:
         raise ExperimentError(f"{where}: dataset must be a positive nnU-Net dataset id or a name, got {dataset}")
     strings = {}
     for key, default in (("plans", "nnUNetPlans"), ("configuration", "3d_fullres"), ("preset", "smit"),
-                         ("trainer_variant", ""), ("device", "cuda")):
+                         ("device", "cuda")):
         value = data.get(key, default)
-        if not isinstance(value, str) or (key != "trainer_variant" and not value):
+        if not isinstance(value, str) or not value:
             raise ExperimentError(f"{where}: {key} must be a string, got {_shown(value)}")
         strings[key] = value
     if strings["device"].split(":")[0] not in ("cuda", "cpu", "mps"):
@@ -395,36 +404,41 @@ def _env(value: Any, where: str) -> tuple[tuple[str, str], ...]:
 
 
 def trainer_name(experiment: Experiment, arm: Arm) -> str:
-    """The nnU-Net trainer of an arm: its explicit ``trainer``, else the method's named trainer + variant.
+    """The nnU-Net trainer of an arm: its explicit ``trainer``, else the named trainer of its method and preset.
 
-    The named trainer is the one in ``nnunet_ssl.trainers.named.TRAINERS`` with the arm's method and
-    the experiment's preset (and no variant suffix), so new methods need no change here.
+    The named trainers are ``nnunet_ssl.trainers.named.TRAINERS`` (one per method and preset), so new
+    methods need no change here. An explicit trainer may also be one of the user's own, found in
+    ``nnUNet_extTrainer``'s folders as ``nnUNetv2_train`` will find it.
 
     Raises:
-        ExperimentError: when there is no such trainer, or several.
+        ExperimentError: when there is no such trainer, or it is for another method.
     """
-    from nnunet_ssl.trainers.named import TRAINERS
+    from nnunet_ssl.trainers.named import TRAINERS, UnknownTrainerError, find_trainer
 
+    method = arm.method or "scratch"
     if arm.trainer is not None:
-        name = arm.trainer
-    else:
-        base = [name for name, cls in TRAINERS.items()
-                if cls.method == arm.method and cls.preset_name == experiment.preset and "_" not in name]
-        if len(base) != 1:
+        try:
+            trainer = find_trainer(arm.trainer)
+        except UnknownTrainerError as error:
+            raise ExperimentError(f"{experiment.source}: arm {arm.name}: trainer: {error}") from None
+        if trainer.method != arm.method:
             raise ExperimentError(
-                f"{experiment.source}: arm {arm.name}: {len(base)} named trainers for method "
-                f"{arm.method or 'scratch'} with preset {experiment.preset} ({', '.join(base) or 'none'}); "
-                "set the arm's trainer explicitly"
+                f"{experiment.source}: arm {arm.name}: trainer {arm.trainer} is for {trainer.method or 'scratch'}, "
+                f"the arm's method is {method}"
             )
-        name = base[0] + experiment.trainer_variant
-    if name not in TRAINERS:
-        raise ExperimentError(f"{experiment.source}: arm {arm.name}: no trainer {name!r}; `nnunet-ssl trainers` lists them")
-    if TRAINERS[name].method != arm.method:
-        raise ExperimentError(
-            f"{experiment.source}: arm {arm.name}: trainer {name} is for {TRAINERS[name].method or 'scratch'}, "
-            f"the arm's method is {arm.method or 'scratch'}"
-        )
-    return name
+        return arm.trainer
+    names = [name for name, cls in TRAINERS.items() if cls.method == arm.method and cls.preset_name == experiment.preset]
+    if len(names) == 1:
+        return names[0]
+    presets = sorted({cls.preset_name for cls in TRAINERS.values() if cls.method == arm.method})
+    of_preset = [f"{name} ({cls.method or 'scratch'})" for name, cls in TRAINERS.items()
+                 if cls.preset_name == experiment.preset]
+    raise ExperimentError(
+        f"{experiment.source}: arm {arm.name}: {len(names)} named trainers for method {method} with preset "
+        f"{experiment.preset} ({', '.join(names) or 'none'}). Named trainers of method {method} have preset "
+        f"{', '.join(presets) or 'none'}; of preset {experiment.preset}: {', '.join(of_preset) or 'none'}. Change "
+        "preset, or name the arm's trainer (trainer: NAME; a trainer of your own: README, Trainers)"
+    )
 
 
 def _check_trainers(experiment: Experiment, where: str) -> None:
