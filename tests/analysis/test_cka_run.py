@@ -31,14 +31,14 @@ def cka_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
                     "numTraining": 3, "file_ending": ".nii.gz"}
-    results = root / "Dataset990_CKA" / "SwinSMITTrainer_tiny_2epochs__nnUNetPlans__3d_fullres"
+    results = root / "Dataset990_CKA" / "SwinSMITTrainer_tiny_16epochs__nnUNetPlans__3d_fullres"
     fold = results / "fold_0"
     fold.mkdir(parents=True)
     (results / "plans.json").write_text(json.dumps(nnunet_plans(64)), encoding="utf-8")
     (results / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
     checkpoint = {
         "network_weights": {f"_orig_mod.{k}": v for k, v in payload["network_weights"].items()},
-        "trainer_name": "SwinSMITTrainer_tiny_2epochs",
+        "trainer_name": "SwinSMITTrainer_tiny_16epochs",
         "init_args": {"plans": nnunet_plans(64), "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset_json},
         "current_epoch": np.int64(2),  # nnU-Net's checkpoints hold numpy scalars
     }
