@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +20,26 @@ from nnunet_ssl.data.phantoms import PhantomConfig
 from nnunet_ssl.demo import Demo, DemoConfig
 from nnunet_ssl.experiment.grid import SKIP, decide
 from nnunet_ssl.experiment.spec import load_experiment
+from short_trainers import with_test_trainers
 
 pytestmark = pytest.mark.e2e
 
+#: The tests' own trainers (short_trainers): nnU-Net, the experiment file and cka find them through
+#: nnUNet_extTrainer, which the fixtures set for this module (the demo keeps the folders it names).
 SCRATCH = "SwinScratchTrainer_tiny_2epochs"
 SMIT = "SwinSMITTrainer_tiny_2epochs"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def test_trainers_found() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for variable, value in with_test_trainers(os.environ).items():
+            monkeypatch.setenv(variable, value)
+        yield
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Demo, Path]:
+def demo(tmp_path_factory: pytest.TempPathFactory, test_trainers_found: None) -> tuple[Demo, Path]:
     config = DemoConfig(
         work_dir=tmp_path_factory.mktemp("demo"),
         scratch_trainer=SCRATCH,
