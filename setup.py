@@ -40,6 +40,7 @@ setup(
         "dynamic-network-architectures",
         "batchgenerators",
         "SimpleITK",
+        "nibabel>=5",
         "numpy",
         "scipy",
         "matplotlib",

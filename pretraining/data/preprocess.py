@@ -4,7 +4,9 @@ The steps, in order (:func:`preprocess_source`):
 
 1. read the file or DICOM series with SimpleITK (:func:`read_source`); a DICOM series whose
    slice positions are not evenly spaced (a missing slice) is refused (:func:`check_slice_positions`),
-   since the reader would stack it at one average spacing;
+   since the reader would stack it at one average spacing; a NIfTI file is checked with nibabel
+   first (:func:`check_nifti`), since ITK's reader makes NaN voxels and missing data 0 and a zero
+   ``pixdim`` 1 mm;
 2. validate it (:func:`validate_image`): scalar, 3-D without singleton axes, spacings in
    ``[min_spacing, max_spacing]``, finite voxels (no NaN, no Inf), not constant;
 3. reorient to LPS (array axes ``(z, y, x)`` = inferior->superior, anterior->posterior,
@@ -22,16 +24,20 @@ and a detail. Volumes smaller than a crop are not padded here: the crop sampler 
 """
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import re
-import struct
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
+from nibabel.analyze import AnalyzeHeader
+from nibabel.arrayproxy import ArrayProxy
+from nibabel.nifti1 import Nifti1Header
+from nibabel.nifti2 import Nifti2Header
+from nibabel.openers import ImageOpener
+from nibabel.spatialimages import HeaderDataError
 from scipy import ndimage
 
 from .config import DataConfig
@@ -111,138 +117,107 @@ def _reader_message(exc: BaseException) -> str:
     return (" ".join(ln for ln in lines if ln) or type(exc).__name__)[:300]
 
 
-@dataclass(frozen=True)
-class _NiftiHeader:
-    dim: tuple[int, ...]
-    datatype: int
-    bitpix: int
-    pixdim: tuple[float, ...]
-    vox_offset: int
-    endian: str
+#: Header layouts tried in turn on the first bytes of a ``.nii``/``.nii.gz`` file (an ANALYZE 7.5
+#: header is what ITK reads a NIfTI-1 header without its magic as).
+_NIFTI_HEADERS = (Nifti2Header, Nifti1Header, AnalyzeHeader)
+
+#: Voxels read per step when the data of a NIfTI file are checked (memory stays bounded, whatever
+#: the header claims).
+SCAN_VOXELS = 1 << 22
+
+#: A deflate stream expands its input at most 1032-fold: a gzip file of ``n`` bytes holds at most
+#: ``1032 n`` bytes of data.
+MAX_DEFLATE_RATIO = 1032
 
 
-#: NIfTI datatype codes of real floating-point voxels, and their numpy types.
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+def read_nifti_header(path: str) -> AnalyzeHeader | None:
+    """The header of a NIfTI-1/2 file as written, parsed by nibabel, or ``None`` if there is none.
 
-
-def _nifti_header(path: str) -> _NiftiHeader | None:
-    """The fields of a NIfTI-1/2 header needed for checks, or ``None`` if there is no such header."""
-    opener = gzip.open if path.lower().endswith(".gz") else open
+    The header is not checked: nibabel's checks would, as ITK's reader does, set a zero ``pixdim`` to
+    1 mm, which :func:`check_nifti` must see.
+    """
     try:
-        with opener(path, "rb") as fh:
-            head = fh.read(540)
+        with ImageOpener(path) as fh:
+            block = fh.read(Nifti2Header.sizeof_hdr)
     except (OSError, EOFError, zlib.error):
         return None
-    for e in ("<", ">"):
-        if len(head) >= 348 and struct.unpack(e + "i", head[:4])[0] == 348:
-            return _NiftiHeader(
-                dim=struct.unpack(e + "8h", head[40:56]),
-                datatype=struct.unpack(e + "h", head[70:72])[0],
-                bitpix=struct.unpack(e + "h", head[72:74])[0],
-                pixdim=struct.unpack(e + "8f", head[76:108]),
-                vox_offset=int(struct.unpack(e + "f", head[108:112])[0]),
-                endian=e,
-            )
-        if len(head) >= 540 and struct.unpack(e + "i", head[:4])[0] == 540:
-            return _NiftiHeader(
-                dim=struct.unpack(e + "8q", head[16:80]),
-                datatype=struct.unpack(e + "h", head[12:14])[0],
-                bitpix=struct.unpack(e + "h", head[14:16])[0],
-                pixdim=struct.unpack(e + "8d", head[104:168]),
-                vox_offset=int(struct.unpack(e + "q", head[168:176])[0]),
-                endian=e,
-            )
+    for header_class in _NIFTI_HEADERS:
+        if header_class.may_contain_header(block):
+            return header_class(block[: header_class.sizeof_hdr], check=False)
     return None
 
 
-def _gzip_length(path: str) -> tuple[int, bool]:
-    """Decompressed length of a (multi-member) gzip file and whether its last stream ended properly."""
-    total, complete = 0, True
-    decomp = zlib.decompressobj(wbits=31)
+def _gzip_size_field(path: str) -> int:
+    """The field that ends a gzip file (ISIZE, RFC 1952): the length of its last member's data modulo 2^32."""
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            while chunk:
-                try:
-                    total += len(decomp.decompress(chunk))
-                except zlib.error:
-                    return total, complete
-                if decomp.eof:
-                    chunk = decomp.unused_data
-                    decomp = zlib.decompressobj(wbits=31)
-                    complete = True
-                else:
-                    chunk = b""
-                    complete = False
-    return total, complete
+        fh.seek(-4, os.SEEK_END)
+        return int.from_bytes(fh.read(4), "little")
 
 
-def _scan_nifti_floats(path: str, header: _NiftiHeader, count: int) -> tuple[int, int, int]:
-    """``(voxels present, NaN voxels, infinite voxels)`` in the float data of a NIfTI file (stops at ``count``)."""
-    dtype = np.dtype(header.endian + _NIFTI_FLOATS[header.datatype])
-    opener = gzip.open if path.lower().endswith(".gz") else open
+def _read_nifti_data(path: str, dtype: np.dtype, offset: int, count: int, floats: bool) -> tuple[int, int, int]:
+    """``(voxels read, NaN voxels, infinite voxels)`` of a NIfTI file's data, read by nibabel in steps
+    of :data:`SCAN_VOXELS` up to ``count`` voxels or where the data end (a whole step short)."""
     present = nans = infs = 0
-    step = (1 << 22) * dtype.itemsize
     try:
-        with opener(path, "rb") as fh:
-            fh.seek(max(header.vox_offset, 348))
-            tail = b""
-            while present < count:
-                chunk = tail + fh.read(step)
-                usable = len(chunk) - len(chunk) % dtype.itemsize
-                if usable == 0:
-                    break
-                values = np.frombuffer(chunk[:usable], dtype=dtype)[: count - present]
-                nans += int(np.count_nonzero(np.isnan(values)))
-                infs += int(np.count_nonzero(np.isinf(values)))
+        with ImageOpener(path) as fh:
+            voxels = ArrayProxy(fh, ((count,), dtype, offset), mmap=False)
+            for start in range(0, count, SCAN_VOXELS):
+                values = voxels[start : start + SCAN_VOXELS]
+                if floats and not np.isfinite(values).all():
+                    nans += int(np.count_nonzero(np.isnan(values)))
+                    infs += int(np.count_nonzero(np.isinf(values)))
                 present += values.size
-                tail = chunk[usable:]
-    except (EOFError, zlib.error, OSError):
-        pass  # Truncated stream: ``present`` says how far it got.
+    except (OSError, EOFError, ValueError, zlib.error):
+        pass  # The data end early: ``present`` says how far whole steps reached.
     return present, nans, infs
 
 
 def check_nifti(path: str) -> None:
-    """Catch what ITK's NIfTI reader lets through silently: truncated data (read as zeros), NaN and
-    infinite voxels (read as zeros) and zero/NaN ``pixdim`` (read as 1 mm).
+    """Catch, before ITK's NIfTI reader reads a file, what it lets through silently: truncated data
+    (read as zeros), NaN and infinite voxels (read as zeros), a zero or non-finite ``pixdim`` (read
+    as 1 mm); and headers that declare more data than the file holds, refused without reading or
+    allocating them.
 
-    Integer data costs one header read and a look at the gzip trailer; float data is scanned once.
+    nibabel parses the header and reads the data; integer data cost a header read and a look at
+    the gzip size field, float data are read once, :data:`SCAN_VOXELS` at a time.
 
     Raises:
         SkipVolume: ``"unreadable"`` (truncated), ``"non-finite voxels"`` or ``"absurd spacing"``.
     """
-    header = _nifti_header(path)
+    header = read_nifti_header(path)
     if header is None:
         return  # Not NIfTI after all: let the reader decide.
-    ndim = header.dim[0]
-    if not 1 <= ndim <= 7 or header.bitpix <= 0:
+    ndim = int(header["dim"][0])
+    try:
+        dtype = header.get_data_dtype()
+    except (HeaderDataError, KeyError):
+        return  # Unknown data type: let the reader decide.
+    if not 1 <= ndim <= 7 or dtype.itemsize == 0:
         return
-    spatial = header.pixdim[1 : min(ndim, 3) + 1]
+    spatial = tuple(float(p) for p in header["pixdim"][1 : min(ndim, 3) + 1])
     if any(not math.isfinite(p) or p == 0.0 for p in spatial):
-        raise SkipVolume(ABSURD_SPACING, f"NIfTI pixdim {tuple(spatial)} (a reader would silently use 1 mm)")
-    count = math.prod(max(d, 1) for d in header.dim[1 : ndim + 1])
-    expected = max(header.vox_offset, 348) + count * header.bitpix // 8
-    if header.datatype in _NIFTI_FLOATS:
-        present, nans, infs = _scan_nifti_floats(path, header, count)
-        if present < count:
-            raise SkipVolume(UNREADABLE, f"truncated NIfTI: {present} of {count} voxels present")
-        if nans or infs:
-            raise SkipVolume(
-                NON_FINITE, f"{nans} NaN and {infs} infinite voxel(s) (a reader would silently make them 0)"
-            )
+        raise SkipVolume(ABSURD_SPACING, f"NIfTI pixdim {spatial} (a reader would silently use 1 mm)")
+    if not math.isfinite(float(header["vox_offset"])):
+        raise SkipVolume(UNREADABLE, f"NIfTI vox_offset {float(header['vox_offset'])} does not say where the data start")
+    offset = max(header.get_data_offset(), header.sizeof_hdr)
+    count = math.prod(max(int(d), 1) for d in header["dim"][1 : ndim + 1])
+    expected = offset + count * dtype.itemsize
+    size = os.path.getsize(path)
+    compressed = path.lower().endswith(".gz")
+    if not compressed and size < expected:
+        raise SkipVolume(UNREADABLE, f"truncated NIfTI: {size} of {expected} bytes ({count} voxels declared)")
+    if compressed and expected > MAX_DEFLATE_RATIO * size:
+        raise SkipVolume(
+            UNREADABLE, f"truncated NIfTI: {count} voxels declared ({expected} bytes), more than a {size}-byte gzip file holds"
+        )
+    floats = dtype.kind == "f"
+    if not floats and (not compressed or _gzip_size_field(path) == expected % (1 << 32)):
         return
-    if path.lower().endswith(".gz"):
-        with open(path, "rb") as fh:
-            fh.seek(-4, os.SEEK_END)
-            isize = struct.unpack("<I", fh.read(4))[0]
-        if isize == expected % (1 << 32):
-            return
-        actual, complete = _gzip_length(path)
-        if actual < expected or not complete:
-            raise SkipVolume(UNREADABLE, f"truncated NIfTI: {actual} of {expected} bytes after decompression")
-    else:
-        actual = os.path.getsize(path)
-        if actual < expected:
-            raise SkipVolume(UNREADABLE, f"truncated NIfTI: {actual} of {expected} bytes")
+    present, nans, infs = _read_nifti_data(path, dtype, offset, count, floats)
+    if present < count:
+        raise SkipVolume(UNREADABLE, f"truncated NIfTI: the data end before voxel {min(present + SCAN_VOXELS, count)} of {count}")
+    if nans or infs:
+        raise SkipVolume(NON_FINITE, f"{nans} NaN and {infs} infinite voxel(s) (a reader would silently make them 0)")
 
 
 def _dicom_floats(text: str, count: int) -> np.ndarray | None:
