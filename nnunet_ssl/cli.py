@@ -79,15 +79,14 @@ def cmd_inspect_weights(args: argparse.Namespace) -> int:
     if args.trainer is None:
         return 0
     if args.dataset is None:
-        raise SystemExit("--trainer needs -d/--dataset to know the channels and classes to check against")
+        raise ValueError("--trainer needs -d/--dataset to know the channels and classes to check against")
 
-    from nnunet_ssl.trainers.named import TRAINERS
+    from nnunet_ssl.trainers.named import find_trainer
     from nnunet_ssl.weights.targets import network_for_target, resolve_target
 
-    if args.trainer not in TRAINERS:
-        raise SystemExit(f"unknown trainer {args.trainer!r}; `nnunet-ssl trainers` lists them")
+    trainer = find_trainer(args.trainer)  # as nnUNetv2_train finds it: named, else in nnUNet_extTrainer
     target = resolve_target(args.dataset, args.configuration, args.plans)
-    network = network_for_target(TRAINERS[args.trainer], target)
+    network = network_for_target(trainer, target)
     check_weights_against_network(args.file, network, args.trainer)
     sys.stdout.write(
         f"OK: fits {args.trainer} on {target.dataset_name} ({target.configuration}, {target.plans_file.name}): "
@@ -124,7 +123,7 @@ def trainers_of_preset(preset: str) -> list[str]:
     from nnunet_ssl.trainers.named import TRAINERS
 
     names = [name for name, cls in TRAINERS.items() if cls.preset_name == preset]
-    return sorted(names, key=lambda n: (TRAINERS[n].method != "smit", n.endswith("_2epochs"), n))
+    return sorted(names, key=lambda n: (TRAINERS[n].method != "smit", n))
 
 
 def training_hint(dataset_id: int, settings: SwinPlanSettings) -> str:

@@ -39,7 +39,7 @@ from nnunet_ssl.cpu_memory import with_freed_memory_kept
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 from nnunet_ssl.demo_progress import EpochProgress, keep_structures
 from nnunet_ssl.experiment.grid import RESUME, SKIP, Job, decide
-from nnunet_ssl.experiment.runner import FAILED, Prepared, prepare, run_job
+from nnunet_ssl.experiment.runner import FAILED, Prepared, ext_trainer_variable, prepare, run_job
 from nnunet_ssl.experiment.spec import Experiment, load_experiment
 from nnunet_ssl.io import atomic_json_dump, atomic_write_text
 
@@ -96,8 +96,6 @@ class Demo:
     """
 
     def __init__(self, config: DemoConfig) -> None:
-        from nnunet_ssl.nnunet_ext import ext_trainer_path
-
         self.config = config
         self.root = config.work_dir.resolve()
         self.raw = self.root / "nnUNet_raw"
@@ -114,7 +112,7 @@ class Demo:
             "nnUNet_raw": str(self.raw),
             "nnUNet_preprocessed": str(self.preprocessed),
             "nnUNet_results": str(self.root / "nnUNet_results"),
-            "nnUNet_extTrainer": str(ext_trainer_path()),
+            "nnUNet_extTrainer": ext_trainer_variable(os.environ),  # folders of the user's own trainers kept
             "nnUNet_def_n_proc": str(config.processes),
             "nnUNet_n_proc_DA": str(config.augmentation_processes),
             "NNUNET_SSL_SEED": str(config.seed),

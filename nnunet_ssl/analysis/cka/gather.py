@@ -85,9 +85,10 @@ class PretrainedEncoder:
 def load_finetuned_fold(fold_dir: Path, checkpoint: str = "final") -> FinetunedFold:
     """Read ``fold_N/checkpoint_{final,best}.pth`` and the results folder's plans.json and dataset.json.
 
-    The preset comes from the trainer class named in the checkpoint (``TRAINERS[name].preset_name``).
+    The preset comes from the trainer class named in the checkpoint, found as ``nnUNetv2_train`` finds
+    it (a named trainer, else one in ``nnUNet_extTrainer``'s folders).
     """
-    from nnunet_ssl.trainers.named import TRAINERS
+    from nnunet_ssl.trainers.named import UnknownTrainerError, find_trainer
 
     fold_dir = Path(fold_dir)
     path = fold_dir / f"checkpoint_{checkpoint}.pth"
@@ -95,13 +96,17 @@ def load_finetuned_fold(fold_dir: Path, checkpoint: str = "final") -> FinetunedF
         raise FileNotFoundError(f"{path} does not exist; pass an nnU-Net fold folder (.../fold_N) and --checkpoint")
     payload = load_nnunet_checkpoint(path)  # tensors, plain values and numpy scalars only; nothing is run
     trainer_name = payload.get("trainer_name")
-    if not isinstance(trainer_name, str) or trainer_name not in TRAINERS:
+    if not isinstance(trainer_name, str):
         raise WeightsError(f"{path}: trainer {trainer_name!r} is not an nnunet-ssl trainer (`nnunet-ssl trainers`)")
+    try:
+        trainer_class = find_trainer(trainer_name)
+    except UnknownTrainerError as error:
+        raise WeightsError(f"{path}: {error}") from error
     weights, init_args = payload.get("network_weights"), payload.get("init_args")
     if not isinstance(weights, Mapping) or not isinstance(init_args, Mapping) \
             or not isinstance(init_args.get("configuration"), str):
         raise WeightsError(f"{path}: not an nnU-Net checkpoint (no network_weights or init_args.configuration)")
-    preset_name = TRAINERS[trainer_name].preset_name
+    preset_name = trainer_class.preset_name
     state = strip_wrapper_prefixes(weights)
     plans, dataset_json = (_read_json(fold_dir.parent / name) for name in ("plans.json", "dataset.json"))
     return FinetunedFold(
@@ -326,10 +331,10 @@ def list_raw_cases(folder: Path, file_ending: str, num_channels: int) -> list[Ra
 
 def network_plans(fold: FinetunedFold) -> dict[str, Any]:
     """The plans as the trainer used them (its Swin patch-size fitting applied; a no-op on saved plans)."""
-    from nnunet_ssl.trainers.named import TRAINERS
+    from nnunet_ssl.trainers.named import find_trainer
 
     plans = copy.deepcopy(fold.plans)
-    TRAINERS[fold.trainer_name].fit_plans_to_swin(plans, fold.configuration)
+    find_trainer(fold.trainer_name).fit_plans_to_swin(plans, fold.configuration)
     return plans
 
 
