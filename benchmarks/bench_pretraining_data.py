@@ -49,19 +49,19 @@ import blosc2
 import numpy as np
 import SimpleITK as sitk
 import torch
+
+from benchmarks.tables import format_table
 from nnunet_ssl.pretraining.data import (
     DataConfig,
     ViewSampler,
     build_cache,
     make_loader,
     open_array,
+    preprocess,
     summarize,
 )
-from nnunet_ssl.pretraining.data import preprocess
 from nnunet_ssl.pretraining.data.preprocess import resample_to_spacing, window_ct
 from nnunet_ssl.pretraining.data.sources import Source
-
-from benchmarks.tables import format_table
 
 logger = logging.getLogger(__name__)
 

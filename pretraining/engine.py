@@ -36,9 +36,9 @@ from nnunet_ssl.io import atomic_json_dump, atomic_torch_save
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
 from nnunet_ssl.pretraining.config import CONFIG_FILE, RunConfig
-from nnunet_ssl.pretraining.distributed import Collectives
 from nnunet_ssl.pretraining.data import Manifest, build_cache, make_loader, summarize
 from nnunet_ssl.pretraining.data import steps_per_epoch as volume_steps_per_epoch
+from nnunet_ssl.pretraining.distributed import Collectives
 from nnunet_ssl.pretraining.methods import METHODS, build_config, build_method
 from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step, encoder_states
 from nnunet_ssl.pretraining.metrics_log import MetricsLog, plot_loss_curves

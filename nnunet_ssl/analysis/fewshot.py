@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_ssl.analysis.results import RunResult
-from nnunet_ssl.splits import FoldEntry, read_manifest
 from nnunet_ssl.analysis.stats import (
     OVERALL,
     Spread,
@@ -20,6 +19,8 @@ from nnunet_ssl.analysis.stats import (
     spread,
     structure_means,
 )
+from nnunet_ssl.splits import FoldEntry, read_manifest
+
 
 def manifest_by_fold(path: Path) -> dict[int, FoldEntry]:
     """fold -> manifest entry (see :mod:`nnunet_ssl.splits`); empty when the file does not exist.

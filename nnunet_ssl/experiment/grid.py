@@ -25,7 +25,6 @@ from nnunet_ssl.experiment.spec import Arm, Experiment, ExperimentError, TestSet
 from nnunet_ssl.splits import FoldEntry
 from nnunet_ssl.trainers.inputs import EPOCHS_ENV, SEED_ENV
 
-
 SKIP, FRESH, RESUME, VALIDATE = "skip", "fresh", "resume", "validate"
 
 

@@ -11,19 +11,19 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from torch import nn
+
+from nnunet_ssl.networks.presets import SwinPreset, get_preset
 from nnunet_ssl.pretraining.methods.base import PretrainingMethod, StepContext
+from nnunet_ssl.pretraining.methods.contrastive import Contrastive, ContrastiveConfig
 from nnunet_ssl.pretraining.methods.dino import DINO, DINOConfig
 from nnunet_ssl.pretraining.methods.ibot import IBOT, IBOTConfig
-from nnunet_ssl.pretraining.methods.contrastive import Contrastive, ContrastiveConfig
 from nnunet_ssl.pretraining.methods.inpainting import Inpainting, InpaintingConfig
 from nnunet_ssl.pretraining.methods.reconstruction import Reconstruction, ReconstructionConfig
 from nnunet_ssl.pretraining.methods.rotation import Rotation, RotationConfig
 from nnunet_ssl.pretraining.methods.simmim import SimMIM, SimMIMConfig
 from nnunet_ssl.pretraining.methods.smit import SMIT, SMITConfig
 from nnunet_ssl.pretraining.methods.swinunetr import SwinUNETRConfig, SwinUNETRPretraining
-from torch import nn
-
-from nnunet_ssl.networks.presets import SwinPreset, get_preset
 
 METHODS: dict[str, tuple[type, type]] = {
     "smit": (SMIT, SMITConfig),

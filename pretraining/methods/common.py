@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS
-from nnunet_ssl.pretraining.masking import validate_mask_settings
 from torch import Tensor
 
 from nnunet_ssl.networks.presets import ENCODER_STRIDE, SwinPreset
 from nnunet_ssl.networks.swin import SwinEncoder
+from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS
+from nnunet_ssl.pretraining.masking import validate_mask_settings
 
 
 def validate_masked_image_settings(

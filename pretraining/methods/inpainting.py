@@ -11,6 +11,9 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import Tensor, nn
+
+from nnunet_ssl.networks.presets import SwinPreset
 from nnunet_ssl.pretraining.heads import ConvUpHead
 from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS, reconstruction_loss
 from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
@@ -23,9 +26,6 @@ from nnunet_ssl.pretraining.methods.common import (
     validate_student_settings,
 )
 from nnunet_ssl.pretraining.views import CutoutSettings, aug_rand
-from torch import Tensor, nn
-
-from nnunet_ssl.networks.presets import SwinPreset
 
 logger = logging.getLogger(__name__)
 

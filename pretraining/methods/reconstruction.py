@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import Tensor, nn
+
+from nnunet_ssl.networks.presets import SwinPreset
 from nnunet_ssl.pretraining.heads import ConvUpHead
 from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS, reconstruction_loss
 from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
@@ -24,9 +27,6 @@ from nnunet_ssl.pretraining.methods.common import (
     validate_student_settings,
 )
 from nnunet_ssl.pretraining.views import device_generator
-from torch import Tensor, nn
-
-from nnunet_ssl.networks.presets import SwinPreset
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,9 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import Tensor, nn
+
+from nnunet_ssl.networks.presets import SwinPreset
 from nnunet_ssl.pretraining.heads import READOUTS, linear_head, x4_vector
 from nnunet_ssl.pretraining.losses import rotation_loss
 from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
@@ -21,9 +24,6 @@ from nnunet_ssl.pretraining.methods.common import (
     validate_student_settings,
 )
 from nnunet_ssl.pretraining.views import NUM_ROTATIONS, random_axial_rotation
-from torch import Tensor, nn
-
-from nnunet_ssl.networks.presets import SwinPreset
 
 logger = logging.getLogger(__name__)
 

@@ -11,15 +11,15 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import Tensor, nn
+
+from nnunet_ssl.networks.presets import ENCODER_STRIDE, SwinPreset
+from nnunet_ssl.networks.swin import SwinEncoder
 from nnunet_ssl.pretraining.heads import LinearPixelHead
 from nnunet_ssl.pretraining.losses import masked_pixel_loss
 from nnunet_ssl.pretraining.masking import random_unit_masks
 from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings, with_drop_path
-from torch import Tensor, nn
-
-from nnunet_ssl.networks.presets import ENCODER_STRIDE, SwinPreset
-from nnunet_ssl.networks.swin import SwinEncoder
 
 logger = logging.getLogger(__name__)
 

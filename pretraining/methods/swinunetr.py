@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import Tensor, nn
+
+from nnunet_ssl.networks.presets import SwinPreset
 from nnunet_ssl.pretraining.heads import ConvUpHead, linear_head, x4_vector
 from nnunet_ssl.pretraining.losses import PIXEL_LOSS_KINDS, nt_xent_loss, reconstruction_loss, rotation_loss
 from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
@@ -31,9 +34,6 @@ from nnunet_ssl.pretraining.methods.common import (
     validate_student_settings,
 )
 from nnunet_ssl.pretraining.views import NUM_ROTATIONS, aug_rand, random_axial_rotation
-from torch import Tensor, nn
-
-from nnunet_ssl.networks.presets import SwinPreset
 
 logger = logging.getLogger(__name__)
 
