@@ -12,6 +12,7 @@ import argparse
 import logging
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,19 @@ SHAPES = ((1728, 4, 12), (216, 4, 24), (27, 8, 24))
 TOKENS = 64
 
 
-def timed(fn) -> float:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Window attention through ``scaled_dot_product_attention`` (q, k, v: (B, W, heads, T, dim), bias: (W, heads, T, T))."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The same attention as matmul-softmax-matmul."""
+    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias, dim=-1) @ v
+
+
+def timed(fn: Callable[..., object], *args: object) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -43,19 +54,12 @@ def main() -> None:
     for windows, heads, dim in SHAPES:
         q, k, v = (torch.randn(args.batch, windows, heads, TOKENS, dim) for _ in range(3))
         bias = torch.randn(windows, heads, TOKENS, TOKENS)
-
-        def sdpa() -> torch.Tensor:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-        def plain() -> torch.Tensor:
-            return torch.softmax((q * dim**-0.5) @ k.transpose(-2, -1) + bias, dim=-1) @ v
-
         with torch.no_grad():
-            torch.testing.assert_close(sdpa(), plain(), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(sdpa(q, k, v, bias), plain(q, k, v, bias), rtol=1e-4, atol=1e-4)
             times: dict[str, list[float]] = {"sdpa": [], "plain": []}
             for _ in range(args.repeats):
-                times["sdpa"].append(timed(sdpa))
-                times["plain"].append(timed(plain))
+                times["sdpa"].append(timed(sdpa, q, k, v, bias))
+                times["plain"].append(timed(plain, q, k, v, bias))
         s, p = statistics.median(times["sdpa"]), statistics.median(times["plain"])
         rows.append([f"{windows} x {heads} heads x d{dim}", f"{s * 1000:.1f}", f"{p * 1000:.1f}", f"{p / s:.2f}x"])
     header = ["windows x heads x dim", "SDPA (ms)", "plain (ms)", "plain / SDPA"]
