@@ -117,9 +117,10 @@ def _reader_message(exc: BaseException) -> str:
     return (" ".join(ln for ln in lines if ln) or type(exc).__name__)[:300]
 
 
-#: Header layouts tried in turn on the first bytes of a ``.nii``/``.nii.gz`` file (an ANALYZE 7.5
-#: header is what ITK reads a NIfTI-1 header without its magic as).
-_NIFTI_HEADERS = (Nifti2Header, Nifti1Header, AnalyzeHeader)
+#: Header layouts tried in turn on the first bytes of a ``.nii``/``.nii.gz`` file: NIfTI-1 (by its
+#: magic; the same bytes of a NIfTI-2 header hold its qform code), NIfTI-2, and ANALYZE 7.5, which
+#: ITK reads a NIfTI-1 header without its magic as.
+_NIFTI_HEADERS = (Nifti1Header, Nifti2Header, AnalyzeHeader)
 
 #: Voxels read per step when the data of a NIfTI file are checked (memory stays bounded, whatever
 #: the header claims).
