@@ -118,7 +118,7 @@ class Result:
 
     @property
     def step_s(self) -> list[float]:
-        return [f + b for f, b in zip(self.forward_s, self.backward_s)]
+        return [f + b for f, b in zip(self.forward_s, self.backward_s, strict=True)]
 
     @property
     def activation_bytes(self) -> int:

@@ -430,7 +430,7 @@ def write_files(contents: dict[Path, str]) -> None:
                 raise failed(error, path) from error
         previous = {target: target.read_bytes() if target.is_file() else None for target, _ in staged}
         done: list[Path] = []
-        for path, (target, tmp) in zip(contents, staged):
+        for path, (target, tmp) in zip(contents, staged, strict=True):
             try:
                 os.replace(tmp, target)
             except OSError as error:

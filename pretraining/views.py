@@ -142,7 +142,7 @@ def draw_blocks(spatial: tuple[int, int, int], settings: CutoutSettings, generat
     covered = 0
     while covered < budget:
         columns = []
-        for size, (low, high) in zip(spatial, limits):
+        for size, (low, high) in zip(spatial, limits, strict=True):
             start = torch.randint(0, size - low, (_BLOCK_CHUNK,), generator=generator)
             end = (start + torch.randint(low, high, (_BLOCK_CHUNK,), generator=generator)).clamp(max=size)
             columns += [start, end]

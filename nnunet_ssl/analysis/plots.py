@@ -124,7 +124,7 @@ def plot_few_shot(rows: Sequence, path: Path) -> Path:
         for trainer in colors:
             points = sorted((r.size, r.stats.mean, r.stats.std) for r in rows if r.kind == kind and r.trainer == trainer)
             if points:
-                sizes, means, stds = zip(*points)
+                sizes, means, stds = zip(*points, strict=True)
                 axes.errorbar(sizes, means, yerr=np.nan_to_num(stds), marker="o", capsize=3, color=colors[trainer],
                               label=trainer)
         axes.set_xticks(sorted({r.size for r in rows if r.kind == kind}))

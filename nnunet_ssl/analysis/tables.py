@@ -431,4 +431,4 @@ def write_arms_csvs(report: ExperimentReport, out: Path) -> None:
                           key, means.get(key, math.nan)] for key in keys]
     write_csv(out / "runs.csv", ["setting", "arm", "fold", "seed", "status", "reason", "structure", "mean_dice"], rows)
     write_csv(out / "cka.csv", ["arm", "setting", "layer", "cka", "runs"],
-               [[r.arm, r.setting, layer, value, r.pairs] for r in report.cka for layer, value in zip(r.layers, r.values)])
+               [[r.arm, r.setting, layer, value, r.pairs] for r in report.cka for layer, value in zip(r.layers, r.values, strict=True)])

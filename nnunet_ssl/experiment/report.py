@@ -189,7 +189,7 @@ def compare_arms(table: SettingTable, structures: list[str]) -> None:
         for key in keys:
             raw = [getattr(a, attribute).tests[key].p_value if getattr(a, attribute) is not None else None
                    for a in available]
-            for arm, adjusted in zip(available, holm(raw)):
+            for arm, adjusted in zip(available, holm(raw), strict=True):
                 getattr(arm, target)[key] = adjusted
 
 
@@ -221,7 +221,7 @@ def collect_cka(prepared: Prepared, setting_tables: list[SettingTable], data: Pa
                                            data, patches_per_case=2, batch_size=4, device=device)
                 layers = result.layers
                 values.append([v for _, v in result.per_layer()])
-            means = [sum(column) / len(column) for column in zip(*values)]
+            means = [sum(column) / len(column) for column in zip(*values, strict=True)]
             rows.append(CKARow(arm.arm, table.setting.label, layers, means, len(values)))
     return rows, "" if rows else "no arm has both a complete full-data fold and a complete subset fold"
 

@@ -127,4 +127,4 @@ class SwinUNETRDecoder(nn.Module):
         x1 = self._run(self.up_blocks[4], x2, skip_full)
         if not self.deep_supervision:
             return self.seg_layers[0](x1)
-        return [head(x) for head, x in zip(self.seg_layers, (x1, x2, x4, x8, x16))]
+        return [head(x) for head, x in zip(self.seg_layers, (x1, x2, x4, x8, x16), strict=True)]

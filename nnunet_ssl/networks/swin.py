@@ -77,7 +77,7 @@ def shifted_window_mask(size: Size3, window: Size3, shift: Size3, device: torch.
     After rolling by ``-shift``, a window at the grid's end mixes tokens that were not neighbours
     in the original volume. Tokens from different regions get :data:`MASKED_LOGIT`, others 0.
     """
-    regions = [_axis_regions(n, w, s) for n, w, s in zip(size, window, shift)]
+    regions = [_axis_regions(n, w, s) for n, w, s in zip(size, window, shift, strict=True)]
     label = regions[0][:, None, None] * 9 + regions[1][None, :, None] * 3 + regions[2][None, None, :]
     windows = window_partition(label[None, ..., None], window)[0, ..., 0]  # (nW, N)
     different = windows[:, :, None] != windows[:, None, :]
@@ -252,7 +252,7 @@ class SwinBlock(nn.Module):
         """
         b, d, h, w, c = x.shape
         y = self.norm1(x)
-        pads = [(-n) % win for n, win in zip((d, h, w), window)]
+        pads = [(-n) % win for n, win in zip((d, h, w), window, strict=True)]
         if any(pads):
             y = F.pad(y, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
         padded = (d + pads[0], h + pads[1], w + pads[2])
@@ -336,7 +336,7 @@ class SwinStage(nn.Module):
         """``(B, D, H, W, C)`` tokens -> merged tokens at half resolution."""
         size = tuple(x.shape[1:4])
         window, shift = effective_window(size, self.window, self.window // 2, self.window_fit)  # type: ignore[arg-type]
-        padded = tuple(n + (-n) % win for n, win in zip(size, window))
+        padded = tuple(n + (-n) % win for n, win in zip(size, window, strict=True))
         mask = shifted_window_mask(padded, window, shift, x.device) if any(shift) else None  # type: ignore[arg-type]
         # token orders (window partition, and roll + partition), once for all blocks of the stage
         plain = window_token_order(padded, window, (0, 0, 0), x.device)  # type: ignore[arg-type]

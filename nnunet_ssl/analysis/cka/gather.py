@@ -352,7 +352,7 @@ def case_patches(volume: np.ndarray, patch: Sequence[int], count: int, rng: np.r
     padded = pad_to_patch(torch.from_numpy(volume), patch)
     crops = []
     for start in patch_starts(padded.shape[1:], patch, count, rng):
-        slices = tuple(slice(s, s + p) for s, p in zip(start, patch))
+        slices = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
         crops.append(padded[(slice(None), *slices)])
     return torch.stack(crops)
 
@@ -366,9 +366,9 @@ def pad_to_patch(volume: Tensor, patch: Sequence[int]) -> Tensor:
 
 def patch_starts(shape: Sequence[int], patch: Sequence[int], count: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
     """``count`` uniform random corners of ``patch``-sized crops inside a volume of ``shape`` (>= patch)."""
-    if any(s < p for s, p in zip(shape, patch)):
+    if any(s < p for s, p in zip(shape, patch, strict=True)):
         raise ValueError(f"volume {tuple(shape)} is smaller than the patch {tuple(patch)}; pad it first")
-    highs = [s - p + 1 for s, p in zip(shape, patch)]
+    highs = [s - p + 1 for s, p in zip(shape, patch, strict=True)]
     return [tuple(int(rng.integers(0, h)) for h in highs) for _ in range(count)]
 
 

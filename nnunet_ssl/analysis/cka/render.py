@@ -48,7 +48,7 @@ def write_tables(out: Path, layers: Sequence[str], matrix: np.ndarray) -> list[P
         write_csv(
             out / "cka_matrix.csv",
             ["pretrained \\ fine-tuned", *layers],
-            [[name, *(f"{v:.6f}" for v in row)] for name, row in zip(layers, matrix)],
+            [[name, *(f"{v:.6f}" for v in row)] for name, row in zip(layers, matrix, strict=True)],
         ),
     ]
 
