@@ -10,10 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_data_helpers import config, ct_volume, write
+
 from nnunet_ssl.pretraining.data import preprocess
 from nnunet_ssl.pretraining.data.preprocess import SkipVolume, check_nifti, preprocess_source, read_source
 from nnunet_ssl.pretraining.data.sources import Source
-from test_data_helpers import config, ct_volume, write
 
 AFFINE = np.diag([1.0, 1.0, 2.5, 1.0])
 
