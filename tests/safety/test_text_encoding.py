@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("nnunet_ssl", "pretraining", "plans", "trainers", "benchmarks", "tests")
 BINARY_MODULES = {"gzip", "tarfile", "zipfile", "blosc2", "Image", "os", "io", "bz2", "lzma", "webbrowser"}
 

@@ -17,7 +17,7 @@ import pytest
 
 from nnunet_ssl.layers import LAYERS, NO_NNUNET, ROOT_PACKAGE, may_import, position, unit_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
