@@ -1,4 +1,4 @@
-"""The layer map: which part of the package may import which (checked by ``tests/test_layers.py``).
+"""The layer map: which part of the package may import which (checked by ``tests/foundation/test_layers.py``).
 
 The four source folders import as one namespace (``setup.py``): ``nnunet_ssl/`` -> ``nnunet_ssl``,
 ``pretraining/`` -> ``nnunet_ssl.pretraining``, ``trainers/`` -> ``nnunet_ssl.trainers``,
