@@ -3,10 +3,11 @@
 Layout (a ``torch.save`` dict, loadable with ``weights_only=True``)::
 
     {
-        "network_weights": {...},   # every key of SwinUNETRSeg's state dict; what nnU-Net loads
+        "network_weights": {...},   # every key of the network's state dict; what nnU-Net loads
         "metadata": {               # plain JSON-compatible values
             "format": "nnunet-ssl-weights", "format_version": 1,
-            "method": "smit", "preset": "smit", "in_channels": 1, "num_classes": 4,
+            "family": "swin", "preset": "smit",  # or "resenc", "resenc_l", "architecture": {...}
+            "method": "smit", "in_channels": 1, "num_classes": 4,
             "encoder_digest": "<16 hex>", "source": "<checkpoint path or description>",
             "channel_adaptation": "none" | "replicate 1->3: stem copied x3 and scaled by 1/3",
             "channel_mode": "none" | "replicate" | "first" | "mean", "source_in_channels": 1,
@@ -18,7 +19,14 @@ Layout (a ``torch.save`` dict, loadable with ``weights_only=True``)::
 
 nnU-Net's loader needs ``network_weights`` to cover every key of the target network except the
 heads under ``.seg_layers.``: the file therefore carries the pretrained encoder, a seeded fresh
-decoder and heads, and the provenance tag (``weights_provenance``) the trainer logs at start.
+decoder and heads, and, where the network has a buffer for it (Swin's ``weights_provenance``), the
+provenance tag the trainer logs at start.
+
+``family``, ``preset`` and (for ``resenc``) ``architecture`` are the file's network record
+(:mod:`nnunet_ssl.networks.family`): everything here asks that family what to build, where the
+encoder and its stem are, instead of branching on the name. A file without ``family`` was written
+before families existed and holds a Swin network; :func:`load_weights_file` reads it as ``"swin"``.
+The format version stays 1: the new entries only add to what version-1 readers read.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from nnunet_ssl import __version__
 from nnunet_ssl.checkpoints import (  # noqa: F401 (encoder_digest: re-exported)
@@ -38,12 +46,13 @@ from nnunet_ssl.checkpoints import (  # noqa: F401 (encoder_digest: re-exported)
     read_torch_file,
 )
 from nnunet_ssl.io import atomic_torch_save
-from nnunet_ssl.networks.presets import get_preset
-from nnunet_ssl.networks.segmentation import SwinUNETRSeg, encode_provenance
+from nnunet_ssl.networks.family import LEGACY_FAMILY, NetworkFamily, family_of, family_of_network, family_of_preset
+from nnunet_ssl.networks.segmentation import encode_provenance
 from nnunet_ssl.weights.channels import ChannelAdaptationError, adapt_stem_weight
 
 FORMAT_NAME = "nnunet-ssl-weights"
 FORMAT_VERSION = 1
+#: The Swin encoder's stem kernel (the ``swin`` family's ``stem_keys[0]``), for the Swin-only CKA.
 STEM_KEY = "patch_embed.weight"
 
 
@@ -53,7 +62,11 @@ class WeightsError(ValueError):
 
 @dataclass(frozen=True)
 class WeightsMetadata:
-    """Provenance of an exported weights file."""
+    """Provenance of an exported weights file.
+
+    ``family``, ``preset`` and ``architecture`` are the network record of
+    :mod:`nnunet_ssl.networks.family`; ``architecture`` is written only by families that have one.
+    """
 
     method: str
     preset: str
@@ -70,6 +83,15 @@ class WeightsMetadata:
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_by: str = f"nnunet-ssl {__version__}"
+    family: str = LEGACY_FAMILY
+    architecture: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metadata as written to the file (no ``architecture`` entry for a family without one)."""
+        values = asdict(self)
+        if values["architecture"] is None:
+            del values["architecture"]
+        return values
 
 
 def adapt_stem(weight: Tensor, in_channels: int, mode: str = "replicate") -> tuple[Tensor, str]:
@@ -98,8 +120,12 @@ def build_weights_file(
 ) -> dict[str, Any]:
     """Build the full-network ``-pretrained_weights`` payload from an encoder state dict.
 
+    The network is the one ``preset_name``'s family builds (:func:`~nnunet_ssl.networks.family.family_of_preset`),
+    with its decoder and heads freshly initialised from ``decoder_seed``.
+
     Args:
-        encoder_state: ``SwinEncoder.state_dict()`` (no ``encoder.`` prefix; a mask token is dropped).
+        encoder_state: The encoder's state dict (``network.encoder.state_dict()``, no ``encoder.`` prefix;
+            a mask token is dropped).
         preset_name: Preset the encoder was built with; the target trainer must use the same one.
         in_channels: Input channels of the target dataset.
         num_classes: Segmentation heads of the target dataset (heads are not loaded by nnU-Net,
@@ -116,26 +142,33 @@ def build_weights_file(
     Returns:
         ``{"network_weights": state_dict, "metadata": dict}``.
     """
-    preset = get_preset(preset_name)
+    family = family_of_preset(preset_name)
+    record = family.record(preset_name)
     state = {k: v for k, v in encoder_state.items() if k not in PRETRAINING_ONLY_KEYS}
-    if STEM_KEY not in state:
-        raise WeightsError(f"the encoder state has no {STEM_KEY!r}; is this a SwinEncoder state dict?")
-    source_channels = int(state[STEM_KEY].shape[1])
+    stem_key = family.stem_keys[0]
+    if stem_key not in state:
+        raise WeightsError(
+            f"the encoder state has no {stem_key!r}; is this the encoder state dict of a {family.name} network "
+            f"(preset {preset_name!r})?"
+        )
+    source_channels = family.in_channels(state)
     try:
-        state[STEM_KEY], adaptation = adapt_stem_weight(state[STEM_KEY], in_channels, channels)
+        stem, adaptation = adapt_stem_weight(state[stem_key], in_channels, channels)
     except ChannelAdaptationError as error:
         raise WeightsError(str(error)) from error
+    state.update({key: stem for key in family.stem_keys if key in state})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(decoder_seed)
-        network = SwinUNETRSeg(preset, in_channels, num_classes, deep_supervision=True)
-    _check_shapes(state, network.encoder.state_dict(), preset_name)
-    result = network.encoder.load_state_dict(state, strict=False)
+        network = family.build(record, in_channels, num_classes, deep_supervision=True)
+    encoder = family.encoder(network)
+    _check_shapes(state, encoder.state_dict(), preset_name)
+    result = encoder.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(
             f"encoder weights do not fit preset {preset_name!r}: missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}; export with the preset used for pretraining"
         )
-    digest = encoder_digest(network.encoder.state_dict())
+    digest = encoder_digest(encoder.state_dict())
     metadata = WeightsMetadata(
         method=method,
         preset=preset_name,
@@ -149,12 +182,15 @@ def build_weights_file(
         finetune_policy=finetune_policy,
         intensity=dict(intensity or {}),
         decoder_seed=decoder_seed,
+        family=family.name,
+        architecture=record.get("architecture"),
     )
-    tag = {"method": method, "preset": preset_name, "digest": digest}
-    if adaptation.mode != "none":
-        tag["channels"] = adaptation.short  # logged by the trainer when it starts from these weights
-    network.weights_provenance.copy_(encode_provenance(tag))
-    return {"network_weights": network.state_dict(), "metadata": asdict(metadata)}
+    if family.provenance_buffer is not None:
+        tag = {"method": method, "preset": preset_name, "digest": digest}
+        if adaptation.mode != "none":
+            tag["channels"] = adaptation.short  # logged by the trainer when it starts from these weights
+        network.get_buffer(family.provenance_buffer).copy_(encode_provenance(tag))
+    return {"network_weights": network.state_dict(), "metadata": metadata.to_dict()}
 
 
 def _check_shapes(state: Mapping[str, Tensor], target: Mapping[str, Tensor], preset_name: str) -> None:
@@ -195,8 +231,24 @@ def load_weights_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], 
             f"{path}: not an nnunet-ssl/nnU-Net weights file (no 'network_weights' entry); "
             "build one with `nnunet-ssl export`"
         )
-    metadata = payload.get("metadata") or {}
-    return payload["network_weights"], dict(metadata)
+    metadata = dict(payload.get("metadata") or {})
+    if metadata.get("format") == FORMAT_NAME:
+        metadata.setdefault("family", LEGACY_FAMILY)  # written before families: a Swin network
+    return payload["network_weights"], metadata
+
+
+def weights_family(metadata: Mapping[str, Any], path: str | os.PathLike[str] = "weights file") -> NetworkFamily | None:
+    """The network family a weights file's metadata names; None for a file without metadata (not an export).
+
+    Raises:
+        WeightsError: naming ``path`` when the family is unknown to this version.
+    """
+    if not metadata:
+        return None
+    try:
+        return family_of(metadata)
+    except ValueError as error:
+        raise WeightsError(f"{path}: {error}") from error
 
 
 def find_mismatches(weights: Mapping[str, Tensor], network_state: Mapping[str, Tensor]) -> list[str]:
@@ -213,28 +265,54 @@ def find_mismatches(weights: Mapping[str, Tensor], network_state: Mapping[str, T
 
 
 def check_weights_against_network(
-    path: str | os.PathLike[str], network: SwinUNETRSeg, trainer_name: str = "the trainer"
+    path: str | os.PathLike[str], network: nn.Module, trainer_name: str = "the trainer"
 ) -> dict[str, Any]:
-    """Raise :class:`WeightsError` naming the first mismatching keys and the fix; return the metadata."""
+    """Raise :class:`WeightsError` naming the first mismatching keys and the fix; return the metadata.
+
+    Works for a network of any family (:mod:`nnunet_ssl.networks.family`), and for other networks by
+    keys and shapes alone: the hints compare the file's network record with the network's family and preset.
+    """
     weights, metadata = load_weights_file(path)
-    problems = find_mismatches(weights, network.state_dict())
+    network_state = network.state_dict()
+    problems = find_mismatches(weights, network_state)
     if not problems:
         return metadata
     hints = []
     export = "`nnunet-ssl export RUN_DIR -d DATASET -p PLANS --out FILE`"
-    if metadata.get("preset") and metadata["preset"] != network.preset.name:
+    file_family, network_family = weights_family(metadata, path), family_of_network(network)
+    network_preset = network_family.network_preset(network) if network_family is not None else None
+    if file_family is not None and network_family is not None and metadata.get("preset") \
+            and (file_family, metadata["preset"]) != (network_family, network_preset):
+        same = file_family is network_family
+        holds = f"preset {metadata['preset']!r}" if same else file_family.describe(metadata)
+        builds = f"preset {network_preset!r}" if same and network_preset else network_family.describe({"preset": network_preset})
+        if network_preset is None:  # a topology the plans chose (e.g. nnU-Net's dynamic ResEnc plans)
+            hints.append(
+                f"the file holds an encoder of {holds} but {trainer_name} builds a {builds} from these plans: "
+                f"train with plans whose architecture is the file's ({file_family.describe(metadata)})"
+            )
+        else:
+            hints.append(
+                f"the file holds an encoder of {holds} but {trainer_name} builds {builds}: "
+                f"train with a trainer of preset {metadata['preset']!r} (`nnunet-ssl trainers` lists each trainer's "
+                f"preset), or pretrain with `nnunet-ssl pretrain --preset {network_preset} --method METHOD "
+                f"--data DATA --out RUN_DIR` and export that run with {export}"
+            )
+    network_channels = _network_in_channels(network_family, network_state)
+    if metadata.get("in_channels") and network_channels and metadata["in_channels"] != network_channels:
         hints.append(
-            f"the file holds an encoder of preset {metadata['preset']!r} but {trainer_name} builds preset {network.preset.name!r}: "
-            f"train with a trainer of preset {metadata['preset']!r} (`nnunet-ssl trainers` lists each trainer's "
-            f"preset), or pretrain with `nnunet-ssl pretrain --preset {network.preset.name} --method METHOD "
-            f"--data DATA --out RUN_DIR` and export that run with {export}"
-        )
-    if metadata.get("in_channels") and metadata["in_channels"] != network.in_channels:
-        hints.append(
-            f"the file has {metadata['in_channels']} input channel(s), the dataset {network.in_channels}: "
+            f"the file has {metadata['in_channels']} input channel(s), the dataset {network_channels}: "
             f"re-export the pretraining run for this dataset with {export}"
         )
     if not hints:
         hints.append(f"re-export the weights for this dataset, plans and trainer with {export}")
     shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
     raise WeightsError(f"{path}: does not fit {trainer_name}: {shown}. Fix: " + " ".join(hints))
+
+
+def _network_in_channels(family: NetworkFamily | None, network_state: Mapping[str, Tensor]) -> int | None:
+    """Input channels of a network of ``family``, from its stem kernel; None for a network of no family."""
+    if family is None:
+        return None
+    stem = network_state.get(f"{family.encoder_attribute}.{family.stem_keys[0]}")
+    return None if stem is None else int(stem.shape[1])

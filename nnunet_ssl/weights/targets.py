@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from nnunet_ssl.networks.segmentation import SwinUNETRSeg
 from nnunet_ssl.nnunet_paths import preprocessed_dataset_folder
 from nnunet_ssl.weights.format import build_weights_file
 
@@ -84,7 +83,7 @@ def target_from_plans_file(plans_file: Path, configuration: str = "3d_fullres") 
     )
 
 
-def network_for_target(trainer_class: type, target: DatasetTarget) -> SwinUNETRSeg:
+def network_for_target(trainer_class: type[Any], target: DatasetTarget) -> nn.Module:
     """The network ``trainer_class`` builds for ``target``, on the meta device (shapes only, no memory)."""
     import torch
 
