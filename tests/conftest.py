@@ -8,12 +8,14 @@ many short files to fill both workers at the end instead of one long file runnin
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-#: End-to-end files, longest first (by their durations in a two-worker run on 2 cores, 2026-11-29).
+#: End-to-end files, longest first (by their durations in a two-worker run on 2 cores, 2026-11-29; the
+#: pretraining runs, split from the engine's tests later, about 3 minutes, go last).
 LONGEST_FIRST = ("test_e2e_methods.py", "test_e2e_experiment.py", "test_e2e_nnunet.py", "test_e2e_demo.py",
-                 "test_e2e_plan_split.py")
+                 "test_e2e_plan_split.py", "test_e2e_pretraining.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,3 +45,23 @@ def test_trainers(monkeypatch: pytest.MonkeyPatch) -> None:
     for variable, value in with_test_trainers(os.environ).items():
         if os.environ.get(variable) != value:
             monkeypatch.setenv(variable, value)
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four small CT-like volumes (a bright ellipsoid body in air), the data of the pretraining engine's tests
+    (tests/pretraining/test_pretraining_engine.py, tests/e2e/test_e2e_pretraining.py)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = tmp_path_factory.mktemp("volumes")
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:40, :72, :72]
+    for i in range(4):
+        body = ((y - 36) / 30.0) ** 2 + ((x - 36) / (26.0 + i)) ** 2 < 1
+        image = np.where(body, 40.0, -1000.0) + rng.normal(0, 20, body.shape)
+        image[(z > 10) & (z < 30) & (((y - 40) / 8.0) ** 2 + ((x - 30) / 8.0) ** 2 < 1)] = 300.0
+        itk = sitk.GetImageFromArray(image.astype(np.float32))
+        itk.SetSpacing((1.5, 1.5, 2.0))
+        sitk.WriteImage(itk, str(folder / f"vol_{i}.nii.gz"))
+    return folder
