@@ -97,7 +97,8 @@ class RunConfig:
 
 def data_config_from_dict(values: dict[str, Any]) -> DataConfig:
     """A :class:`DataConfig` from JSON-style values (lists become the tuples the dataclass holds)."""
-    return DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    settings: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return DataConfig(**settings)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -40,7 +40,13 @@ from nnunet_ssl.pretraining.data import Manifest, build_cache, make_loader, summ
 from nnunet_ssl.pretraining.data import steps_per_epoch as volume_steps_per_epoch
 from nnunet_ssl.pretraining.distributed import Collectives
 from nnunet_ssl.pretraining.methods import METHODS, build_config, build_method
-from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step, encoder_states
+from nnunet_ssl.pretraining.methods.base import (
+    StepContext,
+    after_step,
+    before_optimizer_step,
+    encoder_states,
+    method_contract,
+)
 from nnunet_ssl.pretraining.metrics_log import MetricsLog, plot_loss_curves
 from nnunet_ssl.pretraining.resume import RESUME_ORDER, ResumePoint, check_resume_config, find_resume_point
 from nnunet_ssl.weights.intensity import pretraining_intensity
@@ -104,7 +110,7 @@ class _StepModule(nn.Module):
         self.method = method
 
     def forward(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:
-        return self.method.training_step(batch, context)
+        return method_contract(self.method).training_step(batch, context)
 
 
 def choose_device() -> torch.device:
@@ -126,7 +132,10 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG state the run depends on, as tensors and plain values (``weights_only`` safe)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)
+    if isinstance(legacy, dict):  # only for a bit generator other than MT19937, which the global one never is
+        raise RuntimeError(f"numpy's global generator is {legacy['bit_generator']}, not MT19937")
+    kind, keys, pos, has_gauss, gauss = legacy
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
@@ -202,6 +211,7 @@ class Engine:
             config.data.modality, (e.modality for e in manifest.usable()), config.data.ct_window, config.data.mr_percentiles
         )
         method = build_run_method(config)
+        contract = method_contract(method)
         method.to(self.device)
         step_module: nn.Module = _StepModule(method)
         if self.dist.enabled:
@@ -211,7 +221,7 @@ class Engine:
         engine = config.engine
         global_batch = engine.batch_size * self.dist.world_size
         peak_lr = engine.base_lr * global_batch / engine.lr_reference_batch
-        optimizer = torch.optim.AdamW(decay_parameter_groups(method.student_modules(), engine.weight_decay), lr=peak_lr)
+        optimizer = torch.optim.AdamW(decay_parameter_groups(contract.student_modules(), engine.weight_decay), lr=peak_lr)
         amp_dtype = autocast_dtype(engine.amp, self.device)
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -246,7 +256,7 @@ class Engine:
             f", {self.dist.world_size} processes" if self.dist.enabled else "",
         )
         loader = make_loader(
-            manifest, config.data, engine.batch_size, method.num_views,
+            manifest, config.data, engine.batch_size, contract.num_views,
             seed=engine.seed, rank=self.dist.rank, world_size=self.dist.world_size, start_step=start_step,
         )  # a resumed run continues the data stream where the checkpoint left it
         bar = tqdm(
@@ -333,7 +343,7 @@ class Engine:
         """Fail loudly if data-parallel ranks ended with different student weights."""
         if not self.dist.enabled:
             return
-        digest = encoder_digest(method.student_modules().state_dict())
+        digest = encoder_digest(method_contract(method).student_modules().state_dict())
         digests: list[Any] = [None] * self.dist.world_size
         dist.all_gather_object(digests, digest)
         if len(set(digests)) != 1:

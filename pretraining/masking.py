@@ -36,6 +36,12 @@ class MaskSet:
     voxel: Tensor
 
 
+def spatial_size(x: Tensor) -> Size3:
+    """``(D, H, W)`` of a ``(N, C, D, H, W)`` batch."""
+    d, h, w = x.shape[2:]
+    return d, h, w
+
+
 def masked_unit_count(n_units: int, ratio: float) -> int:
     """Number of masked units: ``ceil(ratio * n_units)``, robust to float noise (0.6 * 5 -> 3)."""
     if not 0.0 <= ratio <= 1.0:

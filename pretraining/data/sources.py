@@ -441,12 +441,13 @@ def _group_dicom_files(scan: _Scan, candidates: list[str], origin: str) -> dict[
             found.setdefault(tags["uid"], []).append((os.path.abspath(path), tags))
     series: dict[str, list[str]] = {}
     for uid, files in found.items():
-        positions = [_floats(t.get("position"), 3) for _, t in files]
+        read = [_floats(t.get("position"), 3) for _, t in files]
+        positions = [p for p in read if p is not None]
         orientation = _floats(files[0][1].get("orientation"), 6)
-        if orientation is not None and all(p is not None for p in positions):
+        if orientation is not None and len(positions) == len(files):
             row, col = orientation[:3], orientation[3:]
             normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0])
-            order = sorted(range(len(files)), key=lambda i: (sum(a * b for a, b in zip(positions[i], normal, strict=True)), files[i][0]))  # type: ignore[arg-type]
+            order = sorted(range(len(files)), key=lambda i: (sum(a * b for a, b in zip(positions[i], normal, strict=True)), files[i][0]))
         elif all(t.get("instance", "").lstrip("-").isdigit() for _, t in files):
             order = sorted(range(len(files)), key=lambda i: (int(files[i][1]["instance"]), files[i][0]))
         else:

@@ -7,7 +7,7 @@ Methods never subclass one another; they compose ``masking``, ``ema``, ``heads``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -37,6 +37,14 @@ class MethodInfo:
     losses: str
 
 
+@runtime_checkable
+class EncoderExporter(Protocol):
+    """What :func:`encoder_states` reads of a method: its ``encoder_modules`` (see :class:`PretrainingMethod`)."""
+
+    encoder_modules: ClassVar[tuple[tuple[str, str], ...]]
+
+
+@runtime_checkable
 class PretrainingMethod(Protocol):
     """The engine's view of a method (see ``methods/smit.py`` for a full example).
 
@@ -72,6 +80,17 @@ class PretrainingMethod(Protocol):
         ...
 
 
+def method_contract(method: nn.Module) -> PretrainingMethod:
+    """``method`` typed as the engine's :class:`PretrainingMethod`, once it is checked to have every member.
+
+    Raises:
+        TypeError: when the module lacks a member of the contract.
+    """
+    if not isinstance(method, PretrainingMethod):
+        raise TypeError(f"{type(method).__name__} is not a pretraining method: it lacks a member of PretrainingMethod")
+    return method
+
+
 def encoder_states(method: nn.Module) -> dict[str, dict[str, Tensor]]:
     """Every encoder the method exports, by role (``"teacher"``, ``"student"``), the default one first.
 
@@ -80,9 +99,11 @@ def encoder_states(method: nn.Module) -> dict[str, dict[str, Tensor]]:
     saved beside ``method.state_dict()`` they share its storage, and the file does not grow.
     Pretraining-only keys (the mask token) are left out, as :meth:`PretrainingMethod.encoder_state` does.
     """
+    if not isinstance(method, EncoderExporter):
+        raise TypeError(f"{type(method).__name__} declares no encoder_modules (see PretrainingMethod)")
     return {
         role: {k: v for k, v in method.get_submodule(path).state_dict().items() if k not in PRETRAINING_ONLY_KEYS}
-        for role, path in method.encoder_modules  # type: ignore[attr-defined]
+        for role, path in method.encoder_modules
     }
 
 

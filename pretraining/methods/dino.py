@@ -28,6 +28,7 @@ from nnunet_ssl.pretraining.methods.common import checked_views, validate_crop_s
 from nnunet_ssl.pretraining.methods.distillation import (
     DistillationConfig,
     advance_center,
+    branch_encoder,
     freeze_last_layers,
     student_branch,
 )
@@ -93,15 +94,15 @@ class DINO(nn.Module):
         preset = with_drop_path(preset, cfg.drop_path_rate)
         self.preset = preset
         self.student = student_branch(preset, in_channels, False, {"head": cfg.head(preset.feature_dims[3])})
-        freeze_skipped_stage(self.student["encoder"])  # stage 4 never runs: no unused parameters under DDP
+        freeze_skipped_stage(branch_encoder(self.student))  # stage 4 never runs: no unused parameters under DDP
         self.teacher = EMATeacher(self.student, cfg.ema_base, cfg.ema_final)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         logger.debug("DINO built: %s, %s", preset, cfg)
 
     @staticmethod
-    def _logits(branch: nn.Module, x: Tensor, batch: int) -> Tensor:
+    def _logits(branch: nn.ModuleDict | EMATeacher, x: Tensor, batch: int) -> Tensor:
         """``(B * V, C, D, H, W)`` -> head logits of pool6 ``(V, B, K)``."""
-        _, pooled = dense_and_pooled(branch["norm"], stride16_tokens(branch["encoder"], x))
+        _, pooled = dense_and_pooled(branch["norm"], stride16_tokens(branch_encoder(branch), x))
         return by_view(branch["head"](pooled), batch)
 
     def training_step(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:

@@ -18,6 +18,7 @@ from nnunet_ssl.pretraining.heads import DINOHead
 from nnunet_ssl.pretraining.losses import entropy, teacher_probabilities, updated_center
 from nnunet_ssl.pretraining.methods.base import StepContext
 from nnunet_ssl.pretraining.schedules import linear_warmup
+from nnunet_ssl.pretraining.teacher import EMATeacher
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,18 @@ def student_branch(preset: SwinPreset, in_channels: int, mask_token: bool, heads
             **heads,
         }
     )
+
+
+def branch_encoder(branch: nn.ModuleDict | EMATeacher) -> SwinEncoder:
+    """The Swin encoder of a :func:`student_branch` or of its EMA teacher (``branch["encoder"]``, typed).
+
+    Raises:
+        TypeError: when the branch's ``encoder`` is not a :class:`SwinEncoder`.
+    """
+    encoder = branch["encoder"]
+    if not isinstance(encoder, SwinEncoder):
+        raise TypeError(f"the branch's encoder is a {type(encoder).__name__}, not a SwinEncoder")
+    return encoder
 
 
 def freeze_last_layers(heads: Iterable[DINOHead], config: DistillationConfig, context: StepContext) -> None:

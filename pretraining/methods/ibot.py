@@ -31,12 +31,13 @@ from nnunet_ssl.pretraining.losses import (
     cross_view_distillation_loss,
     masked_patch_distillation_loss,
 )
-from nnunet_ssl.pretraining.masking import random_unit_masks, validate_mask_settings
+from nnunet_ssl.pretraining.masking import random_unit_masks, spatial_size, validate_mask_settings
 from nnunet_ssl.pretraining.methods.base import TEACHER_AND_STUDENT, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_crop_settings, with_drop_path
 from nnunet_ssl.pretraining.methods.distillation import (
     DistillationConfig,
     advance_center,
+    branch_encoder,
     freeze_last_layers,
     student_branch,
 )
@@ -112,16 +113,16 @@ class IBOT(nn.Module):
         preset = with_drop_path(preset, cfg.drop_path_rate)
         self.preset = preset
         self.student = student_branch(preset, in_channels, True, {"head": cfg.head(preset.feature_dims[3])})
-        freeze_skipped_stage(self.student["encoder"])  # stage 4 never runs: no unused parameters under DDP
+        freeze_skipped_stage(branch_encoder(self.student))  # stage 4 never runs: no unused parameters under DDP
         self.teacher = EMATeacher(self.student, cfg.ema_base, cfg.ema_final)
         self.register_buffer("center_cls", torch.zeros(1, cfg.out_dim))
         self.register_buffer("center_patch", torch.zeros(1, 1, cfg.out_dim))
         logger.debug("iBOT built: %s, %s", preset, cfg)
 
     @staticmethod
-    def _logits(branch: nn.Module, x: Tensor, batch: int, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _logits(branch: nn.ModuleDict | EMATeacher, x: Tensor, batch: int, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """cls ``(V, B, K)`` and patch ``(V, B, T, K)`` logits through the one shared head."""
-        dense, pooled = dense_and_pooled(branch["norm"], stride16_tokens(branch["encoder"], x, token_mask))
+        dense, pooled = dense_and_pooled(branch["norm"], stride16_tokens(branch_encoder(branch), x, token_mask))
         return by_view(branch["head"](pooled), batch), by_view(branch["head"](dense), batch)
 
     def training_step(self, batch: dict[str, Tensor], context: StepContext) -> dict[str, Tensor]:
@@ -138,7 +139,7 @@ class IBOT(nn.Module):
         cfg = self.config
         x, b = checked_views(batch, self.num_views, cfg.crop_size), batch["views"].shape[0]
         masks = random_unit_masks(
-            x.shape[0], tuple(x.shape[2:]), cfg.unit, self.preset.patch_size, cfg.mask_ratio,
+            x.shape[0], spatial_size(x), cfg.unit, self.preset.patch_size, cfg.mask_ratio,
             generator=context.generator, device=x.device,
         )
         cls_s, patch_s = self._logits(self.student, x, b, masks.token)

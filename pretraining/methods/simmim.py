@@ -17,7 +17,7 @@ from nnunet_ssl.networks.presets import ENCODER_STRIDE, SwinPreset
 from nnunet_ssl.networks.swin import SwinEncoder
 from nnunet_ssl.pretraining.heads import LinearPixelHead
 from nnunet_ssl.pretraining.losses import masked_pixel_loss
-from nnunet_ssl.pretraining.masking import random_unit_masks
+from nnunet_ssl.pretraining.masking import random_unit_masks, spatial_size
 from nnunet_ssl.pretraining.methods.base import STUDENT_ONLY, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings, with_drop_path
 
@@ -92,7 +92,7 @@ class SimMIM(nn.Module):
         """
         x = self._images(batch)
         masks = random_unit_masks(
-            x.shape[0], tuple(x.shape[2:]), self.config.unit, self.preset.patch_size, self.config.mask_ratio,
+            x.shape[0], spatial_size(x), self.config.unit, self.preset.patch_size, self.config.mask_ratio,
             generator=context.generator, device=x.device,
         )
         features = self.encoder(x, masks.token)

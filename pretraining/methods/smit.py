@@ -33,7 +33,7 @@ from nnunet_ssl.pretraining.losses import (
     masked_patch_distillation_loss,
     masked_pixel_loss,
 )
-from nnunet_ssl.pretraining.masking import random_unit_masks
+from nnunet_ssl.pretraining.masking import random_unit_masks, spatial_size
 from nnunet_ssl.pretraining.methods.base import TEACHER_AND_STUDENT, MethodInfo, StepContext
 from nnunet_ssl.pretraining.methods.common import checked_views, validate_masked_image_settings, with_drop_path
 from nnunet_ssl.pretraining.methods.distillation import (
@@ -141,7 +141,7 @@ class SMIT(nn.Module):
         cfg = self.config
         x, b = checked_views(batch, self.num_views, cfg.crop_size), batch["views"].shape[0]
         masks = random_unit_masks(
-            x.shape[0], tuple(x.shape[2:]), cfg.unit, self.preset.patch_size, cfg.mask_ratio,
+            x.shape[0], spatial_size(x), cfg.unit, self.preset.patch_size, cfg.mask_ratio,
             generator=context.generator, device=x.device,
         )
 
