@@ -282,7 +282,7 @@ class SwinPlanner(ExperimentPlanner):
                 schemes.append("CTNormalization")
                 masks.append(False)
                 properties[str(channel)] = window_properties(low, high, fingerprint)
-            elif self.settings.mr_normalization == "window":
+            elif self.settings.mr_normalization == "window" and self.settings.mr_window is not None:  # set together
                 schemes.append("CTNormalization")
                 masks.append(False)
                 properties[str(channel)] = window_properties(*self.settings.mr_window, fingerprint)

@@ -71,7 +71,7 @@ class WarmupCosineLRScheduler(_LRScheduler):
         self.counter = 0
         super().__init__(optimizer, -1)
 
-    def step(self, current_step: int | None = None) -> None:  # type: ignore[override]
+    def step(self, current_step: int | None = None) -> None:
         if current_step is None or current_step == -1:
             current_step = self.counter
             self.counter += 1
@@ -88,6 +88,8 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
     preset_name: ClassVar[str] = "smit"
     method: ClassVar[str | None] = None
     recipe: ClassVar[FineTuneRecipe] = FineTuneRecipe()
+    #: Set by nnUNetTrainer.__init__ (untyped): the constructor arguments every checkpoint saves as ``init_args``.
+    my_init_kwargs: dict[str, Any]
 
     def __init__(
         self,
@@ -233,14 +235,14 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         train, val = super().get_dataloaders()
         if self.seed is None:
             return train, val
-        return self._seeded_augmenter(train, "train"), self._seeded_augmenter(val, "val")
+        return self._seeded_augmenter(train, "train", self.seed), self._seeded_augmenter(val, "val", self.seed)
 
-    def _seeded_augmenter(self, augmenter: Any, stream: str) -> Any:
+    def _seeded_augmenter(self, augmenter: Any, stream: str, seed: int) -> Any:
         if not isinstance(augmenter, NonDetMultiThreadedAugmenter):
             self.print_to_log_file(f"{stream} data loaded in the training process (seeded with it)")
             return augmenter  # SingleThreadedAugmenter (nnUNet_n_proc_DA=0): the process RNG is seeded
         augmenter._finish()
-        seeds = worker_seeds(self.seed, stream, self.current_epoch, augmenter.num_processes, self.local_rank)
+        seeds = worker_seeds(seed, stream, self.current_epoch, augmenter.num_processes, self.local_rank)
         seeded = NonDetMultiThreadedAugmenter(
             augmenter.generator, augmenter.transform, augmenter.num_processes, num_cached=augmenter.num_cached,
             seeds=seeds, pin_memory=augmenter.pin_memory, wait_time=augmenter.wait_time,
@@ -321,6 +323,8 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
     def log_weights_provenance(self) -> None:
         """Say which weights the network starts from, or warn loudly when expected weights are absent."""
         network = unwrap(self.network)
+        if not isinstance(network, SwinUNETRSeg):
+            raise TypeError(f"{self.__class__.__name__} trains a SwinUNETRSeg, not a {type(network).__name__}")
         if self.current_epoch > 0:
             return  # a resumed run: the checkpoint, not an export, defines the weights
         tag = network.provenance()

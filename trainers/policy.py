@@ -34,6 +34,7 @@ from typing import Any
 
 from torch import nn
 
+from nnunet_ssl.networks.swin import SwinEncoder
 from nnunet_ssl.optim import uses_weight_decay
 
 #: Policy keys in their canonical order.
@@ -266,8 +267,15 @@ def encoder_level(name: str, num_levels: int) -> int | None:
 
 
 def num_encoder_levels(network: nn.Module) -> int:
-    """1 (stem) + the number of Swin stages of ``network.encoder``."""
-    return 1 + len(network.encoder.stages)
+    """1 (stem) + the number of Swin stages of ``network.encoder``.
+
+    Raises:
+        TypeError: when ``network.encoder`` is not a Swin encoder (the levels are the Swin layout's).
+    """
+    encoder = network.get_submodule("encoder")
+    if not isinstance(encoder, SwinEncoder):
+        raise TypeError(f"fine-tuning policies split a Swin encoder into levels, not a {type(encoder).__name__}")
+    return 1 + len(encoder.stages)
 
 
 def policy_parameter_groups(network: nn.Module, weight_decay: float, policy: FineTunePolicy) -> list[dict[str, Any]]:

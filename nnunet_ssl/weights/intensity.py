@@ -36,7 +36,7 @@ class ChannelMapping:
 def _is_unit_window(properties: dict[str, Any]) -> bool:
     low, high = properties.get("percentile_00_5"), properties.get("percentile_99_5")
     mean, std = properties.get("mean"), properties.get("std")
-    if None in (low, high, mean, std):
+    if low is None or high is None or mean is None or std is None:
         return False
     return bool(np.isclose(mean, low) and np.isclose(std, high - low))
 

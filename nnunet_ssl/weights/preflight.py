@@ -8,14 +8,27 @@ dataset.json alone, with the network built on the meta device (shapes only, no m
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from nnunet_ssl.weights.format import WeightsError, check_weights_against_network
 
 
-def network_shape_for(trainer_class: type, plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any]):
+class NetworkBuilder(Protocol):
+    """An nnU-Net trainer, as far as these checks use its class (nnU-Net's own classes are untyped)."""
+
+    @classmethod
+    def build_network_architecture(
+        cls, plans_manager: Any, configuration_manager: Any, num_input_channels: int, num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module: ...
+
+
+def network_shape_for(
+    trainer_class: type[NetworkBuilder], plans: dict[str, Any], configuration: str, dataset_json: dict[str, Any]
+) -> nn.Module:
     """The network ``trainer_class`` will build for these plans, on the meta device."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -30,7 +43,7 @@ def network_shape_for(trainer_class: type, plans: dict[str, Any], configuration:
 
 def preflight_weights(
     path: str | os.PathLike[str],
-    trainer_class: type,
+    trainer_class: type[NetworkBuilder],
     plans: dict[str, Any],
     configuration: str,
     dataset_json: dict[str, Any],
