@@ -223,8 +223,11 @@ def run_config_from_args(args: argparse.Namespace, base: RunConfig | None = None
     engine = replace(engine, **{k: v for k, v in engine_flags.items() if v is not None})
     overrides = {**start.get("method_overrides", {}), **file_values.get("method_overrides", {}),
                  **_parse_overrides(args.set)}
+    method = args.method or file_values.get("method") or start.get("method")
+    if not method:
+        raise ValueError("no method: pass --method NAME (or method in --config; --list-methods shows them)")
     return RunConfig(
-        method=args.method or file_values.get("method") or start.get("method"),
+        method=method,
         data=data,
         preset=args.preset or file_values.get("preset") or start.get("preset") or "smit",
         in_channels=file_values.get("in_channels", start.get("in_channels", 1)),

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -250,11 +251,11 @@ class Demo:
         started = time.monotonic()
         before, after = self.stages(), self.closing_stages()
         total = len(before) + self.JOBS + len(after)
-        names = []
+        names: list[str] = []
         for name, stage in before:
             names.append(self._stage(len(names) + 1, total, name, stage, times))
         for job in self.prepared.jobs:
-            names.append(self._stage(len(names) + 1, total, job_title(job), lambda job=job: self.run_job(job), times))
+            names.append(self._stage(len(names) + 1, total, job_title(job), partial(self.run_job, job), times))
         for name, stage in after:
             names.append(self._stage(len(names) + 1, total, name, stage, times))
         self.summarize(sum(times.get(name, 0.0) for name in names), time.monotonic() - started)

@@ -31,31 +31,33 @@ class EpochProgress:
         self.epochs = epochs
         self.structures = list(structures)
         self.epoch: int | None = None
-        self.values: dict[str, object] = {}
+        self.losses: dict[str, float] = {}
+        self.dice: list[float] = []
         self.lines: list[str] = []
 
     def feed(self, line: str) -> None:
         text = _TIMESTAMP.sub("", line.strip())
         if text.startswith("Epoch ") and text[6:].strip().isdigit():
-            self.epoch, self.values = int(text[6:]), {}
+            self.epoch, self.losses, self.dice = int(text[6:]), {}, []
         elif text.startswith(("train_loss", "val_loss")):
             key, _, value = text.partition(" ")
-            self.values[key] = _first_number(value)
+            self.losses[key] = _first_number(value)
         elif text.startswith("Pseudo dice"):
             cleaned = re.sub(r"np\.float\d+\(", "", text[len("Pseudo dice"):]).replace(")", "")
-            self.values["dice"] = [float(v) for v in _NUMBER.findall(cleaned)]
+            self.dice = [float(v) for v in _NUMBER.findall(cleaned)]
         elif text.startswith("Epoch time:") and self.epoch is not None:
-            self.emit(_first_number(text[len("Epoch time:"):]))
+            self.emit(self.epoch, _first_number(text[len("Epoch time:"):]))
 
-    def emit(self, seconds: float) -> None:
+    def emit(self, epoch: int, seconds: float) -> None:
+        """Log the line of (0-based) ``epoch`` from the values read since its ``Epoch k`` line."""
         total = f"/{self.epochs}" if self.epochs else ""
-        dice = self.values.get("dice") or []
+        dice = self.dice
         names = self.structures if len(self.structures) == len(dice) else [f"label {i + 1}" for i in range(len(dice))]
-        parts = [f"train loss {self.values.get('train_loss', float('nan')):.3f}",
-                 f"val loss {self.values.get('val_loss', float('nan')):.3f}"]
+        parts = [f"train loss {self.losses.get('train_loss', float('nan')):.3f}",
+                 f"val loss {self.losses.get('val_loss', float('nan')):.3f}"]
         if dice:
             parts.append("pseudo-Dice " + " ".join(f"{n} {d:.2f}" for n, d in zip(names, dice, strict=True)))
-        line = f"epoch {self.epoch + 1}{total}: {', '.join(parts)} ({seconds:.0f} s)"
+        line = f"epoch {epoch + 1}{total}: {', '.join(parts)} ({seconds:.0f} s)"
         self.lines.append(line)
         logger.info("    %s", line)
 

@@ -20,7 +20,7 @@ import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from nnunet_ssl.analysis.curves import curve_rows
 from nnunet_ssl.analysis.results import COMPLETE
@@ -36,7 +36,10 @@ from nnunet_ssl.analysis.stats import (
 
 #: Transfer report (``analysis.report``): ``Report``, ``Setting``; experiment report: ``ExperimentReport``,
 #: ``SettingTable`` (``experiment.report``). Rendered by attribute, so not imported here.
-Report = HeadlineSetting = ExperimentReport = SettingTable = Any
+Report: TypeAlias = Any
+HeadlineSetting: TypeAlias = Any
+ExperimentReport: TypeAlias = Any
+SettingTable: TypeAlias = Any
 
 NEVER_AVERAGED = "incomplete and missing runs are listed below and never averaged in"
 

@@ -240,7 +240,8 @@ def build_experiment_report(prepared: Prepared, cka: bool = True, device: str = 
     else:
         evaluation = "nnU-Net's validation of each fold (validation/summary.json)"
     setting_tables = [collect_setting(prepared, s, info, test_set) for s in prepared.settings]
-    rows, note = [], "skipped (--no-cka)"
+    rows: list[CKARow] = []
+    note = "skipped (--no-cka)"
     if cka:
         data = prepared.test[0] if prepared.test is not None else _raw_images(paths.dataset_name)
         rows, note = collect_cka(prepared, setting_tables, data, device)

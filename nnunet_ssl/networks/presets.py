@@ -108,12 +108,12 @@ class SwinPreset:
     @property
     def stage_dims(self) -> tuple[int, int, int, int]:
         """Token width inside each of the four stages."""
-        return tuple(self.embed_dim * 2**i for i in range(4))  # type: ignore[return-value]
+        return tuple(self.embed_dim * 2**i for i in range(4))
 
     @property
     def feature_dims(self) -> tuple[int, int, int, int, int]:
         """Channels of the five encoder outputs (patch embedding, then after each merge)."""
-        return tuple(self.embed_dim * 2**i for i in range(5))  # type: ignore[return-value]
+        return tuple(self.embed_dim * 2**i for i in range(5))
 
 
 PRESETS: dict[str, SwinPreset] = {

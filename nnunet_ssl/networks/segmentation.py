@@ -22,6 +22,8 @@ class SwinUNETRSeg(nn.Module):
     the trainer can log which weights it started from; it is all zeros for a network built from scratch.
     """
 
+    weights_provenance: Tensor
+
     def __init__(
         self,
         preset: SwinPreset,

@@ -127,12 +127,12 @@ class _PermuteTokens(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
         ctx.save_for_backward(inverse)
         return x.index_select(1, order)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         (inverse,) = ctx.saved_tensors
         return grad.index_select(1, inverse), None, None
 
@@ -154,6 +154,8 @@ class DropPath(nn.Module):
 
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a learned relative position bias."""
+
+    relative_position_index: Tensor
 
     def __init__(
         self, dim: int, num_heads: int, window: int, qkv_bias: bool = True, relative_position: str = "exact"

@@ -282,7 +282,7 @@ class CasePreprocessor:
     @property
     def patch_size(self) -> tuple[int, int, int]:
         """The configuration's patch size ``(D, H, W)``."""
-        return tuple(self.configuration_manager.patch_size)  # type: ignore[return-value]
+        return tuple(self.configuration_manager.patch_size)
 
     def __call__(self, case: RawCase) -> np.ndarray:
         """Preprocessed float32 volume ``(C, D, H, W)``."""
@@ -353,7 +353,7 @@ def case_patches(volume: np.ndarray, patch: Sequence[int], count: int, rng: np.r
     crops = []
     for start in patch_starts(padded.shape[1:], patch, count, rng):
         slices = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
-        crops.append(padded[(slice(None), *slices)])
+        crops.append(padded[(slice(None),) + slices])
     return torch.stack(crops)
 
 

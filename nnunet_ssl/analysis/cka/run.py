@@ -41,6 +41,7 @@ from nnunet_ssl.analysis.cka.gather import (
 )
 from nnunet_ssl.analysis.cka.render import write_figures, write_summary, write_tables
 from nnunet_ssl.networks.presets import get_preset
+from nnunet_ssl.networks.swin import SwinEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def cka_between_folds(
 
 
 def accumulate_cka(
-    encoder_a: torch.nn.Module, encoder_b: torch.nn.Module, fold: FinetunedFold, data: Path, layers: list[str],
+    encoder_a: SwinEncoder, encoder_b: SwinEncoder, fold: FinetunedFold, data: Path, layers: list[str],
     patches_per_case: int, batch_size: int, seed: int, device: torch.device,
 ) -> tuple[np.ndarray, int, int, CasePreprocessor, list[RawCase]]:
     """Minibatch CKA of two encoders on the same patches of ``data``, preprocessed as ``fold`` was.
