@@ -2,8 +2,9 @@
 
 Each worker's torch threads, and those of the nnU-Net commands it starts, take their share of the
 cores instead of every process taking all. ``--dist loadfile`` keeps each file (and its module-scoped
-nnU-Net datasets) on one worker; sending the end-to-end files out first, longest first, leaves the
-many short files to fill both workers at the end instead of one long file running alone.
+nnU-Net datasets) on one worker; sending the long files out first (end-to-end, then unit), longest
+first, leaves the many short files to fill both workers at the end instead of one long file running
+alone.
 """
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
-#: End-to-end files, longest first (by their durations in a two-worker run on 2 cores, 2026-11-29; the
-#: pretraining runs, split from the engine's tests later, about 3 minutes, go last).
+#: The long files, longest first: the end-to-end files (by their durations in a two-worker run on 2 cores,
+#: 2026-11-29; the pretraining runs, split from the engine's tests later, about 3 minutes, go last), then
+#: the unit files of more than 8 s of CPU (46, 34, 17, 15, 14 and 9 s, 2026-12-05), so that
+#: ``make test-fast`` does not end with one of them running alone.
 LONGEST_FIRST = ("test_e2e_methods.py", "test_e2e_experiment.py", "test_e2e_nnunet.py", "test_e2e_demo.py",
-                 "test_e2e_plan_split.py", "test_e2e_pretraining.py")
+                 "test_e2e_plan_split.py", "test_e2e_pretraining.py",
+                 "test_convert.py", "test_networks.py", "test_finetune_policy.py", "test_ssl_methods.py",
+                 "test_ssl_pixel_methods.py", "test_ssl_dino_ibot.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
