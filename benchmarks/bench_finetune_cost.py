@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,7 +77,7 @@ def prepare_dataset(work: Path, patch: list[int], batch: int) -> dict[str, str]:
     return env
 
 
-def build_trainer(name: str, env: dict[str, str], device: torch.device):
+def build_trainer(name: str, env: dict[str, str], device: torch.device) -> Any:
     """A trainer built as nnUNetv2_train builds it (plans, dataset.json, fold ``all``), initialised."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
@@ -87,7 +88,7 @@ def build_trainer(name: str, env: dict[str, str], device: torch.device):
     return trainer
 
 
-def prepare_steps(name: str, env: dict[str, str], device: torch.device, count: int):
+def prepare_steps(name: str, env: dict[str, str], device: torch.device, count: int) -> tuple[Any, list[dict]]:
     """A trainer (initialised, data loaders started and stopped) and ``count`` batches from its own loader.
 
     Each trainer draws its own batches: the deep-supervision targets differ (nnU-Net's follow its
@@ -104,7 +105,7 @@ def prepare_steps(name: str, env: dict[str, str], device: torch.device, count: i
     return trainer, batches
 
 
-def timed_step(trainer, batch: dict, device: torch.device) -> float:
+def timed_step(trainer: Any, batch: dict, device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
     trainer.train_step(batch)
@@ -112,7 +113,7 @@ def timed_step(trainer, batch: dict, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def time_epochs(env: dict[str, str], device: torch.device, iterations: int, warmup: int) -> dict[str, tuple[float, object]]:
+def time_epochs(env: dict[str, str], device: torch.device, iterations: int, warmup: int) -> dict[str, tuple[float, Any]]:
     """Median seconds per ``train_step`` of each trainer; the two trainers' steps alternate, so a busy
     phase of the machine slows both alike."""
     prepared = {name: prepare_steps(name, env, device, warmup + iterations) for name in (NNUNET, SWIN)}
@@ -130,7 +131,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_predict(name: str, trainer, env: dict[str, str], work: Path, device: torch.device, tta: bool) -> float:
+def time_predict(name: str, trainer: Any, env: dict[str, str], work: Path, device: torch.device, tta: bool) -> float:
     """Wall time of ``nnUNetv2_predict`` on one test case with the trainer's current weights."""
     trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
     images = work / "nnUNet_raw" / "Dataset501_Phantom" / "imagesTs"

@@ -53,6 +53,7 @@ import torch
 from benchmarks.tables import format_table
 from nnunet_ssl.pretraining.data import (
     DataConfig,
+    Manifest,
     ViewSampler,
     build_cache,
     make_loader,
@@ -138,7 +139,7 @@ def time_crops(paths: list[str], arrays: list[str], config: DataConfig, samples:
     return Timing(statistics.median(cache_times), statistics.median(naive_times), len(cache_times), len(naive_times))
 
 
-def time_loader(manifest, config: DataConfig, batches: int, warmup: int, seed: int) -> tuple[float, float]:
+def time_loader(manifest: Manifest, config: DataConfig, batches: int, warmup: int, seed: int) -> tuple[float, float]:
     """``(batches/s, crops/s)`` of ``make_loader`` with batch 2 and 2 views after ``warmup`` batches."""
     loader = make_loader(manifest, config, batch_size=2, num_views=2, seed=seed)
     try:
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
         arrays = [manifest.array_path(e) for e in usable]
         source_bytes = sum(os.path.getsize(p) for p in paths)
         cache_bytes = sum(os.path.getsize(p) for p in arrays)
-        cached_voxels = sum(int(np.prod(e.shape)) for e in usable)
+        cached_shapes = [e.shape for e in usable if e.shape is not None]  # a usable entry has its array's shape
+        cached_voxels = sum(int(np.prod(shape)) for shape in cached_shapes)
 
         timing = time_crops(
             [e.source for e in usable], arrays, config, args.naive_samples, args.crops_per_sample, args.seed
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(work, ignore_errors=True)
     logger.info("done in %.1f min", (time.perf_counter() - started) / 60)
 
-    shapes = ", ".join("x".join(map(str, e.shape[::-1])) for e in usable)
+    shapes = ", ".join("x".join(map(str, shape[::-1])) for shape in cached_shapes)
     rows = [
         ["cache crop (96^3 from .b2nd), median", f"{1e3 * timing.cache_s:.2f} ms ({timing.cache_n} crops)"],
         ["naive crop (read .nii.gz + resample + window), median", f"{timing.naive_s:.2f} s ({timing.naive_n} crops)"],

@@ -45,7 +45,7 @@ from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.swin import SwinEncoder
 from nnunet_ssl.optim import decay_parameter_groups
 from nnunet_ssl.pretraining.methods import METHODS, build_method
-from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step
+from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step, method_contract
 
 logger = logging.getLogger("bench_pretraining_step")
 
@@ -64,10 +64,11 @@ def measure(name: str, preset: str, size: int, crops: int, repeats: int, warmup:
     fields = {f.name for f in dataclasses.fields(METHODS[name][1])}
     method = build_method(name, get_preset(preset), 1, {"crop_size": size} if "crop_size" in fields else {})
     method.to(device).train()
-    views = method.num_views
+    contract = method_contract(method)
+    views = contract.num_views
     if crops % views:
         raise ValueError(f"--crops {crops} is not a multiple of {name}'s {views} views")
-    optimizer = torch.optim.AdamW(decay_parameter_groups(method.student_modules(), 0.05), lr=1e-4)
+    optimizer = torch.optim.AdamW(decay_parameter_groups(contract.student_modules(), 0.05), lr=1e-4)
     batch = {"views": torch.rand(crops // views, views, 1, size, size, size, device=device)}
 
     def step(index: int) -> float:
@@ -76,7 +77,7 @@ def measure(name: str, preset: str, size: int, crops: int, repeats: int, warmup:
             torch.cuda.synchronize()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        method.training_step(batch, context)["loss"].backward()
+        contract.training_step(batch, context)["loss"].backward()
         before_optimizer_step(method, context)
         optimizer.step()
         after_step(method, context)
@@ -85,7 +86,7 @@ def measure(name: str, preset: str, size: int, crops: int, repeats: int, warmup:
         return time.perf_counter() - start
 
     # untimed: the first step allocates the optimiser moments and counts the crops through the student
-    crops_through_student = _count_student_crops(method.student_modules(), lambda: step(0))
+    crops_through_student = _count_student_crops(contract.student_modules(), lambda: step(0))
     if crops_through_student == 0:
         raise RuntimeError(f"{name}: no crop reached the student encoder's patch embedding")
     for i in range(1, warmup):

@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from nnunet_ssl.analysis.stats import spread
 from nnunet_ssl.trainers.named import CPU_TRIAL_RECIPE, SwinScratchTrainer, SwinSMITTrainer
@@ -137,7 +138,7 @@ def first_epoch_above(values: list[float], threshold: float) -> int | None:
     return next((i for i, v in enumerate(values) if math.isfinite(v) and v > threshold), None)
 
 
-def summarize(work: Path, config: RunConfig, repeat: int, fold: int) -> dict[str, object] | None:
+def summarize(work: Path, config: RunConfig, repeat: int, fold: int) -> dict[str, Any] | None:
     from nnunet_ssl.analysis.curves import load_curves
 
     out = fold_dir(work, config, repeat, fold)
@@ -164,7 +165,7 @@ def summarize(work: Path, config: RunConfig, repeat: int, fold: int) -> dict[str
     }
 
 
-def markdown(rows: list[dict[str, object]]) -> str:
+def markdown(rows: list[dict[str, Any]]) -> str:
     columns = ["config", "policy", "repeat", "first_epoch_pseudo_dice_gt_0.1", "first_epoch_any_structure_gt_0.1",
                "background_only_epochs", "last_pseudo_dice", "last_ema_pseudo_dice", "last_val_loss", "validation_dice"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -182,7 +183,7 @@ def _mean_sd(values: list[float]) -> str:
     return f"{s.mean:.3f} +/- {s.std:.3f}" if s.n > 1 else f"{s.mean:.3f}"
 
 
-def aggregate_markdown(rows: list[dict[str, object]]) -> str:
+def aggregate_markdown(rows: list[dict[str, Any]]) -> str:
     """One line per configuration over its repeats: how many repeats ever passed 0.1 (and the mean
     first epoch of those), background-only epochs, and mean +/- sd of the last pseudo-Dice and the
     final validation Dice."""

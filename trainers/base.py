@@ -199,7 +199,7 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
             return None
         return [[1.0 / s] * 3 for s in HEAD_STRIDES]
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):  # noqa: N802 - nnU-Net's name
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self) -> tuple[Any, ...]:  # noqa: N802 - nnU-Net's name
         """nnU-Net's augmentation settings; test-time mirroring only if the recipe asks for it.
 
         Training still mirrors as augmentation. ``inference_allowed_mirroring_axes`` is saved in the

@@ -3,19 +3,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nnunet_ssl.analysis.stats import OVERALL
 
+if TYPE_CHECKING:
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
 
-def _new_figure(width: float, height: float):
+
+def _new_figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
+
+
+def _integer_ticks(axis: Axis) -> None:
+    """Whole-number ticks (epochs) on ``axis``, whose default locator (``AutoLocator``) is a ``MaxNLocator``."""
+    from matplotlib.ticker import MaxNLocator
+
+    locator = axis.get_major_locator()
+    if isinstance(locator, MaxNLocator):
+        locator.set_params(integer=True)
 
 
 def plot_cka_per_layer(layers: Sequence[str], values: Sequence[float], path: Path,
@@ -80,7 +94,7 @@ def plot_validation_dice(curves: Sequence, path: Path) -> Path:
         raw = run.series["mean_fg_dice"]
         axes.plot(np.arange(len(raw)), raw, color=colors[run.trainer], alpha=0.25, linewidth=0.8)
     axes.set_xlabel("epoch")
-    axes.xaxis.get_major_locator().set_params(integer=True)
+    _integer_ticks(axes.xaxis)
     axes.set_ylabel("validation pseudo-Dice (EMA; faint: per epoch)")
     axes.set_title("Validation pseudo-Dice during training")
     axes.grid(alpha=0.3)
@@ -100,7 +114,7 @@ def plot_losses(curves: Sequence, path: Path) -> Path:
             values = run.series[key]
             axes.plot(np.arange(len(values)), values, color=colors[run.trainer], label=f"{run.trainer} fold {run.fold}")
         axes.set_xlabel("epoch")
-        axes.xaxis.get_major_locator().set_params(integer=True)
+        _integer_ticks(axes.xaxis)
         axes.set_ylabel(f"{title} (nnU-Net: CE + Dice, lower is better)")
         axes.set_title(title.capitalize())
         axes.grid(alpha=0.3)
@@ -137,7 +151,7 @@ def plot_few_shot(rows: Sequence, path: Path) -> Path:
     return Path(path)
 
 
-def report_figures(report, out_dir: Path) -> dict[str, str]:
+def report_figures(report: Any, out_dir: Path) -> dict[str, str]:
     """The figures of a transfer report (also drawn by the experiment report for its runs).
 
     ``curves.png`` and ``losses.png`` show the ordinary folds' runs (every run when there are none);

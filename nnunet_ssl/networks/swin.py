@@ -13,6 +13,8 @@ encoders trained elsewhere (MONAI, SMIT) exactly; see :mod:`nnunet_ssl.networks.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -95,9 +97,10 @@ def effective_window(size: Size3, window: int, shift: int, fit: str = "shrink") 
     """
     if fit == "pad":
         return (window, window, window), (shift, shift, shift)
-    eff_window = tuple(n if n <= window else window for n in size)
-    eff_shift = tuple(0 if n <= window else shift for n in size)
-    return eff_window, eff_shift  # type: ignore[return-value]
+    d, h, w = size
+    eff_window = (min(d, window), min(h, window), min(w, window))
+    eff_shift = (0 if d <= window else shift, 0 if h <= window else shift, 0 if w <= window else shift)
+    return eff_window, eff_shift
 
 
 def window_token_order(size: Size3, window: Size3, shift: Size3, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -127,12 +130,12 @@ class _PermuteTokens(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
         ctx.save_for_backward(inverse)
         return x.index_select(1, order)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (inverse,) = ctx.saved_tensors
         return grad.index_select(1, inverse), None, None
 
@@ -336,13 +339,13 @@ class SwinStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, D, H, W, C)`` tokens -> merged tokens at half resolution."""
-        size = tuple(x.shape[1:4])
-        window, shift = effective_window(size, self.window, self.window // 2, self.window_fit)  # type: ignore[arg-type]
-        padded = tuple(n + (-n) % win for n, win in zip(size, window, strict=True))
-        mask = shifted_window_mask(padded, window, shift, x.device) if any(shift) else None  # type: ignore[arg-type]
+        _, d, h, w, _ = x.shape
+        window, shift = effective_window((d, h, w), self.window, self.window // 2, self.window_fit)
+        padded = (d + (-d) % window[0], h + (-h) % window[1], w + (-w) % window[2])
+        mask = shifted_window_mask(padded, window, shift, x.device) if any(shift) else None
         # token orders (window partition, and roll + partition), once for all blocks of the stage
-        plain = window_token_order(padded, window, (0, 0, 0), x.device)  # type: ignore[arg-type]
-        shifted = window_token_order(padded, window, shift, x.device) if any(shift) else plain  # type: ignore[arg-type]
+        plain = window_token_order(padded, window, (0, 0, 0), x.device)
+        shifted = window_token_order(padded, window, shift, x.device) if any(shift) else plain
         for i, block in enumerate(self.blocks):
             (order, inverse), block_mask = (shifted, mask) if i % 2 else (plain, None)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
