@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - install into .venv, then run the demo on generated phantoms
 #   make test   - install into .venv, then run the test suite
+#   make lint   - ruff on the repository, mypy on the package and the benchmarks (what CI runs after the tests)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ INSTALLED := $(VENV)/.nnunet_ssl_installed
 # a fresh clone, 2026-11-30; about 28 min estimated for one worker from the serial durations, 2026-11-29).
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast lint
 
 install: $(INSTALLED)
 
@@ -30,3 +31,9 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not e2e"; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+# ruff (rules in ruff.toml) on every file, then mypy (mypy.ini) through .ci/typecheck, which stages the
+# four package folders as the one nnunet_ssl namespace; both run, and either finding fails the target.
+lint: $(INSTALLED)
+	status=0; $(BIN)/ruff check . || status=1; \
+	MYPY="$(abspath $(BIN))/mypy" .ci/typecheck || status=1; exit $$status

@@ -47,6 +47,7 @@ setup(
         "tqdm",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "monai"]},
+    # ruff and mypy pinned: `make lint` must give the same verdict on every machine
+    extras_require={"test": ["pytest", "pytest-xdist", "monai", "ruff==0.17.6", "mypy==2.4.1"]},
     entry_points={"console_scripts": ["nnunet-ssl=nnunet_ssl.cli:main"]},
 )
