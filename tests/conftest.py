@@ -22,6 +22,9 @@ LONGEST_FIRST = ("test_e2e_methods.py", "test_e2e_experiment.py", "test_e2e_nnun
                  "test_convert.py", "test_networks.py", "test_finetune_policy.py", "test_ssl_methods.py",
                  "test_ssl_pixel_methods.py", "test_ssl_dino_ibot.py")
 
+#: The end-to-end tests' folder: every test in it, and no other, has the marker ``e2e``.
+E2E_FOLDER = Path(__file__).resolve().parent / "e2e"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -40,6 +43,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order inside a file, and of the other files, is unchanged
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`make test-fast` selects by the marker: a test in tests/e2e/ without it, or one with it elsewhere, fails."""
+    if (item.get_closest_marker("e2e") is not None) != (E2E_FOLDER in item.path.parents):
+        pytest.fail("end-to-end tests (marker e2e) belong in tests/e2e/, and only they", pytrace=False)
 
 
 @pytest.fixture()
