@@ -49,7 +49,7 @@ def write_isotropic_dataset(root: Path, shape: int = 160) -> tuple[Path, Path]:
             sitk.WriteImage(image, str(raw / "imagesTr" / f"{case}_{int(channel):04d}.nii.gz"))
         sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8, 8), np.uint8)), str(raw / "labelsTr" / f"{case}.nii.gz"))
     (raw / "dataset.json").write_text(json.dumps(
-        {"channel_names": CHANNELS, "labels": LABELS, "numTraining": 2, "file_ending": ".nii.gz"}))
+        {"channel_names": CHANNELS, "labels": LABELS, "numTraining": 2, "file_ending": ".nii.gz"}), encoding="utf-8")
     intensities = {"mean": 0.0, "std": 1.0, "min": -3.0, "max": 3.0, "median": 0.0,
                    "percentile_00_5": -2.5, "percentile_99_5": 2.5}
     (preprocessed / "dataset_fingerprint.json").write_text(json.dumps({
@@ -57,7 +57,7 @@ def write_isotropic_dataset(root: Path, shape: int = 160) -> tuple[Path, Path]:
         "median_relative_size_after_cropping": 1.0,
         "shapes_after_crop": [[shape] * 3, [shape] * 3],
         "spacings": [[1.0] * 3, [1.0] * 3],
-    }))
+    }), encoding="utf-8")
     return raw, preprocessed
 
 
@@ -71,8 +71,8 @@ def nnunet_plans(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, An
     command = [str(Path(sys.executable).parent / "nnUNetv2_plan_experiment"), "-d", "990", "-pl", "nnUNetPlannerResEncL"]
     result = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
-    return plans, json.loads((preprocessed / "dataset.json").read_text())
+    plans = json.loads((preprocessed / f"{PLANS}.json").read_text(encoding="utf-8"))
+    return plans, json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
 
 
 def nnunet_network(plans: dict[str, Any], dataset_json: dict[str, Any], deep_supervision: bool = True) -> torch.nn.Module:

@@ -55,13 +55,13 @@ def nnunet_built(architecture: dict, in_channels: int, num_classes: int) -> torc
 
 
 def test_swin_metadata_is_the_legacy_metadata_plus_the_family() -> None:
-    legacy = json.loads(LEGACY_METADATA.read_text())
+    legacy = json.loads(LEGACY_METADATA.read_text(encoding="utf-8"))
     assert "family" not in legacy
     assert swin_payload()["metadata"] == {**legacy, "family": "swin"}  # no 'architecture' entry for Swin
 
 
 def test_a_file_written_before_families_reads_as_swin(tmp_path: Path) -> None:
-    legacy = json.loads(LEGACY_METADATA.read_text())
+    legacy = json.loads(LEGACY_METADATA.read_text(encoding="utf-8"))
     path = tmp_path / "old.pt"
     torch.save({"network_weights": swin_payload()["network_weights"], "metadata": legacy}, path)
     _, metadata = load_weights_file(path)
