@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from short_trainers import with_test_trainers
+
 from nnunet_ssl.cpu_memory import with_freed_memory_kept
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
-from short_trainers import with_test_trainers
 
 BIN = Path(sys.executable).parent
 

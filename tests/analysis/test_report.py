@@ -20,7 +20,6 @@ from nnunet_ssl.analysis.report import (
     build_report,
     make_report,
 )
-from nnunet_ssl.analysis.tables import headline_markdown
 from nnunet_ssl.analysis.results import (
     COMPLETE,
     INCOMPLETE,
@@ -30,6 +29,7 @@ from nnunet_ssl.analysis.results import (
     collect_validation_run,
     dataset_info,
 )
+from nnunet_ssl.analysis.tables import headline_markdown
 from nnunet_ssl.analysis.testset import (
     SOURCE_FILE,
     cases_to_predict,
@@ -71,7 +71,7 @@ def exact_two_sided_p(differences: list[float]) -> tuple[float, float]:
     statistic = min(w_plus, w_minus)
     n = len(differences)
     at_most = sum(1 for signs in itertools.product((0, 1), repeat=n)
-                  if sum(r for r, s in zip(range(1, n + 1), signs) if s) <= statistic)
+                  if sum(r for r, s in zip(range(1, n + 1), signs, strict=True) if s) <= statistic)
     return statistic, min(1.0, 2 * at_most / 2**n)
 
 
@@ -193,7 +193,7 @@ def summary_json(scores: dict[str, tuple[float, float]], fold_dir: Path, preproc
     cases = []
     for case, values in scores.items():
         metrics = {}
-        for label, dice in zip(("1", "2"), values):
+        for label, dice in zip(("1", "2"), values, strict=True):
             metrics[label] = {"Dice": dice, "FN": 3, "FP": 2, "IoU": dice / (2 - dice),
                               "TN": 1000, "TP": 10, "n_pred": 12, "n_ref": 13}
         cases.append({

@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from short_trainers import with_test_trainers
 
 from nnunet_ssl.data.phantoms import PhantomConfig
 from nnunet_ssl.demo import Demo, DemoConfig
 from nnunet_ssl.experiment.grid import SKIP, decide
 from nnunet_ssl.experiment.spec import load_experiment
-from short_trainers import with_test_trainers
 
 pytestmark = pytest.mark.e2e
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from nnunet_runner import BIN, NnUNet
 
 from nnunet_ssl.data.phantoms import PhantomConfig
-from nnunet_runner import BIN, NnUNet
 
 pytestmark = pytest.mark.e2e
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from nnunet_runner import NnUNet
+from short_trainers import short_trainer_for
 
 from nnunet_ssl.data.phantoms import PhantomConfig
 from nnunet_ssl.pretraining.methods import METHODS, build_config
 from nnunet_ssl.pretraining.metrics_log import read_metrics
 from nnunet_ssl.weights import load_weights_file
-from nnunet_runner import NnUNet
-from short_trainers import short_trainer_for
 
 pytestmark = pytest.mark.e2e
 

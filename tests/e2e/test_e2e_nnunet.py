@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from nnunet_runner import BIN, NnUNet
+from short_trainers import EXT_FOLDER, SwinSMITTrainer_tiny_2epochs
 
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 from nnunet_ssl.weights import encoder_digest, load_weights_file
 from nnunet_ssl.weights.export import load_run_encoder
-from nnunet_runner import BIN, NnUNet
-from short_trainers import EXT_FOLDER, SwinSMITTrainer_tiny_2epochs
 
 pytestmark = pytest.mark.e2e
 

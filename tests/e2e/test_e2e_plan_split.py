@@ -11,9 +11,9 @@ import blosc2
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from nnunet_runner import NnUNet
 
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
-from nnunet_runner import NnUNet
 
 pytestmark = pytest.mark.e2e
 

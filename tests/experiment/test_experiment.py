@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_splits import fake_preprocessed_dataset
 
 from nnunet_ssl.analysis.curves import epochs_to_fraction
 from nnunet_ssl.analysis.stats import holm
@@ -25,8 +26,6 @@ from nnunet_ssl.experiment.grid import (
 from nnunet_ssl.experiment.runner import BLOCKED, DONE, FAILED, run_jobs
 from nnunet_ssl.experiment.spec import ExperimentError, experiment_from_dict, load_experiment
 from nnunet_ssl.splits import FoldEntry
-
-from test_splits import fake_preprocessed_dataset
 
 
 def write_experiment(tmp_path: Path, **changes) -> Path:
@@ -304,8 +303,8 @@ def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     import numpy as np
     from scipy.stats import wilcoxon
 
-    from nnunet_ssl.experiment.runner import prepare
     from nnunet_ssl.experiment.report import make_experiment_report
+    from nnunet_ssl.experiment.runner import prepare
 
     root = tmp_path / "pre"
     folder = fake_preprocessed_dataset(root)
@@ -398,12 +397,12 @@ def test_report_cka_few_shot_vs_full(tmp_path: Path, monkeypatch: pytest.MonkeyP
     import numpy as np
     import SimpleITK as sitk
     import torch
+    from test_cka_helpers import nnunet_plans as _plans
 
-    from nnunet_ssl.experiment.runner import prepare
     from nnunet_ssl.experiment.report import make_experiment_report
+    from nnunet_ssl.experiment.runner import prepare
     from nnunet_ssl.networks import PRESETS, SwinEncoder
     from nnunet_ssl.weights import build_weights_file
-    from test_cka_helpers import nnunet_plans as _plans
 
     root = tmp_path / "pre"
     folder = fake_preprocessed_dataset(root)

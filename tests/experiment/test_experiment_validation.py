@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_experiment import write_experiment
 
 from nnunet_ssl.cli import main
 from nnunet_ssl.experiment.spec import Epochs, ExperimentError, load_experiment
-
-from test_experiment import write_experiment
 
 SMIT = {"name": "m", "method": "smit", "weights": "smit.pt"}
 

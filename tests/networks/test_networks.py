@@ -136,7 +136,7 @@ def test_shifted_window_mask_blocks_tokens_from_different_regions(size, window, 
     mask = shifted_window_mask(size, window, shift, torch.device("cpu"))
     # original coordinate of every token of the rolled grid, and whether it wrapped around
     grids = torch.meshgrid(*(torch.arange(n) for n in size), indexing="ij")
-    wrapped = torch.stack([(g + s) >= n for g, s, n in zip(grids, shift, size)], dim=-1).long()
+    wrapped = torch.stack([(g + s) >= n for g, s, n in zip(grids, shift, size, strict=True)], dim=-1).long()
     # code the wrap pattern of each token; two tokens were neighbours iff their patterns agree
     code = (wrapped * torch.tensor([4, 2, 1])).sum(-1)
     windows = window_partition(code[None, ..., None], window)[0, ..., 0]
@@ -181,7 +181,7 @@ def test_encoder_matches_monai_swin_transformer_with_same_weights() -> None:
     ours.load_state_dict(mapped, strict=True)
     x = torch.randn(1, 1, 64, 96, 64)
     with torch.no_grad():
-        for mine, theirs in zip(ours(x), reference(x, normalize=True)):
+        for mine, theirs in zip(ours(x), reference(x, normalize=True), strict=True):
             torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
 
 
@@ -204,7 +204,7 @@ def test_masked_content_does_not_leak_into_the_encoder() -> None:
     changed = x.clone()
     changed[:, :, :16, :16, :16] = torch.randn(1, 1, 16, 16, 16) * 100
     with torch.no_grad():
-        for a, b in zip(encoder(x, mask), encoder(changed, mask)):
+        for a, b in zip(encoder(x, mask), encoder(changed, mask), strict=True):
             assert torch.equal(a, b)
 
 
@@ -235,7 +235,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     x = torch.randn(1, 1, 64, 64, 64)
     for net in (plain, checkpointed):
         sum(o.float().mean() for o in net(x)).backward()
-    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 

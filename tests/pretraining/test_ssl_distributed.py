@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import torch
+from gloo_processes import run_in_processes
 
 from nnunet_ssl.pretraining.distributed import Collectives, step_generator
 from nnunet_ssl.pretraining.methods.base import StepContext
-from gloo_processes import run_in_processes
 
 
 def _sum_of_squares_loss(rank: int, world_size: int, data: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -45,9 +45,9 @@ def test_ema_extremes_and_no_autograd() -> None:
     teacher, student = _pair()
     old = [p.clone() for p in teacher.parameters()]
     ema_update_(teacher, student, 1.0)
-    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), old))
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), old, strict=True))
     ema_update_(teacher, student, 0.0)
-    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters(), strict=True))
     assert all(p.grad_fn is None for p in teacher.parameters())
 
 

@@ -106,7 +106,7 @@ def test_masked_content_does_not_leak_into_the_encoder() -> None:
     assert not torch.equal(changed, x)
     before = encoder(x, masks.token)
     after = encoder(changed, masks.token)
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     # The check can fail: a change at one visible voxel does reach the output.
     visible = (~masks.voxel).nonzero()[0].tolist()
     poked = x.clone()

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from gloo_processes import run_in_processes
 from torch import nn
 
 from nnunet_ssl.networks import PRESETS, SwinEncoder
@@ -14,7 +15,6 @@ from nnunet_ssl.pretraining.distributed import Collectives
 from nnunet_ssl.pretraining.losses import updated_center
 from nnunet_ssl.pretraining.methods.base import StepContext
 from nnunet_ssl.pretraining.teacher import EMATeacher, export_encoder_state
-from gloo_processes import run_in_processes
 
 TINY = PRESETS["tiny"]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_report import DATASET, nnunet_tree  # noqa: F401  (the fake results tree, as a fixture here too)
+from test_splits import fake_preprocessed_dataset
 
 from nnunet_ssl.case_ids import CaseIdError, case_id_problem, check_case_id, check_file_ending
 from nnunet_ssl.cli import main
-from test_report import DATASET, nnunet_tree  # noqa: F401  (the fake results tree, as a fixture here too)
-from test_splits import fake_preprocessed_dataset
 
 SAFE = ["case_001", "BraTS-GLI-00000-000", "la_003", "1.2.840.113619.2", "patient 7", "Fall_ü", "a..b", "x."]
 UNSAFE = {

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from short_trainers import SwinSMITTrainer_tiny_2epochs
 
 from nnunet_ssl.cli import build_parser, training_hint
 from nnunet_ssl.networks import PRESETS, SwinEncoder
@@ -22,7 +23,6 @@ from nnunet_ssl.weights import WeightsError, build_weights_file, save_weights_fi
 from nnunet_ssl.weights.intensity import ChannelMapping, intensity_warnings
 from nnunet_ssl.weights.preflight import preflight_weights
 from nnunet_ssl.weights.targets import resolve_target
-from short_trainers import SwinSMITTrainer_tiny_2epochs
 
 COMMAND = re.compile(r"`((?:nnunet-ssl|nnUNetv2_\w+) [^`]*)`")
 

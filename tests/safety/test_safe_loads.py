@@ -158,7 +158,6 @@ def nnunet_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _trained_one_epoch(device: torch.device):
     """A trainer after one epoch of nnU-Net's own hooks (train and validation step, logger, best checkpoint)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
     from short_trainers import TEST_TRAINERS
 
     plans = copy.deepcopy(PLANS)

@@ -18,13 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_refusals import plans_and_dataset
+from test_splits import fake_preprocessed_dataset
 
 from nnunet_ssl import cli
 from nnunet_ssl.cli import main
 from nnunet_ssl.outputs import WriteError
-
-from test_refusals import plans_and_dataset
-from test_splits import fake_preprocessed_dataset
 
 RUNNING_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

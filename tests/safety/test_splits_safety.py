@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from test_splits import CASES, fake_preprocessed_dataset
 
 from nnunet_ssl.cli import main
 from nnunet_ssl.splits import (
@@ -20,7 +21,6 @@ from nnunet_ssl.splits import (
     ensure_default_splits,
     nnunet_default_splits,
 )
-from test_splits import CASES, fake_preprocessed_dataset
 
 DATASET = "Dataset777_Fake"
 SPLIT = ["split", "-d", DATASET, "--shots", "5", "--seeds", "0"]

@@ -32,7 +32,7 @@ def test_scheduler_follows_nnunet_step_convention() -> None:
         scheduler.step(epoch)
         lrs.append(optimizer.param_groups[0]["lr"])
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
 
 
 def test_no_weight_decay_on_norms_biases_and_position_tables() -> None:
@@ -104,8 +104,9 @@ def test_every_named_trainer_has_a_product_schedule_and_only_the_cpu_trial_skips
 
 
 def test_trainers_command_lists_no_test_only_trainer(capsys: pytest.CaptureFixture[str]) -> None:
-    from nnunet_ssl.cli import main
     from short_trainers import TEST_TRAINERS
+
+    from nnunet_ssl.cli import main
 
     assert main(["trainers"]) == 0
     listing = capsys.readouterr().out
@@ -117,8 +118,9 @@ def test_trainers_command_lists_no_test_only_trainer(capsys: pytest.CaptureFixtu
 def test_find_trainer_finds_named_trainers_and_own_trainers_only_through_nnunet_ext_trainer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from nnunet_ssl.nnunet_ext import ext_trainer_path
     from short_trainers import EXT_FOLDER, TEST_TRAINERS
+
+    from nnunet_ssl.nnunet_ext import ext_trainer_path
 
     assert find_trainer("SwinSMITTrainer", ext_folders=[]) is TRAINERS["SwinSMITTrainer"]
     with pytest.raises(UnknownTrainerError, match="SwinSMITTrainer_tiny_2epochs"):

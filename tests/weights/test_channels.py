@@ -31,7 +31,7 @@ def test_replicate_gives_the_one_channel_features_for_copies_of_an_image(encoder
     with torch.no_grad():
         single_features = encoder(x)
         multi_features = multi(x.repeat(1, channels, 1, 1, 1))
-    for a, b in zip(single_features, multi_features):  # first stage (embedding) and every later stage
+    for a, b in zip(single_features, multi_features, strict=True):  # first stage (embedding) and every later stage
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 

@@ -78,7 +78,7 @@ def test_monai_swinunetr_converts_to_the_same_network(downsample: str, merge_ord
     x = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs_logits, ours_logits = reference(x), ours(x)
-    for i, (mine, theirs) in enumerate(zip(ours_hidden[0], theirs_hidden[0])):
+    for i, (mine, theirs) in enumerate(zip(ours_hidden[0], theirs_hidden[0], strict=True)):
         assert relative_error(mine, theirs) < 1e-5, f"hidden state {i}"
     assert relative_error(ours_logits, theirs_logits) < 1e-5
 
@@ -103,7 +103,7 @@ def test_window_7_needs_monais_sliced_position_index_and_merge_order() -> None:
         encoder = SwinEncoder(variant).eval()
         encoder.load_state_dict({k[len("encoder."):]: v for k, v in converted.items()})
         with torch.no_grad():
-            errors[name] = [relative_error(a, b) for a, b in zip(encoder(x), theirs)]
+            errors[name] = [relative_error(a, b) for a, b in zip(encoder(x), theirs, strict=True)]
     assert max(errors["monai"]) < 1e-5
     # stages 3 and 4 see 4^3 and 2^3 grids in a 7^3 window
     assert max(errors["exact"][:3]) < 1e-5 and min(errors["exact"][3:]) > 1e-3
@@ -159,7 +159,7 @@ def test_model_swinvit_layout_converts_with_no_flag_and_matches(tmp_path: Path) 
     net.load_state_dict(payload["network_weights"])
     x = torch.randn(1, 1, 32, 32, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        for i, (mine, theirs) in enumerate(zip(net.encoder(x), reference(x))):
+        for i, (mine, theirs) in enumerate(zip(net.encoder(x), reference(x), strict=True)):
             assert relative_error(mine, theirs) < 1e-5, f"hidden state {i}"
 
 
@@ -315,7 +315,7 @@ def smit_checkpoint(preset_name: str, seed: int) -> dict[str, Tensor]:
 
     state = {"patch_embed.proj.weight": rand(e, 1, 2, 2, 2, scale=0.3), "patch_embed.proj.bias": rand(e),
              "patch_embed.norm.weight": 1 + rand(e), "patch_embed.norm.bias": rand(e)}
-    for i, (depth, nh) in enumerate(zip(preset.depths, preset.num_heads)):
+    for i, (depth, nh) in enumerate(zip(preset.depths, preset.num_heads, strict=True)):
         c = e * 2**i
         for j in range(depth):
             p = f"layers.{i}.blocks.{j}."
@@ -350,7 +350,7 @@ def test_smit_checkpoint_converts_and_reproduces_smits_encoder(tmp_path: Path) -
     x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         theirs = smit_reference_forward(state, x, PRESETS["smit_public"].num_heads, 4)
-        for i, (mine, ref) in enumerate(zip(net.encoder(x), theirs)):
+        for i, (mine, ref) in enumerate(zip(net.encoder(x), theirs, strict=True)):
             # stages 3 and 4 see 4^3 and 2^3 grids: SMIT keeps its 4^3 window shifted there (padding the
             # 2^3 grid), where MONAI/Swin would shrink it and drop the shift
             assert relative_error(mine, ref) < 1e-5, f"hidden state {i}"

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_data_helpers import by_name, config, ct_volume, image_from_array, write
+
 from nnunet_ssl.pretraining.data import Manifest, build_cache, summarize
 from nnunet_ssl.pretraining.data import cache as cache_module
-from test_data_helpers import by_name, config, ct_volume, image_from_array, write
 
 
 def _truncate(path: str, fraction: float = 0.6) -> None:

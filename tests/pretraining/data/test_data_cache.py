@@ -5,10 +5,11 @@ import os
 
 import numpy as np
 import pytest
+from test_data_helpers import by_name, config, crash_on_named_file, ct_volume, write
+
 from nnunet_ssl.pretraining.data import build_cache, open_array
 from nnunet_ssl.pretraining.data import cache as cache_module
 from nnunet_ssl.pretraining.data.sources import scan_inputs, source_digest
-from test_data_helpers import by_name, config, crash_on_named_file, ct_volume, write
 
 
 @pytest.fixture()

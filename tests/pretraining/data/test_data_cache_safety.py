@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_data_helpers import by_name, config, ct_volume, write
+
 from nnunet_ssl.pretraining.data import Manifest, build_cache
 from nnunet_ssl.pretraining.data.cache import MANIFEST_NAME
-from test_data_helpers import by_name, config, ct_volume, write
 
 
 def _plant(cache: Path, entries: list[dict]) -> None:

@@ -7,6 +7,8 @@ import blosc2
 import numpy as np
 import pytest
 import torch
+from test_data_helpers import config, ct_volume, write
+
 from nnunet_ssl.pretraining.data import (
     ViewSampler,
     build_cache,
@@ -14,7 +16,6 @@ from nnunet_ssl.pretraining.data import (
     steps_per_epoch,
 )
 from nnunet_ssl.pretraining.data.crops import epoch_share
-from test_data_helpers import config, ct_volume, write
 
 C, R = 32, 48
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+from test_data_helpers import by_name, config, ct_volume, write_dicom_series
+
 from nnunet_ssl.pretraining.data import SkipVolume, build_cache, summarize
 from nnunet_ssl.pretraining.data.preprocess import check_slice_positions
-from test_data_helpers import by_name, config, ct_volume, write_dicom_series
 
 
 def _retag_positions(folder: str, shift_from: int, shift_mm: float) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
 from nnunet_ssl.pretraining.data import DataConfig
 from nnunet_ssl.pretraining.data.cache import ManifestEntry, process_source
 from nnunet_ssl.pretraining.data.sources import Source

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-from nnunet_ssl.pretraining.data import Manifest, build_cache, open_array, scan_inputs
 from test_data_helpers import (
     by_name,
     config,
@@ -16,6 +15,8 @@ from test_data_helpers import (
     write,
     write_dicom_series,
 )
+
+from nnunet_ssl.pretraining.data import Manifest, build_cache, open_array, scan_inputs
 
 
 def test_folder_of_nifti_nrrd_mha(tmp_path):

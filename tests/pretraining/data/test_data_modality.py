@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_data_helpers import by_name, config, ct_volume, image_from_array, write
+
 from nnunet_ssl.pretraining.data import build_cache
 from nnunet_ssl.pretraining.data.modality import detect_modality
-from test_data_helpers import by_name, config, ct_volume, image_from_array, write
 
 
 def mr_volume(seed: int = 0, gain: float = 1.0) -> np.ndarray:

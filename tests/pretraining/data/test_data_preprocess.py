@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_data_helpers import config, ct_volume, image_from_array, mr_volume, write
+
 from nnunet_ssl.pretraining.data import (
     build_cache,
     open_array,
@@ -11,7 +13,6 @@ from nnunet_ssl.pretraining.data import (
     window_ct,
 )
 from nnunet_ssl.pretraining.data.preprocess import body_bbox, mr_intensity_range
-from test_data_helpers import config, ct_volume, image_from_array, mr_volume, write
 
 
 def test_resample_spacing_and_shape():

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nnunet_ssl.pretraining.data import Manifest, build_cache, open_array, scan_inputs, summarize
 from test_data_helpers import by_name, config, ct_volume, mr_volume, nnunet_dataset, write, write_dicom_series
+
+from nnunet_ssl.pretraining.data import Manifest, build_cache, open_array, scan_inputs, summarize
 
 
 @contextmanager

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from nnunet_ssl.pretraining.data import Manifest
 from test_data_helpers import by_name, ct_volume, write, write_dicom_series
 from test_data_skips import unblocking
+
+from nnunet_ssl.pretraining.data import Manifest
 
 SMALL = ["--preset", "tiny", "--crop-size", "64", "--batch-size", "1", "--workers", "0", "--no-progress", "--amp", "off"]
 

@@ -58,7 +58,7 @@ def test_masked_pixel_loss_ignores_non_finite_visible_voxels_and_empty_masks() -
 
 # ------------------------------------------------------------------------------- DINO cross-view
 def _ce(p: list[float], log_q: list[float]) -> float:
-    return -sum(a * b for a, b in zip(p, log_q))
+    return -sum(a * b for a, b in zip(p, log_q, strict=True))
 
 
 def _softmax(z: list[float]) -> list[float]:
@@ -71,7 +71,7 @@ def test_cross_view_loss_hand_value() -> None:
     t = [[0.3, 0.1, 0.0], [0.0, 0.4, 0.2]]
     c = [0.1, 0.0, -0.1]
     tau_s, tau_t = 0.1, 0.04
-    p_t = [_softmax([(a - b) / tau_t for a, b in zip(row, c)]) for row in t]
+    p_t = [_softmax([(a - b) / tau_t for a, b in zip(row, c, strict=True)]) for row in t]
     log_p_s = [[math.log(v) for v in _softmax([a / tau_s for a in row])] for row in s]
     expected = 0.5 * (_ce(p_t[0], log_p_s[1]) + _ce(p_t[1], log_p_s[0]))
     loss = cross_view_distillation_loss(

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo_processes import run_in_processes
 
 from nnunet_ssl.pretraining.distributed import Collectives
 from nnunet_ssl.pretraining.heads import ConvUpHead, linear_head, x4_vector
 from nnunet_ssl.pretraining.losses import nt_xent_loss, reconstruction_loss, rotation_loss
-from gloo_processes import run_in_processes
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_ssl_methods import phantom_views
 from torch import Tensor, nn
 
 from nnunet_ssl.networks import SwinEncoder
@@ -22,7 +23,6 @@ from nnunet_ssl.pretraining.methods import StepContext, build_config, build_meth
 from nnunet_ssl.pretraining.methods.base import after_step, before_optimizer_step
 from nnunet_ssl.pretraining.tokens import stride16_tokens
 from nnunet_ssl.pretraining.views import local_crops
-from test_ssl_methods import phantom_views
 
 CROP = 64
 SMALL = {"crop_size": CROP, "out_dim": 64, "head_hidden_dim": 128, "head_bottleneck_dim": 32, "drop_path_rate": 0.0}
