@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_ct_plans import TINY_CT_DATASET_JSON, tiny_ct_plans
 
 from nnunet_ssl.networks import PRESETS, SwinUNETRSeg
 from nnunet_ssl.trainers.base import WarmupCosineLRScheduler
@@ -157,37 +158,8 @@ def test_frozen_parameters_are_bit_identical_after_steps(network: SwinUNETRSeg, 
 
 
 # ---------------------------------------------------------------------- the trainer, in process
-PLANS = {
-    "dataset_name": "Dataset990_PolicyTest",
-    "plans_name": "nnUNetPlans",
-    "original_median_spacing_after_transp": [2.0, 1.5, 1.5],
-    "original_median_shape_after_transp": [64, 64, 64],
-    "image_reader_writer": "SimpleITKIO",
-    "transpose_forward": [0, 1, 2],
-    "transpose_backward": [0, 1, 2],
-    "experiment_planner_used": "ExperimentPlanner",
-    "label_manager": "LabelManager",
-    "foreground_intensity_properties_per_channel": {
-        "0": {"max": 300.0, "mean": -175.0, "median": 0.0, "min": -200.0, "percentile_00_5": -175.0,
-              "percentile_99_5": 250.0, "std": 425.0},
-    },
-    "configurations": {
-        "3d_fullres": {
-            "data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
-            "batch_size": 1, "patch_size": [64, 64, 64], "median_image_size_in_voxels": [64, 64, 64],
-            "spacing": [2.0, 1.5, 1.5], "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-            "batch_dice": False,
-            "architecture": {"network_class_name": "unused", "arch_kwargs": {}, "_kw_requires_import": []},
-        }
-    },
-}
-DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 1,
-                "file_ending": ".nii.gz"}
+PLANS = tiny_ct_plans("Dataset990_PolicyTest")
+DATASET_JSON = TINY_CT_DATASET_JSON
 
 
 @pytest.fixture()
