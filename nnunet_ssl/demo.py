@@ -353,11 +353,16 @@ class Demo:
             self._log_weights_lines(job.done[0].parent)
         return True
 
-    @staticmethod
-    def epochs(trainer: str) -> int | None:
-        from nnunet_ssl.trainers.named import TRAINERS
+    def epochs(self, trainer: str) -> int | None:
+        """The few-shot epochs of ``trainer``, found as nnU-Net finds it with the demo's ``nnUNet_extTrainer``."""
+        from nnunet_ssl.trainers.inputs import ext_trainer_folders
+        from nnunet_ssl.trainers.named import UnknownTrainerError, find_trainer
 
-        return TRAINERS[trainer].recipe.for_few_shot().num_epochs if trainer in TRAINERS else None
+        try:
+            trainer_class = find_trainer(trainer, ext_trainer_folders(self.env))
+        except UnknownTrainerError:
+            return None  # the progress lines then say "epoch k" without the total
+        return trainer_class.recipe.for_few_shot().num_epochs
 
     @staticmethod
     def _log_weights_lines(fold_dir: Path) -> None:
