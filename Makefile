@@ -7,8 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.nnunet_ssl_installed
 # pytest-xdist workers: the end-to-end tests spend much of their time in single-threaded work
-# (imports, preprocessing, export), so two workers on two cores finish sooner than one (18 min 22 s in
-# a fresh clone, 2026-11-30; about 28 min estimated for one worker from the serial durations, 2026-11-29).
+# (imports, preprocessing, export), so two workers on two cores finish sooner than one (13 min 03 s in
+# a fresh clone, 2026-12-05; about 28 min estimated for one worker from the serial durations, 2026-11-29).
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast lint
