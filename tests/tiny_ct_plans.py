@@ -5,7 +5,11 @@ on ``sys.path`` through ``pytest.ini``); it holds no tests itself.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 #: dataset.json of the plans below.
 TINY_CT_DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 1,
@@ -43,3 +47,19 @@ def tiny_ct_plans(dataset_name: str) -> dict[str, Any]:
             }
         },
     }
+
+
+def write_nnunet_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plans: dict[str, Any],
+                     dataset_json: dict[str, Any]) -> Path:
+    """nnU-Net's folders under ``tmp_path`` with ``plans`` preprocessed (one empty case), set in the
+    environment, and ``sys.argv`` as ``nnUNetv2_train``'s; returns ``tmp_path``."""
+    preprocessed = tmp_path / "preprocessed" / plans["dataset_name"]
+    (preprocessed / "nnUNetPlans_3d_fullres").mkdir(parents=True)
+    (preprocessed / "nnUNetPlans_3d_fullres" / "case_000.b2nd").write_bytes(b"")  # nnU-Net infers the format
+    (preprocessed / "nnUNetPlans.json").write_text(json.dumps(plans), encoding="utf-8")
+    (preprocessed / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setattr("sys.argv", ["nnUNetv2_train"])
+    return tmp_path

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_ct_plans import TINY_CT_DATASET_JSON, tiny_ct_plans
+from tiny_ct_plans import TINY_CT_DATASET_JSON, tiny_ct_plans, write_nnunet_env
 
 from nnunet_ssl.checkpoints import UnsafeCheckpointError, load_nnunet_checkpoint, read_torch_file
 from nnunet_ssl.cli import main
@@ -114,16 +114,8 @@ def test_numpy_scalars_of_numpy_1_are_read(tmp_path: Path) -> None:
 
 @pytest.fixture()
 def nnunet_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    preprocessed = tmp_path / "preprocessed" / DATASET
-    (preprocessed / "nnUNetPlans_3d_fullres").mkdir(parents=True)
-    (preprocessed / "nnUNetPlans_3d_fullres" / "case_000.b2nd").write_bytes(b"")  # nnU-Net infers the format
-    (preprocessed / "nnUNetPlans.json").write_text(json.dumps(PLANS), encoding="utf-8")
-    (preprocessed / "dataset.json").write_text(json.dumps(DATASET_JSON), encoding="utf-8")
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    write_nnunet_env(tmp_path, monkeypatch, PLANS, DATASET_JSON)
     monkeypatch.setenv("NNUNET_SSL_FINETUNE", "llrd=0.5")  # a policy in init_args, as a policy run stores it
-    monkeypatch.setattr("sys.argv", ["nnUNetv2_train"])
     return tmp_path
 
 

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_ct_plans import TINY_CT_DATASET_JSON, tiny_ct_plans
+from tiny_ct_plans import TINY_CT_DATASET_JSON, tiny_ct_plans, write_nnunet_env
 
 from nnunet_ssl.networks import PRESETS, SwinUNETRSeg
 from nnunet_ssl.trainers.base import WarmupCosineLRScheduler
@@ -164,16 +163,7 @@ DATASET_JSON = TINY_CT_DATASET_JSON
 
 @pytest.fixture()
 def nnunet_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    preprocessed = tmp_path / "preprocessed" / PLANS["dataset_name"]
-    (preprocessed / "nnUNetPlans_3d_fullres").mkdir(parents=True)
-    (preprocessed / "nnUNetPlans_3d_fullres" / "case_000.b2nd").write_bytes(b"")  # nnU-Net infers the format
-    (preprocessed / "nnUNetPlans.json").write_text(json.dumps(PLANS), encoding="utf-8")
-    (preprocessed / "dataset.json").write_text(json.dumps(DATASET_JSON), encoding="utf-8")
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    monkeypatch.setattr("sys.argv", ["nnUNetv2_train"])
-    return tmp_path
+    return write_nnunet_env(tmp_path, monkeypatch, PLANS, DATASET_JSON)
 
 
 def _trainer():
