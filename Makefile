@@ -29,7 +29,8 @@ test: $(INSTALLED)
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 # Unit tests only: workers steal single tests (a module fixture may then be built on both workers), which
-# balances the two workers a little better than whole files (1 min 57.6 s and 2 min 01.3 s against 2 min 02.6 s and 2 min 02.7 s, idle, 2026-12-05).
+# balances the two workers a little better than whole files (1 min 57.6 s and 2 min 01.3 s against 2 min 02.6 s and 2 min 02.7 s, idle, 2026-12-05;
+# 1 min 36.5 s and 1 min 44.0 s on 2026-12-06 after the two slowest unit tests were made cheaper).
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist worksteal -m "not e2e"; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
