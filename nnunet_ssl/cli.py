@@ -282,14 +282,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         policy = "" if policy == "none" else policy
     payload = export_run(
         Path(args.run_dir), target, source=getattr(args, "from"), decoder_seed=args.decoder_seed,
-        channels=args.channels, finetune_policy=policy,
+        channels=args.channels, finetune_policy=policy, encoder_only=args.encoder_only,
     )
     path = save_weights_file(payload, args.out)
     meta = payload["metadata"]
     logger.info(
-        "wrote %s: %s encoder (%s, digest %s) for %s %s, %d channel(s), %d outputs; channels: %s; policy: %s",
-        path, meta["method"], meta["preset"], meta["encoder_digest"], target.dataset_name, target.configuration,
-        target.in_channels, target.num_classes, meta["channel_adaptation"], policy or "none",
+        "wrote %s: %s encoder (%s, digest %s) and a %s decoder for %s %s, %d channel(s), %d outputs; channels: %s; "
+        "policy: %s",
+        path, meta["method"], meta["preset"] or meta["family"], meta["encoder_digest"], meta.get("decoder", "fresh"),
+        target.dataset_name, target.configuration, target.in_channels, target.num_classes, meta["channel_adaptation"],
+        policy or "none",
     )
     return 0
 
@@ -492,6 +494,9 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-seed", type=int, default=0,
                         help="seed of the freshly initialised decoder stored beside the encoder, so an export is "
                         "reproducible (default 0)")
+    parser.add_argument("--encoder-only", action="store_true",
+                        help="a fresh seeded decoder even when the method pretrained one (Spark3D trains the whole "
+                        "U-Net and its decoder is exported by default; the Spark3D paper compares both variants)")
     add_channels_argument(parser)
     parser.add_argument("--policy", default="", metavar="POLICY",
                         help="fine-tuning policy stored in the file for the trainer, e.g. "

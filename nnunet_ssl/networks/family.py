@@ -51,6 +51,9 @@ class NetworkFamily:
         make_record: Preset name -> record (see the module docstring); raises ValueError for an unknown one.
         make_network: ``(record, in_channels, num_classes, deep_supervision)`` -> network.
         network_preset: A built network of this family -> the name of the preset it has, or None.
+        built_from_plans: Whether trainers build this family's network from the plans' ``architecture``
+            entry (nnU-Net's own way, ResEnc), so that a weights file must have the plans' architecture;
+            False when the trainer builds it from a preset whatever the plans say (Swin).
     """
 
     name: str
@@ -62,6 +65,7 @@ class NetworkFamily:
     make_record: Callable[[str], dict[str, Any]]
     make_network: Callable[[Mapping[str, Any], int, int, bool], nn.Module]
     network_preset: Callable[[nn.Module], str | None]
+    built_from_plans: bool = False
 
     #: Every family's network keeps its encoder in this attribute (state-dict prefix ``encoder.``).
     encoder_attribute: ClassVar[str] = "encoder"
@@ -94,6 +98,21 @@ class NetworkFamily:
             KeyError: naming the stem key when the state has none.
         """
         return int(encoder_state[self.stem_keys[0]].shape[1])
+
+    def plans_differences(self, record: Mapping[str, Any], plans_architecture: Mapping[str, Any] | None) -> list[str]:
+        """How the plans' ``architecture`` differs from the record's (empty when it fits or the family ignores plans).
+
+        Only families :attr:`built_from_plans` compare; the items name each differing entry, e.g.
+        ``"n_stages: file 6, plans 5"``.
+        """
+        if not self.built_from_plans:
+            return []
+        if plans_architecture is None:
+            return ["the plans name no architecture"]
+        architecture = record.get("architecture")
+        if architecture is None:
+            architecture = self.make_record(_record_preset(record, self.name)).get("architecture", {})
+        return resenc.architecture_differences(architecture, plans_architecture)
 
     def describe(self, record: Mapping[str, Any]) -> str:
         """``"swin preset 'smit'"``, or ``"resenc network of a topology no preset has"``."""
@@ -183,6 +202,7 @@ FAMILIES: dict[str, NetworkFamily] = {
         make_record=_resenc_record,
         make_network=_resenc_network,
         network_preset=_resenc_network_preset,
+        built_from_plans=True,
     ),
 }
 

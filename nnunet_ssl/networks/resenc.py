@@ -241,3 +241,21 @@ def _canonical(architecture: Mapping[str, Any]) -> Any:
         return ALLOWED_CLASSES.get(architecture["network_class_name"]), kwargs
     except (KeyError, TypeError, AttributeError):
         return None
+
+
+def architecture_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    """Every entry in which two architecture records differ, as ``"key: file X, plans Y"`` (empty when equal).
+
+    Compared as :func:`preset_of_architecture` compares (resolved class names, tuples equal lists).
+    """
+    ours_class, ours_kwargs = _canonical(ours) or (None, None)
+    theirs_class, theirs_kwargs = _canonical(theirs) or (None, None)
+    if ours_kwargs is None or theirs_kwargs is None:
+        return ["an architecture record lacks network_class_name or arch_kwargs"]
+    differences = []
+    if ours_class is not theirs_class:
+        differences.append(f"network_class_name: file {ours.get('network_class_name')}, plans {theirs.get('network_class_name')}")
+    for key in [*ours_kwargs, *(k for k in theirs_kwargs if k not in ours_kwargs)]:  # the record's order: n_stages first
+        if ours_kwargs.get(key) != theirs_kwargs.get(key):
+            differences.append(f"{key}: file {ours_kwargs.get(key)!r}, plans {theirs_kwargs.get(key)!r}")
+    return differences

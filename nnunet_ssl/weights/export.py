@@ -1,8 +1,11 @@
 """Turn a pretraining run into an nnU-Net ``-pretrained_weights`` file: a pure function of its checkpoint.
 
 Export reads what a pretraining checkpoint carries and imports no training code (``nnunet_ssl.layers``):
-the encoders by role (``"teacher"``, ``"student"``), which one ``"default"`` means, and the intensity
-mapping of the data, all written by the pretraining engine (checkpoint version 2).
+the encoders by role (``"teacher"``, ``"student"``), which one ``"default"`` means, the intensity
+mapping of the data, all written by the pretraining engine (checkpoint version 2), and the decoders by
+role of a method that pretrains one (Spark3D's U-Net decoder; the entry ``"decoders"``, absent otherwise).
+Such a decoder is exported with its encoder by default; ``encoder_only`` gives a fresh seeded decoder
+instead (the two variants the Spark3D paper compares).
 
 A version-1 checkpoint, written before those entries existed, still exports the same file: its
 encoders are read from the method's state under the key prefixes that every method of that version
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ class PretrainingRun:
         in_channels: Input channels of the pretrained encoder.
         encoders: Encoder state dicts by role (``"teacher"``, ``"student"``), without pretraining-only keys.
         default_encoder: The role that ``"default"`` exports.
+        decoders: Pretrained decoder state dicts by role (empty for methods that train no decoder).
         intensity: The intensity mapping pretraining used (:func:`~nnunet_ssl.weights.intensity.pretraining_intensity`).
         checkpoint: The checkpoint file read.
         step: Optimisation steps the checkpoint holds.
@@ -58,6 +62,17 @@ class PretrainingRun:
     intensity: dict[str, Any]
     checkpoint: Path
     step: int
+    decoders: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    def role(self, source: str) -> str:
+        """The role (``"teacher"``, ``"student"``) that ``source`` names (one of :data:`ENCODER_SOURCES`)."""
+        if source not in ENCODER_SOURCES:
+            raise ValueError(f"unknown encoder source {source!r}; choose one of {ENCODER_SOURCES}")
+        return self.default_encoder if source == "default" else source
+
+    def decoder(self, source: str = "default") -> dict[str, Tensor] | None:
+        """The pretrained decoder of the same role as :meth:`encoder` of ``source``; None when the method trained none."""
+        return self.decoders.get(self.role(source))
 
     def encoder(self, source: str = "default") -> dict[str, Tensor]:
         """The encoder of ``source`` (one of :data:`ENCODER_SOURCES`).
@@ -65,9 +80,7 @@ class PretrainingRun:
         Raises:
             ValueError: For an unknown source, or ``"teacher"`` of a run without one.
         """
-        if source not in ENCODER_SOURCES:
-            raise ValueError(f"unknown encoder source {source!r}; choose one of {ENCODER_SOURCES}")
-        role = self.default_encoder if source == "default" else source
+        role = self.role(source)
         if role not in self.encoders:
             raise ValueError(
                 f"{self.checkpoint}: {self.method} has no {source!r} encoder; choose one of {('default', *self.encoders)}"
@@ -97,7 +110,7 @@ def read_run(run_dir: Path) -> PretrainingRun:
         run = PretrainingRun(
             method=config["method"], preset=config["preset"], in_channels=int(config["in_channels"]),
             encoders=dict(encoders), default_encoder=default, intensity=intensity, checkpoint=path,
-            step=int(checkpoint["step"]),
+            step=int(checkpoint["step"]), decoders=dict(checkpoint.get("decoders") or {}),
         )
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path}: a pretraining checkpoint without {error}; it cannot be exported") from error
@@ -154,6 +167,7 @@ def export_run(
     decoder_seed: int = 0,
     channels: str = "replicate",
     finetune_policy: str = "",
+    encoder_only: bool = False,
 ) -> dict[str, Any]:
     """Build the weights payload of ``run_dir`` for ``target`` (a dataset's plans).
 
@@ -164,8 +178,12 @@ def export_run(
         decoder_seed: Seed of the fresh decoder.
         channels: Stem adaptation when the channel counts differ (``replicate``, ``first``, ``mean``).
         finetune_policy: A validated policy string stored for the trainer ("" for none).
+        encoder_only: A fresh decoder (seeded by ``decoder_seed``) even when the run pretrained one.
     """
     encoder_state, run, checkpoint_path = load_run_encoder(run_dir, source)
+    decoder_state = None if encoder_only else run.decoder(source)
+    if decoder_state is not None:
+        logger.info("exporting the pretrained decoder of %s with its encoder (--encoder-only for a fresh one)", run.method)
     return build_weights_for_target(
         encoder_state,
         run.preset,
@@ -176,4 +194,5 @@ def export_run(
         decoder_seed=decoder_seed,
         channels=channels,
         finetune_policy=finetune_policy,
+        decoder_state=decoder_state,
     )

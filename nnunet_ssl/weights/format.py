@@ -13,14 +13,16 @@ Layout (a ``torch.save`` dict, loadable with ``weights_only=True``)::
             "channel_mode": "none" | "replicate" | "first" | "mean", "source_in_channels": 1,
             "finetune_policy": "" | "freeze_encoder_epochs=50,encoder_lr_warmup_epochs=10",
             "intensity": {"modality": "CT", "window": [-500, 500], "range": [0, 1]},
-            "decoder_seed": 0, "created_by": "nnunet-ssl 0.1.0"
+            "decoder_seed": 0, "decoder": "pretrained",  # only when the decoder is pretrained
+            "created_by": "nnunet-ssl 0.1.0"
         }
     }
 
 nnU-Net's loader needs ``network_weights`` to cover every key of the target network except the
-heads under ``.seg_layers.``: the file therefore carries the pretrained encoder, a seeded fresh
-decoder and heads, and, where the network has a buffer for it (Swin's ``weights_provenance``), the
-provenance tag the trainer logs at start.
+heads under ``.seg_layers.``: the file therefore carries the pretrained encoder, a decoder (seeded
+fresh, or pretrained where the method trained one, e.g. Spark3D's U-Net decoder: ``"decoder":
+"pretrained"``), heads that are always fresh (they depend on the dataset's classes), and, where the
+network has a buffer for it (Swin's ``weights_provenance``), the provenance tag the trainer logs at start.
 
 ``family``, ``preset`` and (for ``resenc``) ``architecture`` are the file's network record
 (:mod:`nnunet_ssl.networks.family`): everything here asks that family what to build, where the
@@ -80,6 +82,7 @@ class WeightsMetadata:
     finetune_policy: str = ""
     intensity: dict[str, Any] = field(default_factory=dict)
     decoder_seed: int = 0
+    decoder: str = "fresh"
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     created_by: str = f"nnunet-ssl {__version__}"
@@ -87,10 +90,13 @@ class WeightsMetadata:
     architecture: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The metadata as written to the file (no ``architecture`` entry for a family without one)."""
+        """The metadata as written to the file: no ``architecture`` entry for a family without one, and a
+        ``decoder`` entry only for a pretrained decoder (absent means fresh, as in every file before it)."""
         values = asdict(self)
         if values["architecture"] is None:
             del values["architecture"]
+        if values["decoder"] == "fresh":
+            del values["decoder"]
         return values
 
 
@@ -117,11 +123,14 @@ def build_weights_file(
     decoder_seed: int = 0,
     channels: str = "replicate",
     finetune_policy: str = "",
+    decoder_state: Mapping[str, Tensor] | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the full-network ``-pretrained_weights`` payload from an encoder state dict.
 
     The network is the one ``preset_name``'s family builds (:func:`~nnunet_ssl.networks.family.family_of_preset`),
-    with its decoder and heads freshly initialised from ``decoder_seed``.
+    or the one ``record`` describes, with its decoder and heads freshly initialised from ``decoder_seed``;
+    then ``decoder_state``, when given, replaces the decoder (heads excepted).
 
     Args:
         encoder_state: The encoder's state dict (``network.encoder.state_dict()``, no ``encoder.`` prefix;
@@ -138,12 +147,25 @@ def build_weights_file(
             ``replicate``, ``first`` or ``mean`` (:mod:`nnunet_ssl.weights.channels`).
         finetune_policy: A fine-tuning policy string stored for the trainer, already validated by
             the caller (:func:`nnunet_ssl.trainers.policy.parse_policy`); "" for none.
+        decoder_state: A pretrained decoder (``network.decoder.state_dict()``, no ``decoder.`` prefix).
+            Its heads (``seg_layers.``, a pretraining method's reconstruction head) and the encoder the
+            decoder refers to (``encoder.``, loaded from ``encoder_state``) are not used. None: a fresh decoder.
+        record: The network record (:mod:`nnunet_ssl.networks.family`) when the architecture is not one of
+            our presets (e.g. converted from nnssl); None builds ``preset_name``'s record.
 
     Returns:
         ``{"network_weights": state_dict, "metadata": dict}``.
+
+    Raises:
+        WeightsError: The encoder or decoder does not fit the network, naming the first keys and the fix.
     """
-    family = family_of_preset(preset_name)
-    record = family.record(preset_name)
+    if record is None:
+        family = family_of_preset(preset_name)
+        record = family.record(preset_name)
+    else:
+        family = family_of(record)
+        record = dict(record)
+        preset_name = str(record.get("preset") or "")
     state = {k: v for k, v in encoder_state.items() if k not in PRETRAINING_ONLY_KEYS}
     stem_key = family.stem_keys[0]
     if stem_key not in state:
@@ -168,6 +190,8 @@ def build_weights_file(
             f"encoder weights do not fit preset {preset_name!r}: missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}; export with the preset used for pretraining"
         )
+    if decoder_state is not None:
+        _load_decoder(network, decoder_state, preset_name or family.describe(record))
     digest = encoder_digest(encoder.state_dict())
     metadata = WeightsMetadata(
         method=method,
@@ -182,6 +206,7 @@ def build_weights_file(
         finetune_policy=finetune_policy,
         intensity=dict(intensity or {}),
         decoder_seed=decoder_seed,
+        decoder="fresh" if decoder_state is None else "pretrained",
         family=family.name,
         architecture=record.get("architecture"),
     )
@@ -191,6 +216,31 @@ def build_weights_file(
             tag["channels"] = adaptation.short  # logged by the trainer when it starts from these weights
         network.get_buffer(family.provenance_buffer).copy_(encode_provenance(tag))
     return {"network_weights": network.state_dict(), "metadata": metadata.to_dict()}
+
+
+#: Key prefixes of a decoder state that a weights file never takes from pretraining: the heads (the
+#: dataset's classes; in pretraining a reconstruction head) and DNA's reference to the encoder.
+DECODER_KEYS_NOT_TRANSFERRED = ("seg_layers.", "encoder.")
+
+
+def _load_decoder(network: nn.Module, decoder_state: Mapping[str, Tensor], what: str) -> None:
+    """Copy a pretrained decoder into ``network.decoder``, heads and encoder reference excepted."""
+    decoder = getattr(network, "decoder", None)
+    if not isinstance(decoder, nn.Module):
+        raise WeightsError(f"the {what} network has no decoder to take a pretrained one")
+    state = {k: v for k, v in decoder_state.items() if not k.startswith(DECODER_KEYS_NOT_TRANSFERRED)}
+    wanted = {k: v for k, v in decoder.state_dict().items() if not k.startswith(DECODER_KEYS_NOT_TRANSFERRED)}
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in wanted]
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(wanted[k].shape)}" for k, v in state.items()
+             if k in wanted and tuple(v.shape) != tuple(wanted[k].shape)]
+    if missing or unexpected or wrong:
+        raise WeightsError(
+            f"the pretrained decoder does not fit the {what} network (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, shapes {wrong[:3]}); export with the architecture used for pretraining, or "
+            "pass --encoder-only for a fresh decoder"
+        )
+    decoder.load_state_dict(state, strict=False)
 
 
 def _check_shapes(state: Mapping[str, Tensor], target: Mapping[str, Tensor], preset_name: str) -> None:

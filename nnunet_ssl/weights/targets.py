@@ -9,19 +9,25 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from nnunet_ssl.networks.family import family_of, family_of_preset
 from nnunet_ssl.nnunet_paths import preprocessed_dataset_folder
-from nnunet_ssl.weights.format import build_weights_file
+from nnunet_ssl.weights.format import WeightsError, build_weights_file
 
 
 @dataclass(frozen=True)
 class DatasetTarget:
-    """What a weights file must fit: channels and heads of a dataset under given plans."""
+    """What a weights file must fit: channels and heads of a dataset under given plans.
+
+    ``architecture`` is the configuration's ``architecture`` entry of the plans (class name, kwargs), which
+    families built from plans (ResEnc) must match; None when unknown.
+    """
 
     dataset_name: str
     plans_file: Path
     configuration: str
     in_channels: int
     num_classes: int
+    architecture: dict[str, Any] | None = None
 
 
 def resolve_target(dataset: str, configuration: str = "3d_fullres", plans_name: str = "nnUNetPlans") -> DatasetTarget:
@@ -80,6 +86,7 @@ def target_from_plans_file(plans_file: Path, configuration: str = "3d_fullres") 
         configuration=configuration,
         in_channels=determine_num_input_channels(manager, config, dataset_json),
         num_classes=manager.get_label_manager(dataset_json).num_segmentation_heads,
+        architecture=config.configuration.get("architecture"),
     )
 
 
@@ -98,7 +105,27 @@ def build_weights_for_target(
     method: str,
     **metadata: Any,
 ) -> dict[str, Any]:
-    """A ``-pretrained_weights`` payload fitting ``target``'s channels and classes (see :func:`build_weights_file`)."""
+    """A ``-pretrained_weights`` payload fitting ``target``'s channels and classes (see :func:`build_weights_file`).
+
+    Raises:
+        WeightsError: For a family built from the plans (ResEnc), when the plans' architecture is not the
+            pretrained one; the message lists the differences and the command that plans a matching one.
+    """
+    record = metadata.get("record")
+    family = family_of(record) if record is not None else family_of_preset(preset_name)
+    if record is None:
+        record = family.record(preset_name)
+    differences = family.plans_differences(record, target.architecture)
+    if differences:
+        preset = record.get("preset") or preset_name
+        plan = (f"`nnunet-ssl plan -d {target.dataset_name} --family {family.name} --preset {preset}`" if preset
+                else "plans with the pretrained architecture")
+        raise WeightsError(
+            f"{target.plans_file} ({target.configuration}) plans another {family.name} network than the pretrained "
+            f"one ({family.describe(record)}): {'; '.join(differences[:4])}"
+            f"{f' (and {len(differences) - 4} more)' if len(differences) > 4 else ''}. Fix: plan the dataset with "
+            f"{plan} and export for those plans (-p)"
+        )
     return build_weights_file(
         encoder_state, preset_name, target.in_channels, target.num_classes, method=method, **metadata
     )
