@@ -387,7 +387,7 @@ def experiment_markdown(report: ExperimentReport, figures: dict[str, str]) -> st
     e, transfer = report.experiment, report.transfer
     parts = [
         f"# Experiment report: {e.source.name}\n",
-        f"- dataset {e.dataset}, plans {e.plans}, {e.configuration}; arms: {', '.join(a.name for a in e.arms)}",
+        f"- dataset {e.dataset}, plans {transfer.config.plans}, {e.configuration}; arms: {', '.join(a.name for a in e.arms)}",
         f"- evaluation: {report.evaluation}",
         f"- reference of the Mean Dice tables: {transfer.config.reference_trainer}",
         "- missing and unfinished runs are listed under each table and never averaged in\n",

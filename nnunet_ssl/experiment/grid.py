@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_ssl.case_ids import check_case_ids
-from nnunet_ssl.experiment.spec import Arm, Experiment, ExperimentError, TestSetSpec, trainer_name
+from nnunet_ssl.experiment.spec import Arm, Experiment, ExperimentError, TestSetSpec, arm_plans, trainer_name
 from nnunet_ssl.splits import FoldEntry
 from nnunet_ssl.trainers.inputs import EPOCHS_ENV, SEED_ENV
 
@@ -104,8 +104,8 @@ class Paths:
 
     output: Path
     dataset_name: str
-    plans: str
     configuration: str
+    plans_of_arm: tuple[tuple[str, str], ...] = ()
 
     def weights(self, arm: str) -> Path:
         return self.output / "weights" / f"{arm}.pt"
@@ -113,8 +113,12 @@ class Paths:
     def results_root(self, arm: str) -> Path:
         return self.output / "results" / arm
 
+    def plans(self, arm: str) -> str:
+        """The plans identifier of ``arm`` (each arm may train with its own)."""
+        return dict(self.plans_of_arm)[arm]
+
     def model_dir(self, arm: str, trainer: str) -> Path:
-        return self.results_root(arm) / self.dataset_name / f"{trainer}__{self.plans}__{self.configuration}"
+        return self.results_root(arm) / self.dataset_name / f"{trainer}__{self.plans(arm)}__{self.configuration}"
 
     def fold_dir(self, arm: str, trainer: str, fold: int) -> Path:
         return self.model_dir(arm, trainer) / f"fold_{fold}"
@@ -132,7 +136,8 @@ class Paths:
 
 
 def experiment_paths(experiment: Experiment, dataset_name: str) -> Paths:
-    return Paths(experiment.output, dataset_name, experiment.plans, experiment.configuration)
+    return Paths(experiment.output, dataset_name, experiment.configuration,
+                 tuple((arm.name, arm_plans(experiment, arm)) for arm in experiment.arms))
 
 
 def test_folders(experiment: Experiment, raw_dataset_dir: Path | None) -> tuple[Path, Path] | None:
@@ -196,7 +201,6 @@ def build_grid(
     """Every job of the experiment, in dependency order (exports, then per setting, fold and arm: train, predict)."""
     jobs: list[Job] = []
     dataset = experiment.dataset
-    common = ["-c", experiment.configuration, "-p", experiment.plans]
     weights: dict[str, Path] = {}
     exports: dict[str, str] = {}
     for arm in experiment.arms:
@@ -209,8 +213,8 @@ def build_grid(
             exports[arm.name] = job_id
             jobs.append(Job(
                 job_id, "export", arm.name, (),
-                ("nnunet-ssl", "export", str(arm.pretraining_run), "-d", dataset, *common, "--from", arm.export_from,
-                 "--out", str(target)),
+                ("nnunet-ssl", "export", str(arm.pretraining_run), "-d", dataset, "-c", experiment.configuration,
+                 "-p", paths.plans(arm.name), "--from", arm.export_from, "--out", str(target)),
                 (target,), paths.logs / f"{job_id}.log",
             ))
     cases = image_cases(test[0], file_ending) if test is not None else []
@@ -234,7 +238,7 @@ def _fold_jobs(
     env += list(experiment.env)
     fold_dir = paths.fold_dir(arm.name, trainer, fold)
     train = ("nnUNetv2_train", experiment.dataset, experiment.configuration, str(fold), "-tr", trainer,
-             "-p", experiment.plans, "-device", experiment.device)
+             "-p", paths.plans(arm.name), "-device", experiment.device)
     fresh = train + (("-pretrained_weights", str(weights)) if weights is not None else ())
     train_id = f"train-{arm.name}-{setting.label}-fold{fold}"
     jobs = [Job(
@@ -251,7 +255,7 @@ def _fold_jobs(
         jobs.append(Job(
             predict_id, "predict", arm.name, tuple(env),
             ("nnUNetv2_predict", "-i", str(test[0]), "-o", str(out), "-d", experiment.dataset, "-c",
-             experiment.configuration, "-p", experiment.plans, "-tr", trainer, "-f", str(fold), "-device", device,
+             experiment.configuration, "-p", paths.plans(arm.name), "-tr", trainer, "-f", str(fold), "-device", device,
              "-npp", "1", "-nps", "1", "--continue_prediction", "--disable_progress_bar"),
             tuple(out / f"{case}{file_ending}" for case in cases), paths.logs / f"{predict_id}.log",
             depends=(train_id,), setting=setting.label, fold=fold,

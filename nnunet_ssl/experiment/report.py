@@ -50,7 +50,7 @@ from nnunet_ssl.analysis.stats import (
 from nnunet_ssl.analysis.testset import TestRunSettings, TestSet, find_test_set, score_existing_predictions
 from nnunet_ssl.experiment.grid import SettingFolds
 from nnunet_ssl.experiment.runner import STATUS_FILE, Prepared, prepare
-from nnunet_ssl.experiment.spec import Experiment, trainer_name
+from nnunet_ssl.experiment.spec import Experiment, experiment_plans, trainer_name
 from nnunet_ssl.splits import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def collect_setting(
     results: list[ArmResult] = []
     for arm in experiment.arms:
         trainer = trainer_name(experiment, arm)
-        layout = ResultsLayout(paths.results_root(arm.name), paths.dataset_name, experiment.plans,
+        layout = ResultsLayout(paths.results_root(arm.name), paths.dataset_name, paths.plans(arm.name),
                                experiment.configuration, _preprocessed_root())
         runs = []
         for fold in setting.folds:
@@ -229,7 +229,8 @@ def collect_cka(prepared: Prepared, setting_tables: list[SettingTable], data: Pa
 def build_experiment_report(prepared: Prepared, cka: bool = True, device: str = "cpu") -> ExperimentReport:
     """Collect every setting's table (and the CKA) from the files of a prepared experiment."""
     experiment, paths = prepared.experiment, prepared.paths
-    layout = ResultsLayout(paths.results_root(experiment.arms[0].name), paths.dataset_name, experiment.plans,
+    first = experiment.arms[0].name
+    layout = ResultsLayout(paths.results_root(first), paths.dataset_name, paths.plans(first),
                            experiment.configuration, _preprocessed_root())
     info = load_dataset_info(layout, [])
     test_set = None
@@ -278,7 +279,7 @@ def transfer_report(prepared: Prepared, setting_tables: list[SettingTable], stru
     config = ReportConfig(
         dataset=experiment.dataset, trainers=tuple(arms), out_dir=paths.report, results_root=paths.output / "results",
         preprocessed_root=preprocessed, reference=scratch.name if scratch is not None else arms[0],
-        plans=experiment.plans, configuration=experiment.configuration,
+        plans=", ".join(experiment_plans(experiment)), configuration=experiment.configuration,
         folds=tuple(sorted({run.fold for run in runs})),
         test_images=prepared.test[0] if prepared.test else None, test_labels=prepared.test[1] if prepared.test else None,
         predictions=paths.output / "predictions" if prepared.test else None,

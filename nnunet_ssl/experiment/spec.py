@@ -21,6 +21,9 @@ An experiment file is YAML (or JSON)::
         method: simmim
         pretraining_run: runs/simmim  # a `nnunet-ssl pretrain` folder, exported for these plans
         trainer: MySimMIMTrainer      # optional: any Swin trainer by name (yours: in nnUNet_extTrainer)
+      - name: tiny_scratch
+        preset: tiny                  # optional per arm: its own preset (picks its named trainer) and plans;
+        plans: nnUNetSwinTinyPlans    # every plans of the dataset share its split files, hence the same folds
     settings:
       full: {folds: [0, 1, 2, 3, 4]}  # nnU-Net's cross-validation folds
       few_shot: {shots: [5, 10, 20], seeds: [0, 1, 2]}
@@ -62,7 +65,10 @@ class Arm:
         weights: A ``-pretrained_weights`` file (``nnunet-ssl export``).
         pretraining_run: A pretraining run folder, exported for the experiment's plans.
         export_from: ``nnunet-ssl export --from`` for a pretraining run.
-        trainer: Explicit trainer class name (default: the named trainer of the method and the file's preset).
+        trainer: Explicit trainer class name (default: the named trainer of the method and the arm's preset).
+        plans: This arm's plans (default: the file's ``plans``), e.g. ResEnc plans beside Swin plans of the
+            same dataset; every plans of a dataset share its split files, so the arms see the same folds.
+        preset: This arm's preset, which picks its named trainer (default: the file's ``preset``).
     """
 
     name: str
@@ -71,6 +77,8 @@ class Arm:
     pretraining_run: Path | None = None
     export_from: str = "default"
     trainer: str | None = None
+    plans: str | None = None
+    preset: str | None = None
 
     @property
     def pretrained(self) -> bool:
@@ -313,7 +321,11 @@ def _arms(value: Any, where: str, path_of: Any) -> tuple[Arm, ...]:
         trainer = entry.get("trainer")
         if trainer is not None and not isinstance(trainer, str):
             raise ExperimentError(f"{where}: {label}.trainer must be a trainer class name, got {_shown(trainer)}")
-        arms.append(Arm(name, method, weights, run, export_from, trainer))
+        plans, preset = entry.get("plans"), entry.get("preset")
+        for key, text in (("plans", plans), ("preset", preset)):
+            if text is not None and (not isinstance(text, str) or not NAME_PATTERN.fullmatch(text)):
+                raise ExperimentError(f"{where}: {label}.{key} must be a name (letters, digits, _.-), got {_shown(text)}")
+        arms.append(Arm(name, method, weights, run, export_from, trainer, plans, preset))
     return tuple(arms)
 
 
@@ -403,6 +415,16 @@ def _env(value: Any, where: str) -> tuple[tuple[str, str], ...]:
     return tuple((k, str(v)) for k, v in value.items())
 
 
+def arm_plans(experiment: Experiment, arm: Arm) -> str:
+    """The plans identifier an arm trains with: its own ``plans``, else the file's."""
+    return arm.plans or experiment.plans
+
+
+def experiment_plans(experiment: Experiment) -> list[str]:
+    """Every plans identifier the arms use, in arm order, each once."""
+    return list(dict.fromkeys(arm_plans(experiment, arm) for arm in experiment.arms))
+
+
 def trainer_name(experiment: Experiment, arm: Arm) -> str:
     """The nnU-Net trainer of an arm: its explicit ``trainer``, else the named trainer of its method and preset.
 
@@ -427,17 +449,18 @@ def trainer_name(experiment: Experiment, arm: Arm) -> str:
                 f"the arm's method is {method}"
             )
         return arm.trainer
-    names = [name for name, cls in TRAINERS.items() if cls.method == arm.method and cls.preset_name == experiment.preset]
+    preset = arm.preset or experiment.preset
+    names = [name for name, cls in TRAINERS.items() if cls.method == arm.method and cls.preset_name == preset]
     if len(names) == 1:
         return names[0]
     presets = sorted({cls.preset_name for cls in TRAINERS.values() if cls.method == arm.method})
-    of_preset = [f"{name} ({cls.method or 'scratch'})" for name, cls in TRAINERS.items()
-                 if cls.preset_name == experiment.preset]
+    of_preset = [f"{name} ({cls.method or 'scratch'})" for name, cls in TRAINERS.items() if cls.preset_name == preset]
     raise ExperimentError(
         f"{experiment.source}: arm {arm.name}: {len(names)} named trainers for method {method} with preset "
-        f"{experiment.preset} ({', '.join(names) or 'none'}). Named trainers of method {method} have preset "
-        f"{', '.join(presets) or 'none'}; of preset {experiment.preset}: {', '.join(of_preset) or 'none'}. Change "
-        "preset, or name the arm's trainer (trainer: NAME; a trainer of your own: README, Trainers)"
+        f"{preset} ({', '.join(names) or 'none'}). Named trainers of method {method} have preset "
+        f"{', '.join(presets) or 'none'}; of preset {preset}: {', '.join(of_preset) or 'none'}. Change "
+        "the preset (the file's, or the arm's preset:), or name the arm's trainer (trainer: NAME; a trainer of your "
+        "own: README, Trainers)"
     )
 
 

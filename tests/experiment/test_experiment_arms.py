@@ -1,0 +1,45 @@
+"""Arms with their own plans and preset: one grid can compare networks planned differently on the same folds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_experiment import MANIFEST, write_experiment
+
+from nnunet_ssl.experiment.grid import build_grid, experiment_paths, setting_folds
+from nnunet_ssl.experiment.spec import ExperimentError, experiment_plans, load_experiment, trainer_name
+
+
+def test_an_arm_trains_with_its_own_plans_and_preset(tmp_path: Path) -> None:
+    arms = [{"name": "scratch"},
+            {"name": "tiny_scratch", "preset": "tiny", "plans": "nnUNetOtherPlans"},
+            {"name": "simmim", "method": "simmim", "pretraining_run": "runs/simmim", "plans": "nnUNetOtherPlans"}]
+    experiment = load_experiment(write_experiment(tmp_path, arms=arms))
+    assert experiment_plans(experiment) == ["nnUNetPlans", "nnUNetOtherPlans"]
+    assert [trainer_name(experiment, arm) for arm in experiment.arms] == [
+        "SwinScratchTrainer", "SwinScratchTrainer_tiny_16epochs", "SwinSimMIMTrainer"]
+    paths = experiment_paths(experiment, "Dataset777_Fake")
+    jobs = build_grid(experiment, paths, setting_folds(experiment, MANIFEST), None, ".nii.gz")
+    by_id = {job.id: job for job in jobs}
+
+    def plans_argument(command: tuple[str, ...]) -> str:
+        return command[command.index("-p") + 1]
+
+    assert plans_argument(by_id["train-scratch-full-fold0"].command) == "nnUNetPlans"
+    tiny = by_id["train-tiny_scratch-full-fold0"]
+    assert plans_argument(tiny.command) == "nnUNetOtherPlans"
+    assert tiny.finished == (paths.results_root("tiny_scratch") / "Dataset777_Fake"
+                             / "SwinScratchTrainer_tiny_16epochs__nnUNetOtherPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth")
+    assert plans_argument(by_id["export-simmim"].command) == "nnUNetOtherPlans"  # exported for the plans it trains with
+    folds = {(j.setting, j.fold) for j in jobs if j.kind == "train" and j.arm == "scratch"}
+    assert folds == {(j.setting, j.fold) for j in jobs if j.kind == "train" and j.arm == "tiny_scratch"}
+
+
+@pytest.mark.parametrize(("arm", "message"), [
+    ({"name": "a", "plans": "../escape"}, r"arms\[0\]\.plans must be a name"),
+    ({"name": "a", "preset": ["tiny"]}, r"arms\[0\]\.preset must be a name"),
+    ({"name": "a", "preset": "nosuch"}, "arm a: 0 named trainers for method scratch with preset nosuch"),
+])
+def test_bad_arm_plans_or_preset_are_refused_naming_the_field(tmp_path: Path, arm: dict, message: str) -> None:
+    with pytest.raises(ExperimentError, match=message):
+        load_experiment(write_experiment(tmp_path, arms=[arm]))
