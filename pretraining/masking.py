@@ -133,3 +133,61 @@ def random_unit_masks(
     token_mask = expand_mask(unit_mask, unit // patch)
     voxel_mask = expand_mask(unit_mask, unit).unsqueeze(1)
     return MaskSet(unit=unit_mask, token=token_mask, voxel=voxel_mask)
+
+
+@dataclass(frozen=True)
+class BlockMasks:
+    """One draw of block masks for a sparse CNN (Spark3D, SSL_METHODS.md card 10); True = masked.
+
+    Attributes:
+        grid: ``(B, D/block, H/block, W/block)`` bool, one entry per block.
+        voxel: ``(B, 1, D, H, W)`` bool, each block repeated ``block`` times per axis.
+    """
+
+    grid: Tensor
+    voxel: Tensor
+
+
+def bottleneck_block_masks(
+    batch: int,
+    spatial: Size3,
+    block: int = 32,
+    ratio: float = 0.75,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> BlockMasks:
+    """Mask exactly ``ceil(ratio * n_blocks)`` random, non-overlapping ``block``^3 blocks per sample.
+
+    [S3D] draws the masked positions on the CNN's bottleneck grid (5^3 at 160^3 with a total stride
+    of 32) and upsamples them, i.e. 32^3 blocks; ``block=16`` gives [S3D-code]'s 10^3 grid of 16^3
+    blocks. Draws follow :func:`random_unit_masks` (on the generator's device, then moved), so one
+    generator state gives the same masks on every device.
+
+    Args:
+        batch: Number of crops ``B``.
+        spatial: ``(D, H, W)``; every axis a multiple of ``block``.
+        block: Block edge in voxels.
+        ratio: Fraction of blocks to mask, in [0, 1].
+        generator: ``torch.Generator`` of the step (the engine's ``context.generator``).
+        device: Device of the returned masks (default: the generator's device, else CPU).
+
+    Returns:
+        :class:`BlockMasks` with the ``grid`` and ``voxel`` masks.
+    """
+    masks = random_unit_masks(batch, spatial, unit=block, patch=block, ratio=ratio, generator=generator, device=device)
+    return BlockMasks(grid=masks.unit, voxel=masks.voxel)
+
+
+def uniform_mask_ratio(low: float, high: float, generator: torch.Generator | None = None) -> float:
+    """One mask ratio drawn from U[low, high] (Spark3D-B: U[0.6, 0.9], once per batch).
+
+    Args:
+        low: Lower bound, in [0, 1].
+        high: Upper bound, in [low, 1].
+        generator: CPU ``torch.Generator`` to draw from (the step's), or None for the global one.
+    """
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"need 0 <= low <= high <= 1 for a mask ratio range, got ({low}, {high})")
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    u = float(torch.rand((), generator=generator, device=draw_device))
+    return low + (high - low) * u
