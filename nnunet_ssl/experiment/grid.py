@@ -68,6 +68,8 @@ class Job:
         finished: Training finished (``checkpoint_final.pth``).
         partial: An interrupted training can continue (``checkpoint_latest.pth``).
         depends: Ids of jobs that must succeed first.
+        references: Per ``done`` file, the image it must match in shape (a prediction: its case's first
+            channel); the runner counts such a file as done only when it reads back whole (empty: no check).
         setting: The setting label (empty for exports); ``fold``: its fold (None for exports).
     """
 
@@ -85,6 +87,7 @@ class Job:
     depends: tuple[str, ...] = ()
     setting: str = ""
     fold: int | None = None
+    references: tuple[Path, ...] = ()
 
 
 def decide(job: Job) -> tuple[str, tuple[str, ...] | None]:
@@ -259,5 +262,6 @@ def _fold_jobs(
              "-npp", "1", "-nps", "1", "--continue_prediction", "--disable_progress_bar"),
             tuple(out / f"{case}{file_ending}" for case in cases), paths.logs / f"{predict_id}.log",
             depends=(train_id,), setting=setting.label, fold=fold,
+            references=tuple(test[0] / f"{case}_0000{file_ending}" for case in cases),
         ))
     return jobs
