@@ -4,13 +4,19 @@ In the order of a run:
 
 1. **Encoders.** The fine-tuned one comes from an nnU-Net fold (``fold_N/checkpoint_{final,best}.pth``,
    read by the safe checkpoint loader, with the results folder's plans.json and dataset.json); the
-   pretrained one from an ``nnunet-ssl export`` weights file or a pretraining run folder. Both must
-   be of one preset, so that their layers correspond.
-2. **Layers**, in forward order: ``embed`` (the patch-embedding convolution's output) and every Swin
-   block's output, ``stage{s}.block{b}`` (1-based). The ``smit`` preset (depths 2-2-8-2) has 1 + 14.
+   pretrained one from an ``nnunet-ssl export`` weights file or a pretraining run folder. Each is
+   described by its network record (:mod:`nnunet_ssl.networks.family`) and built by its family:
+   a weights file names its record, a run its preset, and a fold's trainer either builds a preset
+   whatever the plans say (the Swin trainers: ``preset_name``) or lets nnU-Net build the plans'
+   ``architecture`` (any other trainer, nnU-Net's own ``nnUNetTrainer`` with ResEnc plans included).
+   Both must be of one architecture (:func:`record_differences`), so that their layers correspond.
+2. **Layers**, in forward order (:mod:`.layers`, one scheme per family): the input projection's
+   output (``embed`` for Swin, ``stem`` for ResEnc), then every block's output ``stage{s}.block{b}``
+   (1-based).
 3. **Patches.** Raw images are preprocessed as the fine-tuned network saw them, by nnU-Net's own
    preprocessor (``configuration_manager.preprocessor_class().run_case``, as ``nnUNetPredictor`` does)
-   built from the fold's plans and dataset.json. Volumes smaller than the patch are padded with
+   built from the fold's plans (with the trainer's patch fitting, for the trainers that fit one) and
+   dataset.json. Volumes smaller than the patch are padded with
    zeros around the centre as nnU-Net's sliding-window inference does (``pad_nd_image``). Patches
    are seeded uniform random crops: every case gives the same patches for a given seed, whatever
    the other cases are, and the two networks see identical tensors. They are regrouped into
@@ -30,31 +36,30 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from nnunet_ssl.analysis.cka.compare import MIN_EXAMPLES, gram
-from nnunet_ssl.checkpoints import load_nnunet_checkpoint
-from nnunet_ssl.networks.presets import SwinPreset, get_preset
-from nnunet_ssl.networks.segmentation import check_input
-from nnunet_ssl.networks.swin import SwinEncoder, SwinStage
-from nnunet_ssl.weights.format import (
-    PRETRAINING_ONLY_KEYS,
-    STEM_KEY,
-    WeightsError,
-    adapt_stem,
-    load_weights_file,
+from nnunet_ssl.analysis.cka.layers import (  # noqa: F401 (the layer functions: re-exported, gather's step 2)
+    check_encoder_input,
+    encoder_in_channels,
+    encoder_layer_modules,
+    encoder_layer_names,
+    select_layers,
+    stage_layers,
 )
+from nnunet_ssl.checkpoints import load_nnunet_checkpoint
+from nnunet_ssl.networks.family import FAMILIES, NetworkFamily, family_of, family_of_preset
+from nnunet_ssl.weights.format import PRETRAINING_ONLY_KEYS, WeightsError, adapt_stem, load_weights_file, weights_family
 
 logger = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "encoder."
 #: Prefixes nnU-Net leaves on saved keys when the network was wrapped by DDP or torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-EMBED_LAYER = "embed"
 
 
 # ---------------------------------------------------------------- 1. encoders
@@ -62,34 +67,57 @@ EMBED_LAYER = "embed"
 
 @dataclass(frozen=True)
 class FinetunedFold:
-    """A trained nnU-Net fold of an nnunet-ssl trainer."""
+    """A trained nnU-Net fold: its encoder, what network it is, and what it was trained on.
 
-    encoder: SwinEncoder
-    preset_name: str
+    Attributes:
+        encoder: The fold's encoder (its family's encoder class), in eval mode.
+        record: The network record (:mod:`nnunet_ssl.networks.family`): ``{"family", "preset", ...}``.
+        trainer_name: The trainer named in the checkpoint.
+        configuration: The nnU-Net configuration, e.g. ``"3d_fullres"``.
+        plans: The plans as the network used them (the trainer's patch fitting applied, if it has one).
+        dataset_json: The results folder's dataset.json.
+        checkpoint: The checkpoint file read.
+    """
+
+    encoder: nn.Module
+    record: dict[str, Any]
     trainer_name: str
     configuration: str
     plans: dict[str, Any]
     dataset_json: dict[str, Any]
     checkpoint: Path
 
+    @property
+    def preset_name(self) -> str:
+        """The record's preset, ``""`` for a network of a topology no preset has."""
+        return str(self.record.get("preset") or "")
+
+    @property
+    def family(self) -> NetworkFamily:
+        """The record's network family."""
+        return family_of(self.record)
+
 
 @dataclass(frozen=True)
 class PretrainedEncoder:
-    """A pretrained encoder and where it came from."""
+    """A pretrained encoder, its network record and where it came from."""
 
-    encoder: SwinEncoder
-    preset_name: str
+    encoder: nn.Module
+    record: dict[str, Any]
     source: str
+
+    @property
+    def preset_name(self) -> str:
+        """The record's preset, ``""`` for a network of a topology no preset has."""
+        return str(self.record.get("preset") or "")
 
 
 def load_finetuned_fold(fold_dir: Path, checkpoint: str = "final") -> FinetunedFold:
     """Read ``fold_N/checkpoint_{final,best}.pth`` and the results folder's plans.json and dataset.json.
 
-    The preset comes from the trainer class named in the checkpoint, found as ``nnUNetv2_train`` finds
-    it (a named trainer, else one in ``nnUNet_extTrainer``'s folders).
+    The network is the one the checkpoint's trainer built (:func:`fold_network`): the preset of an
+    nnunet-ssl Swin trainer, else the plans' architecture.
     """
-    from nnunet_ssl.trainers.named import UnknownTrainerError, find_trainer
-
     fold_dir = Path(fold_dir)
     path = fold_dir / f"checkpoint_{checkpoint}.pth"
     if not path.is_file():
@@ -97,27 +125,96 @@ def load_finetuned_fold(fold_dir: Path, checkpoint: str = "final") -> FinetunedF
     payload = load_nnunet_checkpoint(path)  # tensors, plain values and numpy scalars only; nothing is run
     trainer_name = payload.get("trainer_name")
     if not isinstance(trainer_name, str):
-        raise WeightsError(f"{path}: trainer {trainer_name!r} is not an nnunet-ssl trainer (`nnunet-ssl trainers`)")
-    try:
-        trainer_class = find_trainer(trainer_name)
-    except UnknownTrainerError as error:
-        raise WeightsError(f"{path}: {error}") from error
+        raise WeightsError(f"{path}: trainer {trainer_name!r} is not a trainer name; is this an nnU-Net checkpoint?")
     weights, init_args = payload.get("network_weights"), payload.get("init_args")
     if not isinstance(weights, Mapping) or not isinstance(init_args, Mapping) \
             or not isinstance(init_args.get("configuration"), str):
         raise WeightsError(f"{path}: not an nnU-Net checkpoint (no network_weights or init_args.configuration)")
-    preset_name = trainer_class.preset_name
-    state = strip_wrapper_prefixes(weights)
+    configuration = init_args["configuration"]
     plans, dataset_json = (_read_json(fold_dir.parent / name) for name in ("plans.json", "dataset.json"))
+    record, plans = fold_network(trainer_name, plans, configuration, fold_dir.parent / "plans.json")
     return FinetunedFold(
-        encoder=build_encoder(encoder_part(state, path), preset_name, path),
-        preset_name=preset_name,
+        encoder=build_encoder(encoder_part(strip_wrapper_prefixes(weights), path), record, path),
+        record=record,
         trainer_name=trainer_name,
-        configuration=init_args["configuration"],
+        configuration=configuration,
         plans=plans,
         dataset_json=dataset_json,
         checkpoint=path,
     )
+
+
+def fold_network(
+    trainer_name: str, plans: Mapping[str, Any], configuration: str, plans_path: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The network record of a fold and its plans as the trainer used them.
+
+    A trainer of a preset whose family ignores the plans (the Swin trainers, found as ``nnUNetv2_train``
+    finds them: a named trainer, else one in ``nnUNet_extTrainer``'s folders) built that preset, on
+    the plans it fitted (its ``fit_plans_to_swin``; a no-op on saved plans). Any other trainer,
+    nnU-Net's own included, let nnU-Net build the configuration's ``architecture`` (:func:`plans_record`).
+
+    Raises:
+        WeightsError: naming ``plans_path`` when the plans' network is of no family nnunet-ssl knows.
+    """
+    fitted: dict[str, Any] = copy.deepcopy(dict(plans))
+    trainer_class = _swin_trainer_class(trainer_name)
+    preset = getattr(trainer_class, "preset_name", None)
+    if isinstance(preset, str) and preset and not family_of_preset(preset).built_from_plans:
+        fit = getattr(trainer_class, "fit_plans_to_swin", None)
+        if fit is not None:
+            fit(fitted, configuration)
+        return family_of_preset(preset).record(preset), fitted
+    return plans_record(fitted, configuration, plans_path, trainer_name), fitted
+
+
+def _swin_trainer_class(trainer_name: str) -> type | None:
+    """The nnunet-ssl Swin trainer of that name; None for any other trainer (nnU-Net's, a ResEnc one, unknown)."""
+    from nnunet_ssl.trainers.named import UnknownTrainerError, find_trainer
+
+    try:
+        return find_trainer(trainer_name)
+    except UnknownTrainerError:
+        return None
+
+
+def plans_record(
+    plans: Mapping[str, Any], configuration: str, plans_path: Path, trainer_name: str = "the trainer"
+) -> dict[str, Any]:
+    """The network record of the network nnU-Net builds from a configuration's ``architecture``.
+
+    The family is the one, among those whose networks trainers build from the plans, whose network
+    class the architecture names; the preset is the one of that topology, ``""`` when none has it.
+
+    Raises:
+        WeightsError: naming ``plans_path`` when the configuration is missing, or names a network of no
+            family nnunet-ssl knows, or one its family cannot build.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    try:  # PlansManager resolves inherits_from and nnU-Net's older plans format
+        architecture = dict(PlansManager(dict(plans)).get_configuration(configuration).configuration["architecture"])
+        class_name = str(architecture["network_class_name"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise WeightsError(f"{plans_path}: no network architecture for configuration {configuration!r} ({error!r})") from None
+    short_name = class_name.rsplit(".", 1)[-1]
+    families = [f for f in FAMILIES.values() if f.built_from_plans and f.network_class.__name__ == short_name]
+    if not families:
+        known = ", ".join(f"{f.name} ({f.network_class.__name__})" for f in FAMILIES.values() if f.built_from_plans)
+        raise WeightsError(
+            f"{plans_path}: {trainer_name} builds the {configuration} network from the plans, a {class_name}, "
+            f"which is of no network family nnunet-ssl knows (from plans it knows {known}; Swin networks come from "
+            "the nnunet-ssl Swin trainers: is nnUNet_extTrainer set for a trainer of your own?)"
+        )
+    family = families[0]
+    record = {"family": family.name, "preset": "", "architecture": architecture}
+    try:
+        with torch.device("meta"):
+            network = family.build(record, 1, 1, True)
+    except (ValueError, TypeError) as error:
+        raise WeightsError(f"{plans_path}: the {configuration} architecture is not a {family.name} network: {error}") from None
+    record["preset"] = family.network_preset(network) or ""
+    return record
 
 
 def load_pretrained_encoder(path: Path, in_channels: int, source: str = "default") -> PretrainedEncoder:
@@ -130,31 +227,63 @@ def load_pretrained_encoder(path: Path, in_channels: int, source: str = "default
     if path.is_dir():
         from nnunet_ssl.weights.export import load_run_encoder
 
-        state, config, checkpoint_path = load_run_encoder(path, source)
+        state, run, checkpoint_path = load_run_encoder(path, source)
+        try:
+            run_family = family_of_preset(run.preset)
+        except ValueError as error:
+            raise WeightsError(f"{path}: {error}") from None
         state = dict(state)
-        state[STEM_KEY], adaptation = adapt_stem(state[STEM_KEY], in_channels)
-        if adaptation != "none":
-            logger.info("%s: %s", path, adaptation)
-        return PretrainedEncoder(build_encoder(state, config.preset, path), config.preset, f"{checkpoint_path} ({source})")
+        if run_family.stem_keys[0] in state:  # else build_encoder names the missing stem
+            stem, adaptation = adapt_stem(state[run_family.stem_keys[0]], in_channels)
+            state.update({key: stem for key in run_family.stem_keys if key in state})
+            if adaptation != "none":
+                logger.info("%s: %s", path, adaptation)
+        run_record = run_family.record(run.preset)
+        return PretrainedEncoder(build_encoder(state, run_record, path), run_record, f"{checkpoint_path} ({source})")
     weights, metadata = load_weights_file(path)
-    preset_name = metadata.get("preset")
-    if not preset_name:
+    family = weights_family(metadata, path)
+    if family is None or not (metadata.get("preset") or metadata.get("architecture")):
         raise WeightsError(f"{path}: no 'preset' in the metadata; write the file with `nnunet-ssl export`")
-    encoder = build_encoder(encoder_part(strip_wrapper_prefixes(weights), path), preset_name, path)
-    if encoder.in_channels != in_channels:
+    record: dict[str, Any] = {"family": family.name, "preset": str(metadata.get("preset") or "")}
+    if metadata.get("architecture") is not None:
+        record["architecture"] = metadata["architecture"]
+    encoder = build_encoder(encoder_part(strip_wrapper_prefixes(weights), path), record, path)
+    channels = encoder_in_channels(encoder)
+    if channels != in_channels:
         raise WeightsError(
-            f"{path}: the encoder takes {encoder.in_channels} input channel(s) but the fine-tuned network "
+            f"{path}: the encoder takes {channels} input channel(s) but the fine-tuned network "
             f"{in_channels}; export the weights for the fine-tuned dataset"
         )
-    return PretrainedEncoder(encoder, preset_name, str(path))
+    return PretrainedEncoder(encoder, record, str(path))
+
+
+def record_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """How two network records differ so that their layers do not correspond (empty when they are one network).
+
+    Another family differs; a family whose networks are built from the plans compares architectures
+    (:meth:`~nnunet_ssl.networks.family.NetworkFamily.plans_differences`: ``"key: file X, plans Y"``, ``a``
+    being the file), any other compares presets.
+    """
+    family_a, family_b = family_of(a), family_of(b)
+    if family_a is not family_b:
+        return [f"family: {family_a.name} vs {family_b.name}"]
+    if family_a.built_from_plans:
+        architecture = b.get("architecture")
+        if architecture is None:
+            architecture = family_b.record(str(b.get("preset"))).get("architecture")
+        return family_a.plans_differences(a, architecture)
+    return [] if a.get("preset") == b.get("preset") else [f"preset: {a.get('preset')!r} vs {b.get('preset')!r}"]
 
 
 def check_same_architecture(pretrained: PretrainedEncoder, finetuned: FinetunedFold, pretrained_path: Path) -> None:
-    """Refuse to compare encoders of different presets (their layers do not correspond)."""
-    if pretrained.preset_name != finetuned.preset_name:
+    """Refuse to compare encoders of different architectures (their layers do not correspond), naming both."""
+    differences = record_differences(pretrained.record, finetuned.record)
+    if differences:
         raise WeightsError(
-            f"{pretrained_path} holds a {pretrained.preset_name!r} encoder but {finetuned.checkpoint} was trained "
-            f"by {finetuned.trainer_name} with preset {finetuned.preset_name!r}; compare encoders of one preset"
+            f"{pretrained_path} holds a {family_of(pretrained.record).describe(pretrained.record)} encoder but "
+            f"{finetuned.checkpoint} was trained by {finetuned.trainer_name} with a "
+            f"{finetuned.family.describe(finetuned.record)} ({'; '.join(differences[:4])}); compare encoders of "
+            "one architecture"
         )
 
 
@@ -172,20 +301,29 @@ def encoder_part(state: Mapping[str, Tensor], origin: Path) -> dict[str, Tensor]
     """The ``encoder.*`` entries of a full-network state dict, without the prefix."""
     encoder = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     if not encoder:
-        raise WeightsError(f"{origin}: no 'encoder.*' weights; is this an nnunet-ssl network?")
+        raise WeightsError(f"{origin}: no 'encoder.*' weights; is this an nnunet-ssl or nnU-Net network?")
     return encoder
 
 
-def build_encoder(state: Mapping[str, Tensor], preset_name: str, origin: Path) -> SwinEncoder:
-    """A :class:`SwinEncoder` of ``preset_name`` holding ``state``, in eval mode.
+def build_encoder(state: Mapping[str, Tensor], record: Mapping[str, Any], origin: Path) -> nn.Module:
+    """The encoder of the network ``record`` describes, holding ``state``, in eval mode.
+
+    The family builds the whole network (with the stem's input channels; decoder and heads are
+    dropped) and the encoder is taken from it, so the encoder is exactly the fine-tuned network's.
 
     Raises:
-        WeightsError: naming ``origin`` when keys or shapes do not fit the preset.
+        WeightsError: naming ``origin`` when keys or shapes do not fit the record.
     """
+    family = family_of(record)
     state = {k: v for k, v in state.items() if k not in PRETRAINING_ONLY_KEYS}
-    if STEM_KEY not in state:
-        raise WeightsError(f"{origin}: the encoder weights have no {STEM_KEY!r}")
-    encoder = SwinEncoder(get_preset(preset_name), in_channels=state[STEM_KEY].shape[1])
+    stem_key = family.stem_keys[0]
+    if stem_key not in state:
+        raise WeightsError(f"{origin}: the encoder weights have no {stem_key!r}; is this a {family.name} network?")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            encoder = family.encoder(family.build(record, family.in_channels(state), 1, False))
+    except ValueError as error:
+        raise WeightsError(f"{origin}: {error}") from None
     expected = encoder.state_dict()
     wrong = [
         f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
@@ -195,7 +333,7 @@ def build_encoder(state: Mapping[str, Tensor], preset_name: str, origin: Path) -
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if wrong or missing or unexpected:
         raise WeightsError(
-            f"{origin}: encoder weights do not fit preset {preset_name!r}: shapes {wrong[:3]}, "
+            f"{origin}: encoder weights do not fit the {family.describe(record)}: shapes {wrong[:3]}, "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     encoder.load_state_dict(state)
@@ -208,47 +346,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-# ---------------------------------------------------------------- 2. layers
-
-
-def encoder_layer_names(preset: SwinPreset) -> list[str]:
-    """``["embed", "stage1.block1", ...]`` in forward order: ``1 + sum(preset.depths)`` names."""
-    blocks = [f"stage{s + 1}.block{b + 1}" for s, depth in enumerate(preset.depths) for b in range(depth)]
-    return [EMBED_LAYER, *blocks]
-
-
-def select_layers(available: Sequence[str], spec: str) -> list[str]:
-    """Parse ``"all"`` or a comma-separated list of layer names, keeping forward order.
-
-    Raises:
-        ValueError: naming unknown layers and listing the valid ones.
-    """
-    if spec.strip() == "all":
-        return list(available)
-    wanted = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in available]
-    if unknown or not wanted:
-        raise ValueError(f"unknown layer(s) {unknown or spec!r}; choose 'all' or names from {list(available)}")
-    return [name for name in available if name in wanted]
-
-
-def stage_layers(preset_name: str) -> list[str]:
-    """The last block of every encoder stage (``stage1.block2``, ...): one layer per stage."""
-    names = encoder_layer_names(get_preset(preset_name))
-    last: dict[str, str] = {}
-    for name in names:
-        if name.startswith("stage"):
-            last[name.split(".")[0]] = name
-    return list(last.values())
-
-
-def encoder_layer_modules(encoder: SwinEncoder) -> dict[str, nn.Module]:
-    """The module whose output is each named layer, in forward order."""
-    modules: dict[str, nn.Module] = {EMBED_LAYER: encoder.patch_embed}
-    for s, stage in enumerate(encoder.stages):
-        for b, block in enumerate(cast(SwinStage, stage).blocks):
-            modules[f"stage{s + 1}.block{b + 1}"] = block
-    return modules
+# ---------------------------------------------------------------- 2. layers: see .layers (one scheme per family)
 
 
 # ---------------------------------------------------------------- 3. patches
@@ -300,10 +398,11 @@ def fold_cases(fold: FinetunedFold, data: Path) -> tuple[list[RawCase], CasePrep
         FileNotFoundError: when ``data`` holds no complete case (:func:`list_raw_cases`).
     """
     channels = len(fold.dataset_json.get("channel_names") or fold.dataset_json.get("modality") or {})
-    if channels != fold.encoder.in_channels:
-        raise ValueError(f"{fold.checkpoint}: the network takes {fold.encoder.in_channels} channel(s), dataset.json lists {channels}")
+    network_channels = encoder_in_channels(fold.encoder)
+    if channels != network_channels:
+        raise ValueError(f"{fold.checkpoint}: the network takes {network_channels} channel(s), dataset.json lists {channels}")
     cases = list_raw_cases(data, fold.dataset_json["file_ending"], channels)
-    return cases, CasePreprocessor(network_plans(fold), fold.configuration, fold.dataset_json)
+    return cases, CasePreprocessor(fold.plans, fold.configuration, fold.dataset_json)
 
 
 def list_raw_cases(folder: Path, file_ending: str, num_channels: int) -> list[RawCase]:
@@ -327,15 +426,6 @@ def list_raw_cases(folder: Path, file_ending: str, num_channels: int) -> list[Ra
             raise FileNotFoundError(f"{folder}: case {identifier!r} lacks channel file(s) {missing}")
         cases.append(RawCase(identifier, files))
     return cases
-
-
-def network_plans(fold: FinetunedFold) -> dict[str, Any]:
-    """The plans as the trainer used them (its Swin patch-size fitting applied; a no-op on saved plans)."""
-    from nnunet_ssl.trainers.named import find_trainer
-
-    plans = copy.deepcopy(fold.plans)
-    find_trainer(fold.trainer_name).fit_plans_to_swin(plans, fold.configuration)
-    return plans
 
 
 def iter_case_patches(
@@ -412,18 +502,19 @@ def iter_minibatches(patches: Iterable[Tensor], sizes: Sequence[int]) -> Iterato
 
 
 @torch.no_grad()
-def layer_grams(encoder: SwinEncoder, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+def layer_grams(encoder: nn.Module, images: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
     """Run ``encoder`` on ``images`` and return each layer's ``(B, B)`` float64 Gram matrix.
 
     Args:
-        encoder: The encoder, in eval mode.
-        images: ``(B, C, D, H, W)`` with every spatial axis a multiple of 32 (at least 64).
-        layers: Names from :func:`encoder_layer_names`.
+        encoder: An encoder of a family in :data:`~nnunet_ssl.analysis.cka.layers.ENCODER_LAYERS`, in eval mode.
+        images: ``(B, C, D, H, W)`` that the encoder takes (:func:`~nnunet_ssl.analysis.cka.layers.check_encoder_input`:
+            Swin every axis a multiple of 32 and at least 64, ResEnc a multiple of its total stride).
+        layers: Names from :func:`~nnunet_ssl.analysis.cka.layers.encoder_layer_names`.
 
     Returns:
         ``{layer: K}`` with ``K = X X^T`` of the flattened ``(B, -1)`` layer output.
     """
-    check_input(images, encoder.in_channels)
+    check_encoder_input(encoder, images)
     modules = encoder_layer_modules(encoder)
     grams: dict[str, Tensor] = {}
 

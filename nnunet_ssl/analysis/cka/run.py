@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from nnunet_ssl.analysis.cka.compare import MinibatchCKA, same_layer_cka
@@ -29,6 +30,7 @@ from nnunet_ssl.analysis.cka.gather import (
     RawCase,
     batch_sizes,
     check_same_architecture,
+    encoder_in_channels,
     encoder_layer_names,
     fold_cases,
     iter_case_patches,
@@ -36,12 +38,11 @@ from nnunet_ssl.analysis.cka.gather import (
     layer_grams,
     load_finetuned_fold,
     load_pretrained_encoder,
+    record_differences,
     select_layers,
     stage_layers,
 )
 from nnunet_ssl.analysis.cka.render import write_figures, write_summary, write_tables
-from nnunet_ssl.networks.presets import get_preset
-from nnunet_ssl.networks.swin import SwinEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +89,9 @@ class CKAResult:
 def run_cka(settings: CKASettings) -> CKAResult:
     """Load both encoders, preprocess ``settings.data`` as the fold did, accumulate minibatch CKA."""
     fold = load_finetuned_fold(Path(settings.finetuned), settings.checkpoint)
-    pretrained = load_pretrained_encoder(Path(settings.pretrained), fold.encoder.in_channels)
+    pretrained = load_pretrained_encoder(Path(settings.pretrained), encoder_in_channels(fold.encoder))
     check_same_architecture(pretrained, fold, Path(settings.pretrained))
-    layers = select_layers(encoder_layer_names(get_preset(fold.preset_name)), settings.layers)
+    layers = select_layers(encoder_layer_names(fold.encoder), settings.layers)
     matrix, examples, batches, preprocess, cases = accumulate_cka(
         pretrained.encoder, fold.encoder, fold, Path(settings.data), layers, settings.patches_per_case,
         settings.batch_size, settings.seed, resolve_device(settings.device),
@@ -99,6 +100,7 @@ def run_cka(settings: CKASettings) -> CKAResult:
         "pretrained_source": pretrained.source,
         "finetuned_checkpoint": str(fold.checkpoint),
         "trainer": fold.trainer_name,
+        "family": fold.family.name,
         "preset": fold.preset_name,
         "configuration": fold.configuration,
         "patch_size": list(preprocess.patch_size),
@@ -116,23 +118,27 @@ def cka_between_folds(
     Patches are preprocessed with ``fold_a``'s plans. ``layers`` default: one per stage (:func:`stage_layers`).
 
     Raises:
-        ValueError: when the two folds use different presets.
+        ValueError: when the two folds' networks differ in architecture (:func:`record_differences`), naming both.
     """
     a, b = load_finetuned_fold(fold_a), load_finetuned_fold(fold_b)
-    if a.preset_name != b.preset_name:
-        raise ValueError(f"{fold_a} ({a.preset_name}) and {fold_b} ({b.preset_name}) have different encoders")
-    layers = layers or stage_layers(a.preset_name)
+    differences = record_differences(a.record, b.record)
+    if differences:
+        raise ValueError(
+            f"{fold_a} ({a.family.describe(a.record)}) and {fold_b} ({b.family.describe(b.record)}) have different "
+            f"encoders: {'; '.join(differences[:4])}"
+        )
+    layers = layers or stage_layers(a.encoder)
     matrix, examples, batches, preprocess, cases = accumulate_cka(
         a.encoder, b.encoder, a, data, layers, patches_per_case, batch_size, seed, resolve_device(device),
     )
     provenance = {"fold_a": str(a.checkpoint), "fold_b": str(b.checkpoint), "trainer": a.trainer_name,
-                  "preset": a.preset_name, "patch_size": list(preprocess.patch_size),
+                  "family": a.family.name, "preset": a.preset_name, "patch_size": list(preprocess.patch_size),
                   "cases": [case.identifier for case in cases]}
     return CKAResult(layers, matrix, examples, batches, provenance)
 
 
 def accumulate_cka(
-    encoder_a: SwinEncoder, encoder_b: SwinEncoder, fold: FinetunedFold, data: Path, layers: list[str],
+    encoder_a: nn.Module, encoder_b: nn.Module, fold: FinetunedFold, data: Path, layers: list[str],
     patches_per_case: int, batch_size: int, seed: int, device: torch.device,
 ) -> tuple[np.ndarray, int, int, CasePreprocessor, list[RawCase]]:
     """Minibatch CKA of two encoders on the same patches of ``data``, preprocessed as ``fold`` was.

@@ -87,6 +87,7 @@ def test_sources_strip_wrappers_adapt_run_stems_and_refuse_other_presets(tmp_pat
     monkeypatch.setattr("nnunet_ssl.weights.export.load_run_encoder", fake_run)  # a 1-channel pretraining run
     loaded = load_pretrained_encoder(tmp_path, in_channels=2)
     assert loaded.encoder.in_channels == 2 and loaded.preset_name == "tiny"
-    fold = FinetunedFold(loaded.encoder, "smit", "SwinSMITTrainer", "3d_fullres", {}, {}, tmp_path / "checkpoint_final.pth")
+    fold = FinetunedFold(loaded.encoder, {"family": "swin", "preset": "smit"}, "SwinSMITTrainer", "3d_fullres", {}, {},
+                         tmp_path / "checkpoint_final.pth")
     with pytest.raises(WeightsError, match="checkpoint_final.pth.*'smit'"):
-        check_same_architecture(PretrainedEncoder(loaded.encoder, "tiny", "x"), fold, tmp_path / "w.pt")
+        check_same_architecture(PretrainedEncoder(loaded.encoder, loaded.record, "x"), fold, tmp_path / "w.pt")
