@@ -1,8 +1,11 @@
 """How a plans file maps each channel's intensities, and whether that matches a weights file's pretraining.
 
-Pretraining maps every volume to ``[0, 1]`` (CT: a fixed HU window; MR: per-image percentiles).
-Fine-tuning should feed the encoder the same range; a different window or a per-image approximation
-of the same mapping is expected, a different range (nnU-Net's z-scoring) or another modality is not.
+Pretraining maps every volume to ``[0, 1]`` (CT: a fixed HU window; MR: per-image percentiles), or,
+with ``intensity="zscore"`` (the Spark3D recipe), z-scores every image as nnU-Net's
+``ZScoreNormalization`` does. Fine-tuning should feed the encoder the same range: for a ``[0, 1]``
+pretraining a different window or a per-image approximation of the same mapping is expected, a
+different range (nnU-Net's z-scoring) or another modality is not; for a z-score pretraining, any
+scheme but ``ZScoreNormalization`` is a mismatch.
 """
 from __future__ import annotations
 
@@ -14,6 +17,10 @@ import numpy as np
 
 #: nnU-Net's built-in schemes that produce values in [0, 1] whatever the properties.
 UNIT_RANGE_SCHEMES = ("RescaleTo01Normalization", "RGBTo01Normalization")
+#: nnU-Net's per-image z-scoring, the scheme a ``"zscore"`` pretraining record corresponds to.
+ZSCORE_SCHEME = "ZScoreNormalization"
+#: ``normalization`` of a pretraining record whose images were z-scored (a record without it is a [0, 1] one).
+ZSCORE = "zscore"
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,11 @@ def _is_unit_window(properties: dict[str, Any]) -> bool:
 
 
 def pretraining_intensity(
-    modality: str | None, cached_modalities: Iterable[str], ct_window: Sequence[float], mr_percentiles: Sequence[float]
+    modality: str | None,
+    cached_modalities: Iterable[str],
+    ct_window: Sequence[float],
+    mr_percentiles: Sequence[float],
+    intensity: str = "window",
 ) -> dict[str, Any]:
     """The intensity mapping a pretraining run used, as a weights file's metadata records it (``intensity``).
 
@@ -54,11 +65,23 @@ def pretraining_intensity(
             none known means CT).
         ct_window: The run's CT window in HU.
         mr_percentiles: The run's per-image MR percentiles.
+        intensity: The run's ``intensity`` setting: ``"window"`` (the records above, unchanged since
+            version 1) or ``"zscore"``.
 
     Returns:
-        ``{"modality": "CT"|"MR"|"mixed", "window"/"percentiles": ..., "range": [0.0, 1.0]}``.
+        ``{"modality": "CT"|"MR"|"mixed", "window"/"percentiles": ..., "range": [0.0, 1.0]}``, or for
+        ``"zscore"`` ``{"modality": ..., "normalization": "zscore", "scheme": "ZScoreNormalization",
+        "per_image": True}`` (no range: z-scores are not clipped).
+
+    Raises:
+        ValueError: An unknown ``intensity``.
     """
     modalities = {modality} if modality else {m for m in cached_modalities if m in ("ct", "mr")} or {"ct"}
+    name = "CT" if modalities == {"ct"} else "MR" if modalities == {"mr"} else "mixed"
+    if intensity == ZSCORE:
+        return {"modality": name, "normalization": ZSCORE, "scheme": ZSCORE_SCHEME, "per_image": True}
+    if intensity != "window":
+        raise ValueError(f"unknown pretraining intensity mapping {intensity!r}; expected 'window' or 'zscore'")
     ct = {"window": list(ct_window)}
     mr = {"percentiles": list(mr_percentiles), "per_image": True}
     if modalities == {"ct"}:
@@ -103,7 +126,10 @@ def intensity_warnings(pretraining: dict[str, Any] | None, mappings: list[Channe
     """Real mismatches between a weights file's pretraining intensities and the plans' mapping.
 
     A different window, or a per-image approximation of the percentile mapping, is not a mismatch:
-    the encoder still sees [0, 1]. A channel not mapped to [0, 1], or another modality, is.
+    the encoder still sees [0, 1]. A channel not mapped to [0, 1], or another modality, is. After a
+    z-score pretraining (a record with ``"normalization": "zscore"``), any scheme but nnU-Net's
+    ``ZScoreNormalization`` is a mismatch (CTNormalization clips to dataset percentiles and z-scores
+    with the dataset's foreground statistics, not the image's own).
 
     Args:
         pretraining: The weights metadata's ``intensity`` entry (``{"modality": "CT"|"MR"|"mixed", ...}``),
@@ -113,8 +139,14 @@ def intensity_warnings(pretraining: dict[str, Any] | None, mappings: list[Channe
     warnings = []
     pretrained_modality = str((pretraining or {}).get("modality", "")).lower() or None
     described = _describe_pretraining(pretraining)
+    zscored = (pretraining or {}).get("normalization") == ZSCORE
     for channel, mapping in enumerate(mappings):
-        if not mapping.unit_range:
+        if zscored and mapping.scheme != ZSCORE_SCHEME:
+            warnings.append(
+                f"channel {channel} is mapped by {mapping.description}, but pretraining z-scored each image "
+                f"({described}); plan the fine-tuning dataset with {ZSCORE_SCHEME} for matching intensities"
+            )
+        elif not zscored and not mapping.unit_range:
             warnings.append(
                 f"channel {channel} is mapped by {mapping.description}, but pretraining mapped intensities to [0, 1] "
                 f"({described}); plan with `nnunet-ssl plan -d DATASET` for matching intensities"
@@ -132,6 +164,8 @@ def _describe_pretraining(pretraining: dict[str, Any] | None) -> str:
     if not pretraining:
         return "no intensity record in the weights file"
     parts = [str(pretraining.get("modality", "?"))]
+    if pretraining.get("normalization") == ZSCORE:
+        parts.append(f"per-image z-score ({pretraining.get('scheme', ZSCORE_SCHEME)})")
     if "window" in pretraining:
         parts.append(f"window {pretraining['window']}")
     if "percentiles" in pretraining:

@@ -9,14 +9,16 @@ Typical use (build once, then sample forever)::
     batch = next(loader)                        # {"views": (2, 2, 1, 96, 96, 96), "index": (2,)}
 
 Modules: ``config`` (:class:`DataConfig`), ``sources`` (finding volumes, digests),
-``preprocess`` (validation, resampling, windowing, body crop), ``cache`` (blosc2 arrays and the
-manifest), ``crops`` (views, the infinite data-parallel loader).
+``preprocess`` (validation, resampling, windowing or z-scoring, body crop), ``cache`` (blosc2 arrays
+and the manifest), ``crops`` (views, the infinite data-parallel loader), ``augment`` (scaling,
+rotation and mirroring of a view).
 """
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .augment import CropTransform, SpatialAugmentation, augment_view
 from .cache import Manifest, ManifestEntry, build_cache, open_array, summarize
 from .config import DataConfig
 from .preprocess import SkipVolume, resample_to_spacing, scale_intensities, window_ct
@@ -44,13 +46,16 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CropDataset",
+    "CropTransform",
     "CropLoader",
     "DataConfig",
     "Manifest",
     "ManifestEntry",
     "SkipVolume",
     "Source",
+    "SpatialAugmentation",
     "ViewSampler",
+    "augment_view",
     "build_cache",
     "make_loader",
     "open_array",

@@ -17,6 +17,12 @@ from typing import Any
 #: Modalities the pipeline knows how to normalise.
 MODALITIES = ("ct", "mr")
 
+#: Intensity mappings of the cached volumes (:attr:`DataConfig.intensity`), the default first.
+INTENSITIES = ("window", "zscore")
+
+#: Spatial augmentations of the crops (:attr:`DataConfig.augmentation`), the default first.
+AUGMENTATIONS = ("none", "scale_rotate_mirror")
+
 #: Bumped whenever the preprocessing changes so that existing caches are rebuilt.
 PREPROCESSING_VERSION = 1
 
@@ -39,13 +45,23 @@ class DataConfig:
             anything else -> mr), the DICOM Modality tag, else decided per volume from its
             intensities (:mod:`.modality`; ambiguous volumes are skipped)).
         spacing: Target spacing ``(x, y, z)`` in mm.
-        ct_window: CT window ``(low, high)`` in HU, mapped linearly to ``[0, 1]`` and clipped.
+        ct_window: CT window ``(low, high)`` in HU, mapped linearly to ``[0, 1]`` and clipped
+            (``intensity="window"``).
         mr_percentiles: MR percentiles ``(low, high)`` of each image mapped to ``[0, 1]`` and clipped
-            (the paper: 5 and 95; ``nnunet-ssl plan`` uses the same default for MR channels).
+            (the paper: 5 and 95; ``nnunet-ssl plan`` uses the same default for MR channels); with
+            ``intensity="zscore"`` they still set the MR body threshold.
+        intensity: How the cached intensities are mapped: ``"window"`` (CT window / MR percentiles to
+            ``[0, 1]``, the Swin paper's) or ``"zscore"`` (per image, ``(x - mean) / max(std, 1e-8)`` over
+            the whole resampled image, not clipped: nnU-Net's ``ZScoreNormalization``, for CT and MR
+            alike; the Spark3D recipe). Crops reaching past a volume are padded with 0 either way: the
+            window's low end, or a z-scored image's mean.
         crop_size: Edge of the cubic crops (views), in voxels.
         region_size: Edge of the cubic region the views of one volume are drawn from when more
             than one view is requested (views then overlap by ``2 * crop_size - region_size``
             voxels or more per axis).
+        augmentation: Spatial augmentation of every crop, drawn in the loader from the crop's own
+            seeded generator (:mod:`.augment`): ``"none"`` or ``"scale_rotate_mirror"`` (nnU-Net's and
+            Spark3D's: scaling 0.7-1.4 and rotation, each with p 0.2, mirroring per axis with p 0.5).
         num_workers: Background processes for preprocessing and for the crop loader (0: in the
             calling process).
         ct_body_hu: CT body mask threshold in HU (before windowing).
@@ -67,6 +83,8 @@ class DataConfig:
     mr_percentiles: tuple[float, float] = (5.0, 95.0)
     crop_size: int = 96
     region_size: int = 128
+    intensity: str = "window"
+    augmentation: str = "none"
     num_workers: int = 2
     ct_body_hu: float = -500.0
     mr_body_threshold: float = 0.1
@@ -100,6 +118,10 @@ class DataConfig:
         if len(pct) != 2 or not 0.0 <= pct[0] < pct[1] <= 100.0:
             raise ValueError(f"mr_percentiles must be (low, high) with 0 <= low < high <= 100, got {self.mr_percentiles!r}")
         object.__setattr__(self, "mr_percentiles", pct)
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"intensity must be one of {', '.join(INTENSITIES)}, got {self.intensity!r}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {self.augmentation!r}")
         if int(self.crop_size) != self.crop_size or self.crop_size < 1:
             raise ValueError(f"crop_size must be a positive integer, got {self.crop_size!r}")
         if int(self.region_size) != self.region_size or self.region_size < self.crop_size:
@@ -122,7 +144,11 @@ class DataConfig:
             object.__setattr__(self, name, int(getattr(self, name)))
 
     def preprocessing_params(self, modality: str) -> dict[str, Any]:
-        """Everything that changes the cached array of a volume of ``modality`` (not the crops)."""
+        """Everything that changes the cached array of a volume of ``modality`` (not the crops).
+
+        ``intensity`` is recorded only when it is not the default ``"window"``, so the caches built
+        before it existed keep their keys; a z-scored cache does not depend on the CT window.
+        """
         params: dict[str, Any] = {
             "version": PREPROCESSING_VERSION,
             "modality": modality,
@@ -132,8 +158,12 @@ class DataConfig:
             "max_spacing": self.max_spacing,
             "min_spacing": self.min_spacing,
         }
+        if self.intensity != INTENSITIES[0]:
+            params.update(intensity=self.intensity)
         if modality in ("ct", "auto"):
-            params.update(ct_window=list(self.ct_window), ct_body_hu=self.ct_body_hu)
+            params.update(ct_body_hu=self.ct_body_hu)
+            if self.intensity == "window":
+                params.update(ct_window=list(self.ct_window))
         if modality in ("mr", "auto"):
             params.update(mr_percentiles=list(self.mr_percentiles), mr_body_threshold=self.mr_body_threshold)
         if modality == "auto":

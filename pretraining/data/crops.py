@@ -18,6 +18,11 @@ come from a generator seeded with ``(seed, rank, e, i)``. So batch ``j`` is a fu
 ranks, and a loader started at ``start_step = j`` (a resumed run) yields exactly the batches
 ``j, j + 1, ...`` of the uninterrupted run. Sampling is infinite; one epoch is
 :func:`steps_per_epoch` batches.
+
+Augmentation (``DataConfig.augmentation``, :mod:`.augment`): with ``"scale_rotate_mirror"`` every view
+is cut with its own scaling, rotation and mirroring, drawn from the same per-item generator after
+the view positions, so it is as reproducible as the positions; with ``"none"`` nothing more is drawn
+and the views are the plain crops, exactly as without the option.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .augment import SpatialAugmentation, augment_view
 from .cache import Manifest, open_array
 from .config import DataConfig
 
@@ -65,11 +71,13 @@ class ViewSampler:
         crop_size: Edge of each cubic view, voxels.
         region_size: Edge of the shared region when ``num_views > 1``.
         num_views: Views per volume.
+        augmentation: Scaling, rotation and mirroring of each view (:mod:`.augment`); None for plain crops.
     """
 
     crop_size: int = 96
     region_size: int = 128
     num_views: int = 1
+    augmentation: SpatialAugmentation | None = None
 
     def __post_init__(self) -> None:
         if self.crop_size < 1:
@@ -129,8 +137,16 @@ class ViewSampler:
         return out
 
     def sample(self, array: ArrayLike, rng: np.random.Generator) -> np.ndarray:
-        """``read(array, origins(array.shape, rng))``: ``(V, 1, c, c, c)`` float32."""
-        return self.read(array, self.origins(array.shape[-3:], rng))
+        """``read(array, origins(array.shape, rng))``: ``(V, 1, c, c, c)`` float32.
+
+        With an augmentation, each view (in order) is instead cut by :func:`~.augment.augment_view` with
+        an augmentation drawn from ``rng`` after the origins.
+        """
+        origins = self.origins(array.shape[-3:], rng)
+        if self.augmentation is None:
+            return self.read(array, origins)
+        views = [augment_view(array, origin, self.crop_size, rng, self.augmentation) for origin in origins]
+        return np.stack(views)[:, None]
 
 
 def epoch_share(num_volumes: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
@@ -273,6 +289,16 @@ class CropLoader:
         self._iterator = None
 
 
+def crop_augmentation(config: DataConfig) -> SpatialAugmentation | None:
+    """The augmentation ``config.augmentation`` names (None for ``"none"``), at the cache's spacing."""
+    if config.augmentation == "none":
+        return None
+    if config.augmentation == "scale_rotate_mirror":
+        x, y, z = config.spacing
+        return SpatialAugmentation(spacing_zyx=(z, y, x))
+    raise ValueError(f"unknown augmentation {config.augmentation!r}")
+
+
 def make_loader(
     manifest: Manifest,
     config: DataConfig,
@@ -288,7 +314,8 @@ def make_loader(
 
     Args:
         manifest: A built manifest (:func:`~.cache.build_cache` or ``Manifest.load``).
-        config: ``crop_size``, ``region_size`` and ``num_workers`` are used.
+        config: ``crop_size``, ``region_size``, ``augmentation``, ``spacing`` (of the augmentation's
+            rotations) and ``num_workers`` are used.
         batch_size: Volumes per batch on this rank.
         num_views: Views per volume ``V`` (overlapping crops of one region when ``V > 1``).
         seed: Non-negative base seed.
@@ -299,7 +326,7 @@ def make_loader(
             uninterrupted run would have got from step ``j`` on.
 
     Returns:
-        A :class:`CropLoader` yielding ``{"views": (B, V, 1, D, H, W) float32 in [0, 1],
+        A :class:`CropLoader` yielding ``{"views": (B, V, 1, D, H, W) float32 (in [0, 1], or z-scores),
         "index": (B,) int64}`` forever; ``index`` refers to ``manifest.usable()``.
 
     Raises:
@@ -310,13 +337,14 @@ def make_loader(
     usable = manifest.usable()
     if not usable:
         raise ValueError(f"manifest {manifest.path} has no usable volume")
-    sampler = ViewSampler(config.crop_size, config.region_size, num_views)
+    sampler = ViewSampler(config.crop_size, config.region_size, num_views, crop_augmentation(config))
     dataset = CropDataset(
         [manifest.array_path(e) for e in usable], sampler, seed, rank, world_size, batch_size, start_step
     )
     logger.info(
-        "crop loader: %d volume(s), rank %d/%d, batch %d x %d view(s) of %d^3, %d worker(s), %d step(s) per epoch",
+        "crop loader: %d volume(s), rank %d/%d, batch %d x %d view(s) of %d^3, %d worker(s), %d step(s) per epoch%s",
         len(usable), rank, world_size, batch_size, num_views, config.crop_size, config.num_workers,
         steps_per_epoch(len(usable), batch_size, world_size),
+        f", augmentation {config.augmentation}" if sampler.augmentation is not None else "",
     )
     return CropLoader(dataset, batch_size, config.num_workers, pin_memory)

@@ -13,7 +13,9 @@ The steps, in order (:func:`preprocess_source`):
    right->left) and resample with linear interpolation to the target spacing, keeping the centre of
    the field of view (:func:`resample_to_spacing`);
 4. map intensities to ``[0, 1]``: CT window (:func:`window_ct`), MR percentiles
-   (:func:`mr_intensity_range`, :func:`scale_intensities`);
+   (:func:`mr_intensity_range`, :func:`scale_intensities`); or, with ``intensity="zscore"``, z-score
+   each image over the whole resampled volume, CT and MR alike (:func:`zscore`, nnU-Net's
+   ``ZScoreNormalization``), without clipping;
 5. crop to the bounding box of the body mask (CT: HU above ``ct_body_hu``; MR: scaled intensity
    above ``mr_body_threshold``), keeping the largest connected component and every component at
    least a quarter of its size (both legs, not the table), plus ``body_margin`` voxels
@@ -82,14 +84,16 @@ class Preprocessed:
     """A preprocessed volume and what the manifest records about it.
 
     Attributes:
-        array: ``(D, H, W)`` = ``(z, y, x)`` float16 intensities in ``[0, 1]``, body-cropped.
+        array: ``(D, H, W)`` = ``(z, y, x)`` float16 intensities in ``[0, 1]`` (z-scores with
+            ``intensity="zscore"``), body-cropped.
         spacing: ``(x, y, z)`` mm of ``array``.
         source_shape: ``(z, y, x)`` voxels of the source.
         source_spacing: ``(x, y, z)`` mm of the source.
         resampled_shape: ``(z, y, x)`` voxels after resampling, before the body crop.
         bbox: ``((z0, z1), (y0, y1), (x0, x1))`` of the body crop in the resampled grid.
-        stats: Intensity statistics (source range and mean, the values mapped to 0 and 1, mean
-            and standard deviation of the cached ``[0, 1]`` values).
+        stats: Intensity statistics (source range and mean, the values mapped to 0 and 1 (window)
+            or the mean and standard deviation the image was z-scored with (``zscore_mean``,
+            ``zscore_std``), mean and standard deviation of the cached values).
         modality: ``"ct"`` or ``"mr"``: how the volume was normalised.
         modality_decision: Why, when it was decided from the intensities (None when it was given).
     """
@@ -451,6 +455,22 @@ def scale_intensities(array: np.ndarray, low: float, high: float) -> np.ndarray:
     return window_ct(array, (low, high))
 
 
+#: The smallest standard deviation :func:`zscore` divides by (nnU-Net's ``ZScoreNormalization``).
+ZSCORE_MIN_STD = 1e-8
+
+
+def zscore_statistics(array: np.ndarray) -> tuple[float, float]:
+    """``(mean, std)`` of every voxel of ``array`` in float64 (nnU-Net's ``ZScoreNormalization`` without a mask)."""
+    return float(array.mean(dtype=np.float64)), float(array.std(dtype=np.float64))
+
+
+def zscore(array: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """``(array - mean) / max(std, 1e-8)`` as float32, not clipped (nnU-Net's ``ZScoreNormalization``)."""
+    out = np.asarray(array, dtype=np.float32) - np.float32(mean)
+    out *= np.float32(1.0 / max(std, ZSCORE_MIN_STD))
+    return out
+
+
 def body_bbox(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice] | None:
     """Bounding box of the body in a foreground mask, grown by ``margin`` voxels.
 
@@ -521,19 +541,22 @@ def preprocess_image(image: sitk.Image, modality: str, config: DataConfig) -> Pr
     if box is None:
         threshold = f"{config.ct_body_hu:g} HU" if modality == "ct" else f"{config.mr_body_threshold:g} (scaled)"
         raise SkipVolume(NO_BODY, f"no voxel above the body threshold {threshold}")
-    cropped = window_ct(resampled[box], (low, high))
+    if config.intensity == "zscore":
+        image_mean, image_std = zscore_statistics(resampled)  # the whole resampled image, as nnU-Net's
+        cropped = zscore(resampled[box], image_mean, image_std)
+        mapping = f"z-scoring (mean {image_mean:g}, std {image_std:g})"
+        stats.update(zscore_mean=image_mean, zscore_std=image_std)
+    else:
+        cropped = window_ct(resampled[box], (low, high))
+        mapping = f"windowing to [{low:g}, {high:g}]"
+        stats.update(low=float(low), high=float(high))
     crop_shape = cropped.shape
     if min(crop_shape) < config.min_size:
         raise SkipVolume(TOO_SMALL, f"body crop {crop_shape} voxels is below min_size {config.min_size} on some axis")
     cmin, cmax = float(cropped.min()), float(cropped.max())
     if cmax - cmin < 1e-6:
-        raise SkipVolume(CONSTANT, f"every voxel is {cmin:g} after windowing to [{low:g}, {high:g}]")
-    stats.update(
-        low=float(low),
-        high=float(high),
-        mean=float(cropped.mean(dtype=np.float64)),
-        std=float(cropped.std(dtype=np.float64)),
-    )
+        raise SkipVolume(CONSTANT, f"every voxel is {cmin:g} after {mapping}")
+    stats.update(mean=float(cropped.mean(dtype=np.float64)), std=float(cropped.std(dtype=np.float64)))
     return Preprocessed(
         array=cropped.astype(np.float16),
         spacing=tuple(config.spacing),  # type: ignore[arg-type]
