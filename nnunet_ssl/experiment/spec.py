@@ -29,6 +29,8 @@ An experiment file is YAML (or JSON)::
       few_shot: {shots: [5, 10, 20], seeds: [0, 1, 2]}
       data_limited: {sizes: [20, 40], seeds: [0]}
     test_set: imagesTs                # the raw dataset's imagesTs/labelsTs, or {images: DIR, labels: DIR}
+    slurm: {partition: gpu, time: "2-00:00:00", setup: ["source .venv/bin/activate"]}   # optional: the
+                                      # SLURM script's resources and setup (nnunet_ssl.experiment.cluster)
 
 Every field is checked when the file is read; an error names the file and the field.
 
@@ -43,6 +45,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from nnunet_ssl.experiment.cluster import SlurmSettings, SlurmSettingsError, slurm_settings
 
 #: Setting kinds, in table order.
 SETTING_KINDS = ("full", "few_shot", "data_limited")
@@ -132,6 +136,7 @@ class Experiment:
     test_set: TestSetSpec | str | None = None
     epochs: Epochs = field(default_factory=Epochs)
     env: tuple[tuple[str, str], ...] = ()
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -181,7 +186,7 @@ def experiment_from_dict(data: Any, source: Path) -> Experiment:
     if not isinstance(data, Mapping):
         raise ExperimentError(f"{where}: expected a mapping of fields at the top level")
     known = {"dataset", "plans", "configuration", "preset", "seed", "device", "output", "epochs",
-             "env", "arms", "settings", "test_set"}
+             "env", "arms", "settings", "test_set", "slurm"}
     if "trainer_variant" in data:
         raise ExperimentError(
             f"{where}: trainer_variant is no longer read (it appended a suffix to trainer names). For the CPU trial "
@@ -223,9 +228,14 @@ def experiment_from_dict(data: Any, source: Path) -> Experiment:
     epochs = _epochs(data.get("epochs"), where)
     env = _env(data.get("env"), where)
     output = path_of(data.get("output", f"{source.stem}_out"), "output")
+    try:
+        slurm = slurm_settings(data.get("slurm"), strings["device"])
+    except SlurmSettingsError as error:
+        raise ExperimentError(f"{where}: {error}") from None
     experiment = Experiment(
         source=source.resolve(), dataset=str(dataset), arms=arms, output=output, seed=seed, full_folds=full_folds,
-        few_shot=few_shot, data_limited=data_limited, test_set=test_set, epochs=epochs, env=env, **strings,
+        few_shot=few_shot, data_limited=data_limited, test_set=test_set, epochs=epochs, env=env, slurm=slurm,
+        **strings,
     )
     _check_trainers(experiment, where)
     return experiment
