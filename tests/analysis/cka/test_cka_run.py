@@ -5,11 +5,9 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
-from test_cka_helpers import nnunet_plans
+from test_cka_helpers import nnunet_plans, write_nnunet_fold, write_raw_ct_cases
 
 from nnunet_ssl.analysis.cka.gather import encoder_layer_names, stage_layers
 from nnunet_ssl.analysis.cka.run import cka_between_folds
@@ -29,31 +27,10 @@ def cka_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tampered = {**payload, "metadata": {**payload["metadata"], "preset": "monai"}}
     save_weights_file(tampered, root / "wrong_preset.pt")
 
-    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2},
-                    "numTraining": 3, "file_ending": ".nii.gz"}
     results = root / "Dataset990_CKA" / "SwinSMITTrainer_tiny_16epochs__nnUNetPlans__3d_fullres"
-    fold = results / "fold_0"
-    fold.mkdir(parents=True)
-    (results / "plans.json").write_text(json.dumps(nnunet_plans(64)), encoding="utf-8")
-    (results / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
-    checkpoint = {
-        "network_weights": {f"_orig_mod.{k}": v for k, v in payload["network_weights"].items()},
-        "trainer_name": "SwinSMITTrainer_tiny_16epochs",
-        "init_args": {"plans": nnunet_plans(64), "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset_json},
-        "current_epoch": np.int64(2),  # nnU-Net's checkpoints hold numpy scalars
-    }
-    torch.save(checkpoint, fold / "checkpoint_final.pth")
-
-    images = root / "imagesTs"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, n) for n in (72, 80, 80)), indexing="ij")
-    for i in range(3):
-        body = (zz**2 + yy**2 + xx**2 < 0.8).astype(np.float32)
-        volume = -1000 + body * (1040 + 80 * np.sin(4 * (i + 1) * xx) + 30 * rng.standard_normal(body.shape))
-        image = sitk.GetImageFromArray(volume.astype(np.float32))
-        image.SetSpacing((1.0, 1.0, 1.0))
-        sitk.WriteImage(image, str(images / f"case{i}_0000.nii.gz"))
+    fold = write_nnunet_fold(results, {f"_orig_mod.{k}": v for k, v in payload["network_weights"].items()},
+                             "SwinSMITTrainer_tiny_16epochs", nnunet_plans(64))
+    images = write_raw_ct_cases(root / "imagesTs", 3)
     return {"weights": weights, "wrong_preset": root / "wrong_preset.pt", "fold": fold, "images": images}
 
 
