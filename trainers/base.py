@@ -1,15 +1,21 @@
-"""The one nnU-Net trainer class behind every named Swin trainer.
+"""The nnU-Net trainer classes behind every named trainer.
 
-A named trainer sets three class attributes and nothing else:
+:class:`PluginTrainerBase` holds what every plugin trainer does, whatever its network: what an
+invocation asks beyond nnU-Net's constructor arguments (``-pretrained_weights``, ``--val``, the
+``NNUNET_SSL_*`` variables, read once in the constructor through :mod:`nnunet_ssl.trainers.inputs`),
+seeding, the fine-tuning policy (:class:`~nnunet_ssl.trainers.policy_trainer.FineTunePolicyMixin`),
+the recipe's optimizer and schedule, few-shot folds and early stopping. Two families build on it:
 
-* ``preset_name``: the architecture preset (``nnunet_ssl.networks.PRESETS``);
+* :class:`SwinTrainerBase` (here): the Swin encoder + SwinUNETR decoder of a preset, whatever the plans'
+  architecture;
+* :class:`~nnunet_ssl.trainers.resenc.ResEncTrainerBase`: nnU-Net's ResEnc U-Net built from the plans,
+  as nnU-Net's own trainer builds it.
+
+A named trainer sets class attributes and nothing else:
+
+* ``preset_name`` (Swin only): the architecture preset (``nnunet_ssl.networks.PRESETS``);
 * ``method``: the SSL method whose weights it expects, or None for training from scratch;
-* ``recipe``: a :class:`FineTuneRecipe` (optimizer, schedule, epochs).
-
-Everything else (patch-size fitting, network building, deep supervision, optimizer and schedule,
-provenance logging) lives here once. What an invocation asks beyond nnU-Net's constructor arguments
-(``-pretrained_weights``, ``--val``, the ``NNUNET_SSL_*`` variables) is read once, in the constructor,
-through :mod:`nnunet_ssl.trainers.inputs`.
+* ``recipe``: a :class:`FineTuneRecipe` (optimizer, schedule, epochs, warm-up fractions).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg, unwrap
-from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
+from nnunet_ssl.optim import decay_parameter_groups
 from nnunet_ssl.splits import FoldEntry, manifest_entry_for_fold
 from nnunet_ssl.trainers.inputs import (
     EPOCHS_ENV,
@@ -35,10 +41,13 @@ from nnunet_ssl.trainers.inputs import (
     refuse_under_nnunet_train,
 )
 from nnunet_ssl.trainers.policy import FineTunePolicy
-from nnunet_ssl.trainers.policy_trainer import FineTunePolicyMixin
+from nnunet_ssl.trainers.policy_trainer import NO_POLICY_ORIGIN, FineTunePolicyMixin
 from nnunet_ssl.trainers.recipe import (
+    SGD_MOMENTUM,
     FineTuneRecipe,
     fitted_batch_size,
+    recipe_lr,
+    scaled_warmups,
     should_stop_early,
     swin_compatible_patch_size,
     with_epochs,
@@ -56,11 +65,13 @@ class EarlyStop(Exception):
     """Raised at the end of an epoch to leave nnU-Net's training loop early (caught in run_training)."""
 
 
-class WarmupCosineLRScheduler(_LRScheduler):
-    """Per-epoch linear warm-up then cosine decay, stepped as nnU-Net does: ``step(current_epoch)``.
+class RecipeLRScheduler(_LRScheduler):
+    """The recipe's per-epoch schedule, stepped as nnU-Net does: ``step(current_epoch)``.
 
-    Each param group gets ``policy.group_lr(group, lr, epoch)``: the schedule's lr for plain groups,
-    scaled (LLRD), ramped or zeroed (frozen) for the encoder groups of a fine-tuning policy.
+    The recipe gives the epoch's lr (:func:`~nnunet_ssl.trainers.recipe.recipe_lr`: warm-up + cosine, or
+    poly after the policy's warm-ups); each param group then gets ``policy.group_lr(group, lr, epoch)``:
+    scaled (LLRD), ramped or zeroed (frozen) for the encoder groups of a fine-tuning policy, ramped
+    for every group during a whole-network warm-up.
     """
 
     def __init__(
@@ -75,17 +86,27 @@ class WarmupCosineLRScheduler(_LRScheduler):
         if current_step is None or current_step == -1:
             current_step = self.counter
             self.counter += 1
-        r = self.recipe
-        lr = warmup_cosine(current_step, r.initial_lr, r.warmup_epochs, r.num_epochs, r.final_lr)
+        policy = self.policy
+        lr = recipe_lr(self.recipe, current_step, policy.freeze_encoder_epochs, policy.network_lr_warmup_epochs)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.policy.group_lr(group, lr, current_step)
+            group["lr"] = policy.group_lr(group, lr, current_step)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
-    """nnU-Net trainer for the Swin encoder + SwinUNETR decoder."""
+#: The Swin recipe's scheduler, by the name it had when it was the only one.
+WarmupCosineLRScheduler = RecipeLRScheduler
 
-    preset_name: ClassVar[str] = "smit"
+
+class PluginTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
+    """What every nnunet-ssl trainer does, whatever its network (see the module docstring).
+
+    Subclasses say how the plans are adapted (:meth:`adapt_plans`), how a ``-pretrained_weights`` file is
+    checked before nnU-Net creates anything (:meth:`check_pretrained_weights_early`) and what is logged
+    about the weights when training starts (:meth:`log_weights_provenance`).
+    """
+
+    #: The network family (:data:`nnunet_ssl.networks.family.FAMILIES`) the trainer trains.
+    family: ClassVar[str] = "swin"
     method: ClassVar[str | None] = None
     recipe: ClassVar[FineTuneRecipe] = FineTuneRecipe()
     #: Set by nnUNetTrainer.__init__ (untyped): the constructor arguments every checkpoint saves as ``init_args``.
@@ -99,12 +120,12 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         dataset_json: dict,
         device: torch.device = torch.device("cuda"),
     ) -> None:
-        plan_notes = self.fit_plans_to_swin(plans, configuration)
+        plan_notes = self.adapt_plans(plans, configuration)
         try:  # every input checked before nnU-Net creates the results folder
             self.trainer_inputs = TrainerInputs.read()
             self.weights_metadata = self.check_pretrained_weights_early(
                 self.trainer_inputs, plans, configuration, dataset_json)
-            self._requested_policy = self.requested_finetune_policy(self.trainer_inputs, self.weights_metadata)
+            requested = self.requested_finetune_policy(self.trainer_inputs, self.weights_metadata)
         except TrainerInputError as error:
             refuse_under_nnunet_train(error)
             raise
@@ -126,11 +147,33 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
             self.active_recipe = with_epochs(self.active_recipe, epochs)
             self.print_to_log_file(f"{EPOCHS_ENV}={epochs}: training for {epochs} epochs "
                                    f"(warm-up {self.active_recipe.warmup_epochs})")
+        self._requested_policy = self.recipe_warmup_policy(*requested)
         self.initial_lr = self.active_recipe.initial_lr
         self.weight_decay = self.active_recipe.weight_decay
         self.num_epochs = self.active_recipe.num_epochs
         self.num_iterations_per_epoch = self.active_recipe.iterations_per_epoch
         self.num_val_iterations_per_epoch = self.active_recipe.val_iterations_per_epoch
+
+    @classmethod
+    def adapt_plans(cls, plans: dict, configuration: str) -> list[str]:
+        """Check (and where the family needs it, change) the plans dict before nnU-Net reads it; log lines."""
+        return []
+
+    def recipe_warmup_policy(self, policy: FineTunePolicy, origin: str) -> tuple[FineTunePolicy, str]:
+        """The run's policy: the requested one, or, when none was set, the recipe's warm-ups scaled to the run.
+
+        A recipe with warm-up fractions (the Spark3D fine-tuning) turns them into ``freeze_encoder_epochs``
+        and ``network_lr_warmup_epochs`` for the epochs this fold trains (:func:`scaled_warmups`), so a
+        shortened run (``NNUNET_SSL_EPOCHS``, a CPU trial) keeps the paper's proportions.
+        """
+        recipe = self.active_recipe
+        if origin != NO_POLICY_ORIGIN or not (recipe.decoder_warmup_fraction or recipe.network_warmup_fraction):
+            return policy, origin
+        decoder, network = scaled_warmups(recipe.decoder_warmup_fraction, recipe.network_warmup_fraction,
+                                          recipe.num_epochs)
+        scaled = FineTunePolicy(freeze_encoder_epochs=decoder, network_lr_warmup_epochs=network)
+        return scaled, (f"recipe of {self.__class__.__name__}: warm-ups of {recipe.decoder_warmup_fraction:.4g} and "
+                        f"{recipe.network_warmup_fraction:.4g} of {recipe.num_epochs} epochs")
 
     def recipe_for_fold(self, entry: FoldEntry | None) -> FineTuneRecipe:
         """The few-shot schedule on folds ``nnunet-ssl split --shots`` made, the recipe otherwise."""
@@ -151,54 +194,6 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         )
         return recipe
 
-    # ------------------------------------------------------------------ plans and network
-    @classmethod
-    def fit_plans_to_swin(cls, plans: dict, configuration: str) -> list[str]:
-        """Make the configuration's patch size usable by the Swin encoder, in the plans dict itself.
-
-        Done before ``nnUNetTrainer.__init__`` so that training, the saved plans.json and inference
-        all use the fitted patch size. Deterministic, so every fold writes the same plans.
-        Returns log lines describing the changes.
-        """
-        manager = PlansManager(plans).get_configuration(configuration)
-        patch = list(manager.patch_size)
-        if len(patch) != 3:
-            raise ValueError(
-                f"{cls.__name__} needs a 3D configuration (3d_fullres, 3d_lowres); "
-                f"{configuration!r} has a {len(patch)}-D patch size {patch}"
-            )
-        fitted = swin_compatible_patch_size(patch)
-        if fitted == patch:
-            return []
-        batch = manager.batch_size
-        new_batch = fitted_batch_size(batch, patch, fitted)
-        entry = plans["configurations"][configuration]
-        entry["patch_size"] = fitted
-        entry["batch_size"] = new_batch
-        return [
-            f"{cls.__name__}: patch size {patch} -> {fitted} (every axis a multiple of 32 and >= 64 for the "
-            f"Swin encoder); batch size {batch} -> {new_batch}"
-        ]
-
-    @classmethod
-    def build_network_architecture(
-        cls,
-        plans_manager: PlansManager,
-        configuration_manager: ConfigurationManager,
-        num_input_channels: int,
-        num_output_channels: int,
-        enable_deep_supervision: bool = True,
-    ) -> nn.Module:
-        """Build the Swin network of ``cls.preset_name`` (nnU-Net calls this for training and inference)."""
-        return SwinUNETRSeg(
-            get_preset(cls.preset_name), num_input_channels, num_output_channels, enable_deep_supervision
-        )
-
-    def _get_deep_supervision_scales(self) -> list[list[float]] | None:
-        if not self.enable_deep_supervision:
-            return None
-        return [[1.0 / s] * 3 for s in HEAD_STRIDES]
-
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self) -> tuple[Any, ...]:  # noqa: N802 - nnU-Net's name
         """nnU-Net's augmentation settings; test-time mirroring only if the recipe asks for it.
 
@@ -216,11 +211,23 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, _LRScheduler]:
-        groups = self.finetune_parameter_groups(self.weight_decay)  # None without a fine-tuning policy
-        if groups is None:
-            groups = decay_parameter_groups(self.network, self.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr)
-        return optimizer, WarmupCosineLRScheduler(optimizer, self.active_recipe, self.finetune_policy)
+        """The recipe's optimizer over the policy's param groups, with :class:`RecipeLRScheduler`.
+
+        ``adamw``: no weight decay on norms, biases and position tables. ``sgd``: nnU-Net's
+        (``nnUNetTrainer.configure_optimizers``): momentum 0.99, Nesterov, every parameter decayed.
+        """
+        adamw = self.active_recipe.optimizer == "adamw"
+        groups = self.finetune_parameter_groups(self.weight_decay, exempt_norms_and_biases=adamw)
+        if groups is None:  # the empty policy
+            groups = decay_parameter_groups(self.network, self.weight_decay) if adamw else \
+                [{"params": list(self.network.parameters()), "weight_decay": self.weight_decay}]
+        optimizer: torch.optim.Optimizer
+        if adamw:
+            optimizer = torch.optim.AdamW(groups, lr=self.initial_lr)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=self.initial_lr, weight_decay=self.weight_decay,
+                                        momentum=SGD_MOMENTUM, nesterov=True)
+        return optimizer, RecipeLRScheduler(optimizer, self.active_recipe, self.finetune_policy)
 
     # ------------------------------------------------------------------ seeding
     def get_dataloaders(self) -> tuple[Any, Any]:
@@ -300,10 +307,11 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
     def check_pretrained_weights_early(
         cls, inputs: TrainerInputs, plans: dict, configuration: str, dataset_json: dict
     ) -> dict | None:
-        """Check ``-pretrained_weights`` before nnU-Net creates the results folder.
+        """Check ``-pretrained_weights`` before nnU-Net creates the results folder; the file's metadata.
 
         nnU-Net builds the trainer, initialises it and only then loads the file with bare assertions,
         after the fold folder and its log exist. Returns the file's metadata (None without the option).
+        This base checks the network this trainer builds for these plans, key by key and shape by shape.
 
         Raises:
             TrainerInputError: the file does not fit the network this trainer builds for these plans.
@@ -321,6 +329,77 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         self.log_weights_provenance()
 
     def log_weights_provenance(self) -> None:
+        """Say which weights the network starts from (nnU-Net has loaded ``-pretrained_weights`` by now)."""
+
+    def warn_no_pretrained_weights(self, scratch_trainer: str) -> None:
+        """Log, loudly, that a trainer of a pretraining method starts from scratch."""
+        banner = "!" * 80
+        self.print_to_log_file(
+            f"\n{banner}\nWARNING: {self.__class__.__name__} expects {self.method} pretrained weights, but none "
+            f"were loaded: this run starts FROM SCRATCH.\nPass -pretrained_weights FILE "
+            f"(made by `nnunet-ssl export`), or use {scratch_trainer} for a scratch baseline.\n{banner}"
+        )
+
+
+class SwinTrainerBase(PluginTrainerBase):
+    """nnU-Net trainer for the Swin encoder + SwinUNETR decoder of ``preset_name``."""
+
+    family: ClassVar[str] = "swin"
+    preset_name: ClassVar[str] = "smit"
+
+    @classmethod
+    def adapt_plans(cls, plans: dict, configuration: str) -> list[str]:
+        return cls.fit_plans_to_swin(plans, configuration)
+
+    # ------------------------------------------------------------------ plans and network
+    @classmethod
+    def fit_plans_to_swin(cls, plans: dict, configuration: str) -> list[str]:
+        """Make the configuration's patch size usable by the Swin encoder, in the plans dict itself.
+
+        Done before ``nnUNetTrainer.__init__`` so that training, the saved plans.json and inference
+        all use the fitted patch size. Deterministic, so every fold writes the same plans.
+        Returns log lines describing the changes.
+        """
+        manager = PlansManager(plans).get_configuration(configuration)
+        patch = list(manager.patch_size)
+        if len(patch) != 3:
+            raise ValueError(
+                f"{cls.__name__} needs a 3D configuration (3d_fullres, 3d_lowres); "
+                f"{configuration!r} has a {len(patch)}-D patch size {patch}"
+            )
+        fitted = swin_compatible_patch_size(patch)
+        if fitted == patch:
+            return []
+        batch = manager.batch_size
+        new_batch = fitted_batch_size(batch, patch, fitted)
+        entry = plans["configurations"][configuration]
+        entry["patch_size"] = fitted
+        entry["batch_size"] = new_batch
+        return [
+            f"{cls.__name__}: patch size {patch} -> {fitted} (every axis a multiple of 32 and >= 64 for the "
+            f"Swin encoder); batch size {batch} -> {new_batch}"
+        ]
+
+    @classmethod
+    def build_network_architecture(
+        cls,
+        plans_manager: PlansManager,
+        configuration_manager: ConfigurationManager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module:
+        """Build the Swin network of ``cls.preset_name`` (nnU-Net calls this for training and inference)."""
+        return SwinUNETRSeg(
+            get_preset(cls.preset_name), num_input_channels, num_output_channels, enable_deep_supervision
+        )
+
+    def _get_deep_supervision_scales(self) -> list[list[float]] | None:
+        if not self.enable_deep_supervision:
+            return None
+        return [[1.0 / s] * 3 for s in HEAD_STRIDES]
+
+    def log_weights_provenance(self) -> None:
         """Say which weights the network starts from, or warn loudly when expected weights are absent."""
         network = unwrap(self.network)
         if not isinstance(network, SwinUNETRSeg):
@@ -332,12 +411,7 @@ class SwinTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
             if self.method is None:
                 self.print_to_log_file(f"{self.__class__.__name__}: training from scratch (no pretrained weights).")
                 return
-            banner = "!" * 80
-            self.print_to_log_file(
-                f"\n{banner}\nWARNING: {self.__class__.__name__} expects {self.method} pretrained weights, but none "
-                f"were loaded: this run starts FROM SCRATCH.\nPass -pretrained_weights FILE "
-                f"(made by `nnunet-ssl export`), or use SwinScratchTrainer for a scratch baseline.\n{banner}"
-            )
+            self.warn_no_pretrained_weights("SwinScratchTrainer")
             return
         digest = encoder_digest(network.encoder.state_dict())
         status = "verified" if digest == tag.get("digest") else f"MISMATCH: encoder now has digest {digest}"

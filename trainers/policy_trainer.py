@@ -42,6 +42,8 @@ from nnunet_ssl.trainers.policy import (
 
 #: Key of the policy in the nnU-Net checkpoint's ``init_args``.
 INIT_ARGS_KEY = "nnunet_ssl_finetune_policy"
+#: Origin of the empty policy when nothing asked for one (a trainer's recipe may then set its own warm-ups).
+NO_POLICY_ORIGIN = "default (none set)"
 
 
 def policy_from_checkpoint(checkpoint: dict[str, Any], origin: str) -> FineTunePolicy | None:
@@ -70,7 +72,7 @@ def read_checkpoint_policy(path: str) -> FineTunePolicy | None:
 
 
 class FineTunePolicyMixin(nnUNetTrainer):
-    """Applies a :class:`FineTunePolicy` to an nnU-Net trainer whose network is a SwinUNETRSeg.
+    """Applies a :class:`FineTunePolicy` to an nnU-Net trainer whose network is of a known family (Swin, ResEnc).
 
     The trainer's ``configure_optimizers`` uses :meth:`finetune_parameter_groups` and passes
     :attr:`finetune_policy` to its scheduler (``group_lr``).
@@ -114,7 +116,7 @@ class FineTunePolicyMixin(nnUNetTrainer):
         if cls.finetune_policy_default:
             return parse_policy(cls.finetune_policy_default, f"{cls.__name__}.finetune_policy_default"), \
                 f"default of {cls.__name__}"
-        return FineTunePolicy(), "default (none set)"
+        return FineTunePolicy(), NO_POLICY_ORIGIN
 
     def set_finetune_policy(self, policy: FineTunePolicy, origin: str) -> None:
         """Make ``policy`` the run's policy and record it in ``init_args`` (saved in every checkpoint)."""
@@ -134,14 +136,19 @@ class FineTunePolicyMixin(nnUNetTrainer):
             f"{self.finetune_policy.describe(num_encoder_levels(unwrap(self.network)))}"
         )
 
-    def finetune_parameter_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
-        """The policy's param groups, or None for the empty policy (the trainer's plain groups apply)."""
+    def finetune_parameter_groups(
+        self, weight_decay: float, exempt_norms_and_biases: bool = True
+    ) -> list[dict[str, Any]] | None:
+        """The policy's param groups, or None for the empty policy (the trainer's plain groups apply).
+
+        ``exempt_norms_and_biases``: see :func:`~nnunet_ssl.trainers.policy.policy_parameter_groups`.
+        """
         policy = self.finetune_policy
         if policy.is_default:
             return None
         network = unwrap(self.network)
         policy.check_levels(num_encoder_levels(network))
-        return policy_parameter_groups(network, weight_decay, policy)
+        return policy_parameter_groups(network, weight_decay, policy, exempt_norms_and_biases)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         """Resume with the checkpoint's policy (it wins over a changed environment, with a warning)."""
@@ -173,8 +180,10 @@ class FineTunePolicyMixin(nnUNetTrainer):
         apply_freezing(unwrap(self.network), policy, epoch, toggle_requires_grad=not self.is_ddp)
         if policy.freeze_encoder_epochs:
             if epoch == policy.freeze_encoder_epochs:
-                ramp = (f" with a linear encoder lr warm-up over {policy.encoder_lr_warmup_epochs} epoch(s)"
-                        if policy.encoder_lr_warmup_epochs else "")
+                ramps = [f"a linear {what} lr warm-up over {epochs} epoch(s)" for what, epochs in
+                         (("encoder", policy.encoder_lr_warmup_epochs), ("whole-network", policy.network_lr_warmup_epochs))
+                         if epochs]
+                ramp = f" with {' and '.join(ramps)}" if ramps else ""
                 self.print_to_log_file(f"Epoch {epoch}: encoder unfrozen (decoder warm-up done){ramp}")
             elif epoch < policy.freeze_encoder_epochs and not getattr(self, "_freeze_announced", False):
                 self.print_to_log_file(f"Epoch {epoch}: encoder frozen until epoch {policy.freeze_encoder_epochs}")

@@ -14,10 +14,12 @@ from nnunet_ssl.trainers.base import WarmupCosineLRScheduler
 from nnunet_ssl.trainers.inputs import FINETUNE_ENV as ENV_VAR
 from nnunet_ssl.trainers.inputs import TrainerInputError
 from nnunet_ssl.trainers.policy import (
+    SWIN_LEVELS,
     FineTunePolicy,
     PolicyError,
     apply_freezing,
     encoder_level,
+    encoder_levels,
     parse_policy,
     policy_parameter_groups,
 )
@@ -34,7 +36,11 @@ def test_parse_and_canonical_string() -> None:
     assert FineTunePolicy.from_dict(policy.to_dict()) == policy
     assert parse_policy("frozen_stages=0+3+4").frozen_stages == (0, 3, 4)
     assert parse_policy("frozen_stages=0+3+4").to_string() == "frozen_stages=0+3-4"
-    assert parse_policy("frozen_stages=all").frozen_stages == (0, 1, 2, 3, 4)
+    everything = parse_policy("frozen_stages=all")
+    assert everything == FineTunePolicy(frozen_encoder=True) and everything.to_string() == "frozen_stages=all"
+    assert all(everything.permanently_frozen(level) for level in range(7))  # whatever the encoder's depth
+    assert FineTunePolicy.from_dict(everything.to_dict()) == everything
+    assert FineTunePolicy.from_dict({"llrd": 0.5, "frozen_stages": [1]}) == FineTunePolicy(llrd=0.5, frozen_stages=(1,))
     assert parse_policy("none").is_default and parse_policy("").is_default and parse_policy(None).is_default
 
 
@@ -79,11 +85,12 @@ def test_groups_cover_every_parameter_once_with_weight_decay_rules(network: Swin
     names = {id(p): n for n, p in network.named_parameters()}
     for group in groups:
         for p in group["params"]:
-            level = encoder_level(names[id(p)], 5)
+            level = encoder_level(names[id(p)])
             assert level == group["level"]
             assert (group["weight_decay"] == 0.0) == (p.ndim <= 1 or "relative_position_bias_table" in names[id(p)])
-    assert encoder_level("encoder.patch_embed.weight", 5) == 0
-    assert encoder_level("encoder.stages.3.downsample.norm.weight", 5) == 4
+    assert encoder_level("encoder.patch_embed.weight") == 0
+    assert encoder_level("encoder.stages.3.downsample.norm.weight") == 4
+    assert encoder_levels(network) == SWIN_LEVELS
 
 
 def _lrs_by_level(optimizer: torch.optim.Optimizer) -> dict:
