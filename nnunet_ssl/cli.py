@@ -50,19 +50,23 @@ def cmd_make_phantoms(args: argparse.Namespace) -> int:
 
 
 def cmd_trainers(args: argparse.Namespace) -> int:
-    from nnunet_ssl.trainers.named import TRAINERS, describe
+    from nnunet_ssl.trainers.named import ALL_TRAINERS, describe
 
-    rows = [describe(cls) for cls in TRAINERS.values()]
-    header = (f"{'trainer':34s} {'preset':13s} {'method':15s} {'schedule':9s} {'epochs':>6s} {'few-shot':>8s} "
-              f"{'it/epoch':>8s}")
+    rows = [describe(cls) for cls in ALL_TRAINERS.values()]
+    header = (f"{'trainer':34s} {'family':6s} {'preset':13s} {'method':15s} {'schedule':17s} {'epochs':>6s} "
+              f"{'few-shot':>8s} {'it/epoch':>8s}")
     lines = [header, "-" * len(header)]
     lines += [
-        f"{r['trainer']:34s} {r['preset']:13s} {r['method']:15s} {r['schedule']:9s} {r['epochs']:6d} "
+        f"{r['trainer']:34s} {r['family']:6s} {r['preset']:13s} {r['method']:15s} {r['schedule']:17s} {r['epochs']:6d} "
         f"{r['few_shot_epochs']:8d} {r['iterations_per_epoch']:8d}"
         for r in rows
     ]
     lines += ["", "paper: the paper's recipe, for a GPU. cpu-trial: a first try on a CPU (tiny network, no test-time "
-              "mirroring).", "Other schedules are trainers of your own (README, Trainers)."]
+              "mirroring).",
+              "resenc: nnU-Net's ResEnc U-Net built from the plans (`nnunet-ssl plan --family resenc`, or nnU-Net's "
+              "nnUNetResEncUNetLPlans for scratch). nnunet: nnU-Net's SGD + poly from scratch; spark3d: the Spark3D "
+              "fine-tuning (decoder warm-up, whole-network warm-up, poly at 1e-3); *-cpu-trial: 16 short epochs.",
+              "Other schedules are trainers of your own (README, Trainers)."]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -99,16 +103,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 
     from nnunet_ssl.plans.plan_command import plan_and_preprocess
-    from nnunet_ssl.plans.planner import SwinPlanSettings
+    from nnunet_ssl.plans.planner import DEFAULT_PLANS_NAME, SwinPlanSettings
 
+    if args.family == "resenc":
+        from nnunet_ssl.plans.resenc_planner import RESENC_PLANS_NAME, ResEncPlanSettings, resenc_training_hint
+
+        defaults = build_parser().parse_args(["plan", "-d", str(args.dataset)])
+        swin_only = [f"--{name.replace('_', '-')}" for name in SWIN_ONLY_PLAN_OPTIONS
+                     if getattr(args, name) != getattr(defaults, name)]
+        if swin_only:
+            raise ValueError(f"{', '.join(swin_only)}: Swin planning options; --family resenc plans 1 mm and z-scores "
+                             "every channel, as Spark3D pretrains (drop them, or plan with --family swin)")
+        resenc_settings = ResEncPlanSettings(
+            preset=args.preset or "resenc_l",
+            patch_size=tuple(args.patch_size) if args.patch_size else None,
+            batch_size=args.batch_size,
+            plans_name=args.plans_name or RESENC_PLANS_NAME,
+        )
+        plans = plan_and_preprocess(args.dataset, resenc_settings, num_processes=args.num_processes, verify=args.verify)
+        logger.info("%s", resenc_training_hint(convert_dataset_name_to_id(plans["dataset_name"]), resenc_settings))
+        return 0
     settings = SwinPlanSettings(
-        preset=args.preset,
+        preset=args.preset or "smit",
         modality=args.modality,
         hu_window=tuple(args.hu_window),
         spacing_xyz=tuple(args.spacing),
         patch_size=tuple(args.patch_size) if args.patch_size else None,
         batch_size=args.batch_size,
-        plans_name=args.plans_name,
+        plans_name=args.plans_name or DEFAULT_PLANS_NAME,
         mr_normalization="window" if args.mr_window else args.mr_normalization,
         mr_percentiles=tuple(args.mr_percentiles),
         mr_window=tuple(args.mr_window) if args.mr_window else None,
@@ -116,6 +138,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plans = plan_and_preprocess(args.dataset, settings, num_processes=args.num_processes, verify=args.verify)
     logger.info("%s", training_hint(convert_dataset_name_to_id(plans["dataset_name"]), settings))
     return 0
+
+
+#: ``nnunet-ssl plan`` options of the Swin planner only (refused with ``--family resenc`` when given).
+SWIN_ONLY_PLAN_OPTIONS = ("modality", "hu_window", "mr_normalization", "mr_percentiles", "mr_window", "spacing")
 
 
 def trainers_of_preset(preset: str) -> list[str]:
@@ -524,8 +550,13 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset name or id in nnUNet_raw")
-    parser.add_argument("--preset", default="smit",
-                        help="architecture preset; its input size is the patch (default smit)")
+    parser.add_argument("--family", choices=["swin", "resenc"], default="swin",
+                        help="network family the plans are for (default swin). resenc: plans whose architecture is "
+                        "the pretrained ResEnc topology (1 mm, z-score per image, patch fitted to the data up to the "
+                        "preset's), plans name nnUNetResEncSSLPlans; the Swin options below do not apply")
+    parser.add_argument("--preset", default=None,
+                        help="architecture preset (default smit; resenc_l with --family resenc, or resenc_tiny for "
+                        "a CPU); Swin: its input size is the patch")
     parser.add_argument("--modality", choices=["ct", "mr"],
                         help="for every channel (default: dataset.json channel names)")
     parser.add_argument("--hu-window", type=float, nargs=2, default=[-175.0, 250.0], metavar=("LOW", "HIGH"),
@@ -540,11 +571,13 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0], metavar=("X", "Y", "Z"),
                         help="target spacing in mm along the image x, y, z axes (default 1.5 1.5 2)")
     parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),
-                        help="patch size in nnU-Net's axis order (default: the preset's, cubic)")
+                        help="patch size in nnU-Net's axis order (default: Swin, the preset's, cubic; resenc, fitted "
+                        "to the median image, multiples of 32 in [64, the preset's])")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per training step, written to the plans "
                         "(default 2)")
-    parser.add_argument("--plans-name", default="nnUNetSwinPlans",
-                        help="plans identifier for -p (default nnUNetSwinPlans)")
+    parser.add_argument("--plans-name", default=None,
+                        help="plans identifier for -p (default nnUNetSwinPlans; nnUNetResEncSSLPlans with --family "
+                        "resenc)")
     parser.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
     parser.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
 

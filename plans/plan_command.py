@@ -1,7 +1,9 @@
-"""``nnunet-ssl plan``: fingerprint (if needed), plan with :class:`SwinPlanner`, preprocess.
+"""``nnunet-ssl plan``: fingerprint (if needed), plan with :class:`SwinPlanner` or :class:`ResEncSSLPlanner`, preprocess.
 
 All through nnU-Net's API, so the preprocessed data and the plans file are nnU-Net's own and
-``nnUNetv2_train ... -p <plans_name>`` and ``nnUNetv2_predict ... -p <plans_name>`` use them.
+``nnUNetv2_train ... -p <plans_name>`` and ``nnUNetv2_predict ... -p <plans_name>`` use them. The
+settings' type chooses the family: :class:`SwinPlanSettings` (``--family swin``, the default) or
+:class:`ResEncPlanSettings` (``--family resenc``).
 """
 from __future__ import annotations
 
@@ -20,22 +22,23 @@ from nnunet_ssl.plans.planner import (
     coarsening_hint,
     summarize_plans,
 )
+from nnunet_ssl.plans.resenc_planner import ResEncPlanSettings, ResEncSSLPlanner, summarize_resenc_plans
 
 logger = logging.getLogger(__name__)
 
 
-def check_plans_file_is_ours(plans_file: Path) -> None:
-    """Refuse to overwrite a plans file that this planner did not write."""
+def check_plans_file_is_ours(plans_file: Path, planner: type = SwinPlanner) -> None:
+    """Refuse to overwrite a plans file that ``planner`` did not write (another family's, or nnU-Net's)."""
     if not plans_file.is_file():
         return
     try:
         plans = json.loads(plans_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{plans_file} exists and is not valid JSON ({error}); move it away first") from error
-    if plans.get("experiment_planner_used") != SwinPlanner.__name__:
+    if plans.get("experiment_planner_used") != planner.__name__:
         raise FileExistsError(
-            f"{plans_file} exists and was written by {plans.get('experiment_planner_used')!r}, not `nnunet-ssl plan`; "
-            "choose another --plans-name (nothing was changed)"
+            f"{plans_file} exists and was written by {plans.get('experiment_planner_used')!r}, not `nnunet-ssl plan` "
+            f"with {planner.__name__}; choose another --plans-name (nothing was changed)"
         )
 
 
@@ -75,11 +78,14 @@ def raw_case_identifiers(raw_folder: Path) -> list[str]:
     return [check_case_id(case, images) for case in identifiers]
 
 
-def plan_and_preprocess(dataset: str, settings: SwinPlanSettings, num_processes: int = 2,
+def plan_and_preprocess(dataset: str, settings: SwinPlanSettings | ResEncPlanSettings, num_processes: int = 2,
                         verify: bool = False) -> dict:
-    """Plan ``dataset`` with the paper's settings and preprocess its ``3d_fullres`` data.
+    """Plan ``dataset`` with the settings' family and preprocess its ``3d_fullres`` data.
 
     Returns the plans dict as saved (``$nnUNet_preprocessed/<Dataset>/<plans_name>.json``).
+
+    Raises:
+        PlanRefusal: (ResEnc) the data cannot hold the smallest patch at 1 mm; nothing was preprocessed.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
@@ -88,7 +94,9 @@ def plan_and_preprocess(dataset: str, settings: SwinPlanSettings, num_processes:
     dataset_id = convert_dataset_name_to_id(name)
     folder = preprocessed_dataset_folder(name)
     plans_file = folder / f"{settings.plans_name}.json"
-    check_plans_file_is_ours(plans_file)
+    planner_class: type[SwinPlanner] | type[ResEncSSLPlanner] = \
+        ResEncSSLPlanner if isinstance(settings, ResEncPlanSettings) else SwinPlanner
+    check_plans_file_is_ours(plans_file, planner_class)
     # nnU-Net's planning copies this dataset.json next to the plans, and preprocessing names its files
     # after these identifiers: refuse unsafe ones before anything is written
     raw_case_identifiers(raw_dataset_folder(name))
@@ -99,14 +107,17 @@ def plan_and_preprocess(dataset: str, settings: SwinPlanSettings, num_processes:
         logger.info("extracting the dataset fingerprint of %s", name)
         extract_fingerprint_dataset(dataset_id, num_processes=num_processes, check_dataset_integrity=verify,
                                     clean=False, verbose=False)
-    logger.info("planning %s with %s", name, SwinPlanner.__name__)
-    planner = SwinPlanner(name, settings)
+    logger.info("planning %s with %s", name, planner_class.__name__)
+    planner = ResEncSSLPlanner(name, settings) if isinstance(settings, ResEncPlanSettings) else SwinPlanner(name, settings)
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        planner.plan_experiment()  # nnU-Net prints its own intermediate configurations, before our patch and batch
-    logger.debug("nnU-Net's planner printed (before the Swin settings were applied):\n%s", printed.getvalue())
+        planner.plan_experiment()  # nnU-Net prints its own intermediate configurations, before our settings
+    logger.debug("nnU-Net's planner printed (before the plugin's settings were applied):\n%s", printed.getvalue())
     logger.info("preprocessing %s (%s) into %s", name, CONFIGURATION, folder)
     preprocess_dataset(dataset_id, settings.plans_name, [CONFIGURATION], [num_processes])
     plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    if isinstance(settings, ResEncPlanSettings):
+        logger.info("%s", summarize_resenc_plans(plans))
+        return plans
     logger.info("%s", summarize_plans(plans, settings))
     fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text(encoding="utf-8"))
     hint = coarsening_hint(fingerprint.get("spacings", []), settings, str(dataset_id))
