@@ -20,7 +20,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import Tensor, nn
 
-from nnunet_ssl.networks.resenc import RESENC_PRESETS, build_resenc_unet
+from nnunet_ssl.networks.resenc import RESENC_PRESETS, ResEncPreset, build_resenc_unet
 from nnunet_ssl.pretraining.masking import bottleneck_block_masks
 from nnunet_ssl.pretraining.sparse_resenc import (
     MaskTokenDensify,
@@ -38,14 +38,14 @@ MICRO = dataclasses.replace(
 )
 
 
-def network(preset: object = MICRO, channels: int = 1, seed: int = 0) -> ResidualEncoderUNet:
+def network(preset: ResEncPreset = MICRO, channels: int = 1, seed: int = 0) -> ResidualEncoderUNet:
     """A network whose norms have random affine parameters.
 
     nnU-Net's init zeroes the last norm weight of every residual block, which would hide the
     residual branches from the checks; random weights and biases exercise every path.
     """
     torch.manual_seed(seed)
-    net = build_resenc_unet(preset, channels, channels, deep_supervision=False)  # type: ignore[arg-type]
+    net = build_resenc_unet(preset, channels, channels, deep_supervision=False)
     with torch.no_grad():
         for name, parameter in net.named_parameters():
             if ".norm." in name:
@@ -65,7 +65,7 @@ def relative(a: Tensor, b: Tensor) -> float:
 
 
 @pytest.mark.parametrize(("preset", "crop", "batch"), [(MICRO, 32, 2), (SIX_STAGES, 64, 1)])
-def test_all_visible_mask_is_the_dense_network(preset: object, crop: int, batch: int) -> None:
+def test_all_visible_mask_is_the_dense_network(preset: ResEncPreset, crop: int, batch: int) -> None:
     # float64: the comparison is of the arithmetic, not of float32 round-off (the dense float32
     # network is itself ~1e-6 from its float64 value at these depths)
     net = network(preset).double()
