@@ -306,13 +306,20 @@ def manifest_groups(manifest: dict[int, FoldEntry], collected: set[int]) -> dict
 
 
 def write_report(report: Report) -> Path:
-    """Write every output into ``report.config.out_dir``; returns the path of ``report.md``."""
+    """Write every output into ``report.config.out_dir``; returns the path of ``report.md``.
+
+    Its Files section lists what was written: the CSV files, the figures that had data, and
+    ``predictions/`` only when this report predicted the test set into it (with ``--predictions`` the
+    predictions stay where they are; without a test set there are none).
+    """
     out_dir = report.config.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     tables.write_transfer_csvs(report, out_dir)
     figures = plots.report_figures(report, out_dir)
+    predicted_here = report.config.test_images is not None and report.config.predictions is None
+    extra = [tables.PREDICTIONS_FOLDER] if predicted_here and (out_dir / tables.PREDICTIONS_FOLDER).is_dir() else []
     path = out_dir / "report.md"
-    path.write_text(tables.transfer_markdown(report, figures), encoding="utf-8")
+    path.write_text(tables.transfer_markdown(report, figures, extra), encoding="utf-8")
     return path
 
 

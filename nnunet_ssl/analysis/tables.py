@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from nnunet_ssl.analysis.curves import curve_rows
+from nnunet_ssl.analysis.curves import curve_rows, structure_column
 from nnunet_ssl.analysis.results import COMPLETE
 from nnunet_ssl.analysis.stats import (
     ALPHA,
@@ -194,12 +194,15 @@ def hd95_markdown(report: Report) -> str:
     )
 
 
-def transfer_markdown(report: Report, figures: dict[str, str]) -> str:
+def transfer_markdown(report: Report, figures: dict[str, str], extra_files: Sequence[str] = ()) -> str:
     """``report.md`` of ``nnunet-ssl report``.
 
     Args:
         report: ``analysis.report.Report``.
-        figures: Figure name (``curves``, ``losses``, ``few_shot``) -> file name beside report.md.
+        figures: Figure name (``curves``, ``losses``, ``few_shot``) -> file name beside report.md, for
+            the figures that were written.
+        extra_files: Other entries beside report.md to list under Files (``predictions/`` when the report
+            predicted the test set there).
     """
     config = report.config
     complete = sum(r.complete for r in report.runs)
@@ -215,14 +218,36 @@ def transfer_markdown(report: Report, figures: dict[str, str]) -> str:
     if any(m.hd95_means for m in report.methods):
         parts += ["## HD95\n", hd95_markdown(report)]
     parts += ["## Runs\n", runs_markdown(report), *few_shot_and_convergence(report, figures)]
-    predicted_here = config.test_images is not None and config.predictions is None
-    parts.append("## Files\n\n" + ", ".join(f"`{name}`" for name in [
-        *TRANSFER_FILES, *(["predictions/"] if predicted_here else [])]) + "\n")
+    parts += ["## Files\n", files_markdown([*TRANSFER_FILES, *figures.values(), *extra_files])]
     return "\n".join(parts)
 
 
 #: CSV files of the transfer tables (:func:`write_transfer_csvs`).
 TRANSFER_FILES = ("dice_per_case.csv", "summary.csv", "stats.csv", "few_shot.csv", "curves.csv")
+#: Test-set predictions the transfer report made itself (``<trainer>/fold_N/<case><ending>``).
+PREDICTIONS_FOLDER = "predictions/"
+
+#: What each file of a report holds (the Files section of report.md).
+FILE_DESCRIPTIONS = {
+    "tables.csv": "the Arms tables: per setting, arm and structure, mean and sd over seeds, gap, p values",
+    "runs.csv": "each run of the Arms tables: setting, arm, fold, seed, status, mean Dice per structure",
+    "cka.csv": "CKA per arm, setting and encoder stage (only a header when not computed)",
+    "dice_per_case.csv": "Dice per run, case and structure",
+    "summary.csv": "mean Dice per method of each Mean Dice table (scope pooled) and per run (scope fold)",
+    "stats.csv": "gap % and Wilcoxon test vs the reference, per Mean Dice table, method and structure",
+    "few_shot.csv": "few-shot and data-limited mean, sd and range over seeds, per structure",
+    "curves.csv": "per-epoch losses, pseudo-Dice (mean over structures, its EMA, each structure) and "
+                  "learning rate of every run",
+    "curves.png": "validation pseudo-Dice vs epoch: mean over structures, and each structure",
+    "losses.png": "training and validation loss vs epoch",
+    "few_shot.png": "Dice vs training cases: mean over structures, and each structure",
+    PREDICTIONS_FOLDER: "the test-set predictions this report made, predictions/<trainer>/fold_N/",
+}
+
+
+def files_markdown(names: Sequence[str]) -> str:
+    """The Files section: each file written beside report.md (and nothing else), with what it holds."""
+    return "\n".join(f"- `{name}`: {FILE_DESCRIPTIONS.get(name, '')}".rstrip(": ") for name in names) + "\n"
 
 
 def few_shot_and_convergence(report: Report, figures: dict[str, str]) -> list[str]:
@@ -231,15 +256,62 @@ def few_shot_and_convergence(report: Report, figures: dict[str, str]) -> list[st
     if report.manifest:
         parts += ["## Few-shot and data-limited folds\n", few_shot_markdown(report)]
         if "few_shot" in figures:
-            parts.append(f"![Mean Dice vs training cases]({figures['few_shot']})\n")
+            parts.append(f"![Dice vs training cases: mean over structures, and each structure]({figures['few_shot']})\n")
     parts.append("## Convergence\n")
     if "curves" in figures:
         parts.append(f"![Validation pseudo-Dice (EMA) vs epoch]({figures['curves']})\n")
         parts.append(f"![Training and validation loss vs epoch]({figures['losses']})\n")
-        parts.append("Per-epoch values of every run (few-shot folds included) are in curves.csv.\n")
+        ordinary = any(c.fold not in report.manifest for c in report.curves)
+        shown = "the runs of nnU-Net's folds" if ordinary and len(report.manifest) else "every run"
+        parts.append(
+            f"The figures show {shown}. Pseudo-Dice is nnU-Net's Dice on validation patches during training "
+            f"(the first panel: the mean over structures, its EMA solid), not the tables' Dice on whole cases. "
+            "Per-epoch values of every run (few-shot folds included) are in curves.csv.\n"
+        )
     else:
         parts.append("No checkpoint with training logs was found.\n")
     return parts
+
+
+SUMMARY_HEADER = ("trainer", "scope", "setting", "kind", "size", "seed", "folds", "status", "reason", "structure",
+                  "n_cases", "mean_dice", "mean_hd95")
+#: ``status`` of a pooled summary row whose method has complete and incomplete (or missing) folds.
+PARTIAL = "partial"
+
+
+def summary_rows(report: Report) -> list[list[object]]:
+    """The rows of summary.csv (:data:`SUMMARY_HEADER`).
+
+    One row per structure for each method of each Mean Dice table of report.md (``report.settings``),
+    with its numbers and ``setting`` = the table's title: scope ``pooled`` for nnU-Net's folds (each
+    case scored by its fold), scope ``seeds`` for a few-shot or data-limited size (each case's Dice its
+    mean over the seeds); status ``complete``, ``partial`` (some folds not complete, listed in
+    ``reason``) or ``missing``. A setting that report.md has no table for has no rows. Scope ``fold``:
+    one row per structure for each run of the Runs table, with its status and reason.
+    """
+    keys = [*report.structures, OVERALL]
+    rows: list[list[object]] = []
+    for setting in report.settings:
+        for method in setting.methods:
+            status = (COMPLETE if not method.not_used else PARTIAL) if method.available else "missing"
+            reason = "; ".join(f"fold {f}: {why}" for f, why in sorted(method.not_used.items()))
+            for key in keys:
+                scope = "pooled" if setting.kind == "ordinary" else "seeds"
+                rows.append([method.trainer, scope, setting.title, setting.kind, setting.size, None,
+                             ";".join(str(f) for f in method.folds), status, reason, key,
+                             method.counts.get(key, 0) if method.available else 0, method.means.get(key, math.nan),
+                             method.hd95_means.get(key, math.nan)])
+    for run in report.runs:
+        entry = report.manifest.get(run.fold)
+        means = structure_means(run.dice, report.structures) if run.complete else {}
+        counts = case_counts(run.dice, report.structures) if run.complete else {}
+        hd95 = structure_means(finite_or_nan(run.hd95), report.structures) if run.complete and run.hd95 else {}
+        for key in keys:
+            rows.append([run.trainer, "fold", None, "ordinary" if entry is None else entry.kind,
+                         None if entry is None else entry.size, None if entry is None else entry.seed, str(run.fold),
+                         run.status, run.reason, key, counts.get(key, 0), means.get(key, math.nan),
+                         hd95.get(key, math.nan)])
+    return rows
 
 
 def write_transfer_csvs(report: Report, out_dir: Path) -> None:
@@ -257,25 +329,7 @@ def write_transfer_csvs(report: Report, out_dir: Path) -> None:
     header = ["trainer", "fold", "case", "structure", "dice", "run_status"] + (["hd95"] if with_hd95 else [])
     write_csv(out_dir / "dice_per_case.csv", header, rows)
 
-    rows = []
-    for method in report.methods:
-        folds = ";".join(str(f) for f in method.folds)
-        status = COMPLETE if method.available else "missing"
-        reason = "; ".join(f"fold {f}: {why}" for f, why in sorted(method.not_used.items()))
-        for key in keys:
-            rows.append([method.trainer, "pooled", folds, "ordinary", status, reason, key,
-                         method.counts.get(key, 0) if method.available else 0, method.means.get(key, math.nan),
-                         method.hd95_means.get(key, math.nan)])
-    for run in report.runs:
-        entry = report.manifest.get(run.fold)
-        means = structure_means(run.dice, report.structures) if run.complete else {}
-        counts = case_counts(run.dice, report.structures) if run.complete else {}
-        hd95 = structure_means(finite_or_nan(run.hd95), report.structures) if run.complete and run.hd95 else {}
-        for key in keys:
-            rows.append([run.trainer, "fold", str(run.fold), "ordinary" if entry is None else entry.kind, run.status,
-                         run.reason, key, counts.get(key, 0), means.get(key, math.nan), hd95.get(key, math.nan)])
-    write_csv(out_dir / "summary.csv", ["trainer", "scope", "folds", "kind", "status", "reason", "structure",
-                                         "n_cases", "mean_dice", "mean_hd95"], rows)
+    write_csv(out_dir / "summary.csv", SUMMARY_HEADER, summary_rows(report))
 
     rows = []
     for setting in report.settings:
@@ -301,8 +355,9 @@ def write_transfer_csvs(report: Report, out_dir: Path) -> None:
                                           "std", "min", "max", "gap_pct", "gap_vs_best_full_pct", "seed_means",
                                           "missing"], rows)
 
-    curve_table = curve_rows(report.curves)
-    curve_header = ["trainer", "fold", "epoch", "train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "lrs"]
+    curve_table = curve_rows(report.curves, report.structures)
+    curve_header = ["trainer", "fold", "epoch", "train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice", "lrs",
+                    *(structure_column(name) for name in report.structures)]
     write_csv(out_dir / "curves.csv", curve_header, [[row[k] for k in curve_header] for row in curve_table])
 
 
@@ -400,7 +455,7 @@ def experiment_markdown(report: ExperimentReport, figures: dict[str, str]) -> st
     parts += few_shot_and_convergence(transfer, figures)
     if report.failed_jobs:
         parts += ["## Failed jobs\n", "\n".join(f"- {k}: {v}" for k, v in report.failed_jobs.items()) + "\n"]
-    parts.append("## Files\n\n" + ", ".join(f"`{name}`" for name in [*ARMS_FILES, *TRANSFER_FILES]) + "\n")
+    parts += ["## Files\n", files_markdown([*ARMS_FILES, *TRANSFER_FILES, *figures.values()])]
     return "\n".join(parts)
 
 
