@@ -360,8 +360,8 @@ def cmd_cka(args: argparse.Namespace) -> int:
     )
     result = run_cka(settings)
     paths = write_outputs(result, settings)
-    logger.info("CKA pretrained vs fine-tuned, same layer (%d patches):\n%s", result.examples,
-                format_table(result.per_layer()))
+    logger.info("CKA pretrained vs fine-tuned %s encoder, same layer (%d patches):\n%s",
+                result.provenance["family"], result.examples, format_table(result.per_layer()))
     logger.info("wrote %s", ", ".join(str(p) for p in paths))
     return 0
 
@@ -609,13 +609,17 @@ def _add_inspect_weights_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_cka_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", required=True,
-                        help="weights file from `nnunet-ssl export`, or a pretraining run")
+                        help="weights file from `nnunet-ssl export`, or a pretraining run (Swin or ResEnc; the "
+                             "fine-tuned network's architecture)")
     parser.add_argument("--finetuned", required=True,
-                        help="nnU-Net results fold: .../<Trainer>__<plans>__<config>/fold_N")
+                        help="nnU-Net results fold: .../<Trainer>__<plans>__<config>/fold_N of a Swin trainer, or of "
+                             "any trainer whose network nnU-Net builds from the plans (ResEnc; nnUNetTrainer too)")
     parser.add_argument("--data", required=True,
                         help="raw images in nnU-Net format (CASE_0000.nii.gz ...), e.g. imagesTs")
     parser.add_argument("--out", required=True, help="output folder (CSV tables, PNG figures, settings)")
-    parser.add_argument("--layers", default="all", help="'all' (default) or comma-separated names: embed,stage1.block1,...")
+    parser.add_argument("--layers", default="all",
+                        help="'all' (default) or comma-separated names: embed,stage1.block1,... (Swin blocks), "
+                             "stem,stage1.block1,... (ResEnc residual blocks)")
     parser.add_argument("--checkpoint", choices=["final", "best"], default="final", help="fold checkpoint to compare")
     parser.add_argument("--patches-per-case", type=int, default=4, help="seeded random crops per case (default 4)")
     parser.add_argument("--batch-size", type=int, default=8, help="patches per minibatch, at least 4 (default 8)")

@@ -1,8 +1,9 @@
 """CKA of nnU-Net's residual encoder (ResEnc), per residual block: layers, input checks, the run path, refusals.
 
-The fine-tuned folds are written as nnU-Net writes them for its own ``nnUNetTrainer`` on plans whose
-``3d_fullres`` architecture is ``resenc_tiny``'s (the network nnU-Net builds from the plans); the
-pretrained encoder is a ``resenc_tiny`` weights file as ``nnunet-ssl export`` writes it for Spark3D.
+The fine-tuned folds are written as nnU-Net writes them for its own ``nnUNetTrainer`` (and one for
+nnunet-ssl's ``ResEncSpark3DTrainer``) on plans whose ``3d_fullres`` architecture is ``resenc_tiny``'s:
+the network nnU-Net builds from the plans. The pretrained encoder is a ``resenc_tiny`` weights file
+as ``nnunet-ssl export`` writes it for Spark3D.
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def _with_new_stage6(weights: dict[str, torch.Tensor], generator: torch.Generato
 
 @pytest.fixture(scope="module")
 def resenc_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A resenc_tiny weights file, folds of nnUNetTrainer (same network; stage 6 changed; another topology; a
-    network of no family), and 2 raw CT cases."""
+    """A resenc_tiny weights file, folds of nnUNetTrainer (same network; another topology; a network of no family)
+    and of ResEncSpark3DTrainer (stage 6 changed), and 2 raw CT cases."""
     root = tmp_path_factory.mktemp("cka_resenc")
     generator = torch.Generator().manual_seed(5)
     torch.manual_seed(3)
@@ -81,8 +82,8 @@ def resenc_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     results = root / "Dataset990_CKA"
     same = write_nnunet_fold(results / "nnUNetTrainer__same__3d_fullres", dict(payload["network_weights"]),
                              "nnUNetTrainer", plans)
-    stage6 = write_nnunet_fold(results / "nnUNetTrainer__stage6__3d_fullres",
-                               _with_new_stage6(payload["network_weights"], generator), "nnUNetTrainer", plans)
+    stage6 = write_nnunet_fold(results / "ResEncSpark3DTrainer__stage6__3d_fullres",  # nnunet-ssl's ResEnc trainer
+                               _with_new_stage6(payload["network_weights"], generator), "ResEncSpark3DTrainer", plans)
     other = dataclasses.replace(TINY, name="other", blocks_per_stage=(1, 1, 1, 2, 2, 2))
     other_fold = write_nnunet_fold(results / "nnUNetTrainer__other__3d_fullres",
                                    build_resenc_unet(other, 1, 2).state_dict(), "nnUNetTrainer",
@@ -182,7 +183,8 @@ def test_a_new_stage_6_leaves_every_earlier_block_at_one(resenc_inputs: dict[str
 def test_two_folds_per_stage(resenc_inputs: dict[str, Any]) -> None:
     result = cka_between_folds(resenc_inputs["stage6"], resenc_inputs["same"], resenc_inputs["images"],
                                patches_per_case=2, batch_size=4)
-    assert result.layers == stage_layers("resenc_tiny") and result.provenance["family"] == "resenc"
+    assert result.layers == stage_layers("resenc_tiny")
+    assert (result.provenance["family"], result.provenance["trainer"]) == ("resenc", "ResEncSpark3DTrainer")
     values = [value for _, value in result.per_layer()]
     assert values[:5] == pytest.approx([1.0] * 5, abs=1e-6) and values[5] < 0.99
 
