@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -153,6 +154,24 @@ def test_sources_give_the_resenc_record(resenc_inputs: dict[str, Any]) -> None:
         assert torch.equal(a, b)
     other = load_finetuned_fold(resenc_inputs["other"])
     assert other.preset_name == "" and other.family.describe(other.record) == "resenc network of a topology no preset has"
+
+
+def test_a_resenc_pretraining_run_gets_its_stem_adapted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1-channel run for a 2-channel fold: the stem (registered twice by DNA) replicated as export would."""
+    encoder = build_resenc_unet(TINY, 1, 2).encoder
+    state = encoder.state_dict()
+
+    def fake_run(run_dir: Path, source: str) -> tuple:
+        return state, SimpleNamespace(preset="resenc_tiny"), "run/checkpoint_final.pt"
+
+    monkeypatch.setattr("nnunet_ssl.weights.export.load_run_encoder", fake_run)
+    loaded = load_pretrained_encoder(tmp_path, in_channels=2)
+    assert loaded.record == {"family": "resenc", "preset": "resenc_tiny", "architecture": TINY.architecture()}
+    assert loaded.source == "run/checkpoint_final.pt (default)"
+    stem = loaded.encoder.state_dict()["stem.convs.0.conv.weight"]
+    torch.testing.assert_close(stem, state["stem.convs.0.conv.weight"].repeat(1, 2, 1, 1, 1) / 2)
+    assert torch.equal(loaded.encoder.state_dict()["stages.5.blocks.1.conv2.conv.weight"],
+                       state["stages.5.blocks.1.conv2.conv.weight"])
 
 
 def test_cka_command_on_one_resenc_encoder_is_one_at_every_block(resenc_inputs: dict[str, Any], tmp_path: Path) -> None:
