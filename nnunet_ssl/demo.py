@@ -38,7 +38,7 @@ import yaml
 
 from nnunet_ssl.cpu_memory import with_freed_memory_kept
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
-from nnunet_ssl.demo_progress import EpochProgress, keep_structures
+from nnunet_ssl.demo_progress import EpochProgress, finished_line, keep_structures
 from nnunet_ssl.experiment.grid import RESUME, SKIP, Job, decide
 from nnunet_ssl.experiment.runner import FAILED, Prepared, ext_trainer_variable, prepare, run_job
 from nnunet_ssl.experiment.spec import Experiment, load_experiment
@@ -104,6 +104,8 @@ class Demo:
         self.logs = self.root / "logs"
         #: Per trainer, the epoch progress lines printed while it trained in this run.
         self.progress: dict[str, list[str]] = {}
+        #: Stages this run skipped because an earlier run did their work.
+        self.reused: list[str] = []
         self._prepared: Prepared | None = None
         #: What every command needs: nnU-Net's folders, the demo's process counts and seed (the
         #: experiment's jobs get the same through the experiment file's ``env``, and their
@@ -248,6 +250,7 @@ class Demo:
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         times = self._read_stage_times()
+        self.reused = []
         started = time.monotonic()
         before, after = self.stages(), self.closing_stages()
         total = len(before) + self.JOBS + len(after)
@@ -258,7 +261,9 @@ class Demo:
             names.append(self._stage(len(names) + 1, total, job_title(job), partial(self.run_job, job), times))
         for name, stage in after:
             names.append(self._stage(len(names) + 1, total, name, stage, times))
-        self.summarize(sum(times.get(name, 0.0) for name in names), time.monotonic() - started)
+        work, elapsed = sum(times.get(name, 0.0) for name in names), time.monotonic() - started
+        reused_work = sum(times.get(name, 0.0) for name in self.reused)
+        self.summarize(work, elapsed, finished_line(elapsed, work, len(self.reused), len(names), reused_work))
         return self.report_dir / "report.md"
 
     def _stage(self, index: int, total: int, name: str, stage: Callable[[], bool | None],
@@ -270,6 +275,8 @@ class Demo:
         if worked is not False:
             times[name] = round(seconds, 1)
             atomic_json_dump(times, self.stage_times_file)
+        else:
+            self.reused.append(name)
         logger.info("[%d/%d] %s done in %.0f s", index, total, name, seconds)
         return name
 
@@ -399,25 +406,27 @@ class Demo:
         )
         return True
 
-    def summarize(self, seconds: float, this_run_seconds: float) -> None:
+    def summarize(self, seconds: float, this_run_seconds: float, line: str | None = None) -> None:
         """Print where everything is and the headline table.
 
         Args:
             seconds: Time of the work, summed over the stages that did it (across resumed runs).
             this_run_seconds: Wall time of this invocation (short when it only resumed).
+            line: The closing time line (:func:`~nnunet_ssl.demo_progress.finished_line`; default: as if
+                nothing was reused).
         """
         report = self.report_dir / "report.md"
         headline = section(report.read_text(encoding="utf-8"), "## Mean Dice")
         per_layer = (self.cka_dir / "cka_per_layer.csv").read_text(encoding="utf-8").strip().splitlines()[1:]
         cka = ", ".join(f"{row.split(',')[0]} {float(row.split(',')[1]):.2f}" for row in per_layer)
         logger.info(
-            "demo finished: its work took %.1f min (this run: %.1f min)\n\nreport: %s\nCKA:    %s\n\n%s\n"
-            "CKA pretrained vs fine-tuned SMIT encoder (1 = unchanged): %s",
-            seconds / 60, this_run_seconds / 60, report, self.cka_dir, headline, cka,
+            "%s\n\nreport: %s\nCKA:    %s\n\n%s\nCKA pretrained vs fine-tuned SMIT encoder (1 = unchanged): %s",
+            line or finished_line(this_run_seconds, seconds, 0, 0, 0.0), report, self.cka_dir, headline, cka,
         )
         atomic_json_dump(
             {"report": str(report), "cka": str(self.cka_dir), "fold": self.fold, "minutes": round(seconds / 60, 2),
-             "this_run_minutes": round(this_run_seconds / 60, 2), "stage_seconds": str(self.stage_times_file),
+             "this_run_minutes": round(this_run_seconds / 60, 2), "reused_stages": list(self.reused),
+             "stage_seconds": str(self.stage_times_file),
              "experiment": str(self.experiment_file)},
             self.root / "summary.json",
         )

@@ -1,4 +1,4 @@
-"""Demo helpers: nnU-Net's epoch progress as one line per epoch, and the demo's choice of structures."""
+"""Demo helpers: nnU-Net's epoch progress as one line per epoch, the closing time line, and the demo's choice of structures."""
 from __future__ import annotations
 
 import json
@@ -60,6 +60,40 @@ class EpochProgress:
         line = f"epoch {epoch + 1}{total}: {', '.join(parts)} ({seconds:.0f} s)"
         self.lines.append(line)
         logger.info("    %s", line)
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as a person reads it: ``9 s`` under a minute, ``38.0 min`` under two hours, else ``2.5 h``."""
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def finished_line(this_run_seconds: float, work_seconds: float, reused: int, stages: int,
+                  reused_seconds: float) -> str:
+    """The demo's closing time line: this run's time, and when it reused earlier work, that work's time too.
+
+    A re-run skips the stages whose outputs exist, so its own time (seconds) says nothing about what
+    the demo costs; the work's time (summed over the stages, as each last did its work) says that.
+
+    Args:
+        this_run_seconds: Wall time of this invocation.
+        work_seconds: Time of every stage's work, this run's and the earlier runs' it reused.
+        reused: Stages skipped in this run because an earlier run did their work.
+        stages: Every stage of the demo.
+        reused_seconds: Recorded time of the reused stages' work (0 when none was recorded).
+    """
+    line = f"demo finished in {duration_text(this_run_seconds)}"
+    if reused == 0:
+        return line
+    earlier = f"it reused the work of {reused} of {stages} stages from earlier runs"
+    if reused_seconds > 0:
+        earlier += f", which took {duration_text(reused_seconds)}; all the demo's work took {duration_text(work_seconds)}"
+    else:
+        earlier += "; their time was not recorded"
+    return f"{line} ({earlier})"
 
 
 def _first_number(text: str) -> float:
