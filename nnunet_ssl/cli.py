@@ -224,13 +224,21 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
 
 
 def run_config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """Paper defaults (or ``base``: a resumed run's recorded configuration), then the --config file, then flags."""
-    from dataclasses import replace
-
-    from nnunet_ssl.pretraining.config import EngineConfig, RunConfig, data_config_from_dict, load_config_file
+    """The settings of a run, each from the first of: flags, the --config file, ``base`` (a resumed run's
+    recorded configuration), the method's recipe defaults, the defaults of EngineConfig and DataConfig."""
+    from nnunet_ssl.pretraining.config import (
+        EngineConfig,
+        RunConfig,
+        apply_method_defaults,
+        data_config_from_dict,
+        load_config_file,
+    )
 
     start = base.to_dict() if base is not None else {}
     file_values = load_config_file(args.config) if args.config else {}
+    method = args.method or file_values.get("method") or start.get("method")
+    if not method:
+        raise ValueError("no method: pass --method NAME (or method in --config; --list-methods shows them)")
     data_values = {**start.get("data", {}), **file_values.get("data", {})}
     if args.data:
         data_values["inputs"] = args.data
@@ -238,24 +246,27 @@ def run_config_from_args(args: argparse.Namespace, base: RunConfig | None = None
         raise ValueError("no pretraining data: pass --data PATH... (or data.inputs in --config)")
     data_values.setdefault("cache_dir", str(Path(args.out) / "cache"))
     for flag, key in (("cache_dir", "cache_dir"), ("modality", "modality"), ("crop_size", "crop_size"),
-                      ("workers", "num_workers"), ("spacing", "spacing")):
+                      ("workers", "num_workers"), ("spacing", "spacing"), ("intensity", "intensity"),
+                      ("augmentation", "augmentation")):
         if getattr(args, flag) is not None:
             data_values[key] = getattr(args, flag)
-    data = data_config_from_dict(data_values)
-    engine = EngineConfig(**{**start.get("engine", {}), **file_values.get("engine", {})})
+    engine_values = {**start.get("engine", {}), **file_values.get("engine", {})}
     engine_flags = {"epochs": args.epochs, "batch_size": args.batch_size, "max_steps": args.max_steps,
                     "base_lr": args.lr, "warmup_epochs": args.warmup_epochs, "seed": args.seed, "amp": args.amp,
-                    "checkpoint_every": args.checkpoint_every}
-    engine = replace(engine, **{k: v for k, v in engine_flags.items() if v is not None})
+                    "checkpoint_every": args.checkpoint_every, "optimizer": args.optimizer,
+                    "momentum": args.momentum, "nesterov": args.nesterov, "schedule": args.schedule,
+                    "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+                    "lr_reference_batch": args.lr_reference_batch}
+    engine_values.update({k: v for k, v in engine_flags.items() if v is not None})
+    engine_values, data_values = apply_method_defaults(method, engine_values, data_values)
+    data = data_config_from_dict(data_values)
+    engine = EngineConfig(**engine_values)
     overrides = {**start.get("method_overrides", {}), **file_values.get("method_overrides", {}),
                  **_parse_overrides(args.set)}
-    method = args.method or file_values.get("method") or start.get("method")
-    if not method:
-        raise ValueError("no method: pass --method NAME (or method in --config; --list-methods shows them)")
     return RunConfig(
         method=method,
         data=data,
-        preset=args.preset or file_values.get("preset") or start.get("preset") or "smit",
+        preset=args.preset or file_values.get("preset") or start.get("preset") or "",
         in_channels=file_values.get("in_channels", start.get("in_channels", 1)),
         method_overrides=overrides,
         engine=engine,
@@ -295,10 +306,16 @@ def _target_of(args: argparse.Namespace) -> DatasetTarget:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nnunet_ssl.weights.export import export_run
+    from nnunet_ssl.weights.export import export_nnssl, export_run
     from nnunet_ssl.weights.format import save_weights_file
 
     check_output_file(args.out, force=args.force, sources=[args.run_dir])
+    if args.format == "nnssl":
+        from nnunet_ssl.weights.nnssl import PLAN_FILE
+
+        check_output_file(Path(args.out).parent / PLAN_FILE, force=args.force, sources=[args.run_dir])
+        export_nnssl(Path(args.run_dir), Path(args.out), source=getattr(args, "from"))
+        return 0
     target = _target_of(args)
     policy = ""
     if args.policy:
@@ -331,7 +348,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     payload, report = convert_file(
         args.source, target, preset_name=args.preset, layout=args.layout, prefix=args.prefix,
         allow_partial=args.allow_partial, method=args.method, decoder_seed=args.decoder_seed,
-        channels=args.channels,
+        channels=args.channels, encoder_only=args.encoder_only, export_from=getattr(args, "from"),
     )
     for line in report.lines(limit=10**6 if args.verbose else 8):
         sys.stdout.write(f"  {line}\n")
@@ -398,22 +415,33 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.action == "emit" and args.out:
         check_output_file(args.out, force=args.force, sources=[args.file])
     experiment = load_experiment(args.file)
+    if args.job and args.action != "run":
+        raise ValueError(f"--job is an option of experiment run, not of experiment {args.action}")
     if args.action == "run":
-        from nnunet_ssl.experiment.runner import FAILED, run_experiment
+        from nnunet_ssl.experiment.runner import FAILED, RunInterrupted, run_experiment
 
-        status = run_experiment(experiment, args.jobs, progress=not args.no_progress)
+        try:
+            status = run_experiment(experiment, args.jobs, progress=not args.no_progress, only=args.job or ())
+        except RunInterrupted as interrupt:  # one line, the jobs recorded, 130 (Ctrl-C) or 143 (SIGTERM)
+            logger.error("%s", interrupt.line(experiment.source))
+            return interrupt.exit_code
         return 1 if any(s == FAILED for s, _ in status.values()) else 0
     if args.action == "emit":
-        from nnunet_ssl.experiment.emit import render
+        from nnunet_ssl.experiment.emit import array_tasks, render
         from nnunet_ssl.experiment.runner import prepare
 
         prepared = prepare(experiment)
-        text = render(prepared.jobs, experiment.source, experiment.output, args.format)
+        text = render(prepared.jobs, experiment, args.format)
+        prepared.paths.logs.mkdir(parents=True, exist_ok=True)  # SLURM opens --output there before the script runs
         if args.out:
             from nnunet_ssl.io import atomic_write_text
 
             atomic_write_text(text, args.out)
-            logger.info("wrote %d job(s) to %s", len(prepared.jobs), args.out)
+            if args.format == "slurm":
+                logger.info("wrote %d array task(s) for %d job(s) to %s; submit with: sbatch %s",
+                            len(array_tasks(prepared.jobs)), len(prepared.jobs), args.out, args.out)
+            else:
+                logger.info("wrote %d job(s) to %s", len(prepared.jobs), args.out)
         else:
             sys.stdout.write(text)
         return 0
@@ -459,19 +487,35 @@ def _add_make_phantoms_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("An option left out takes its value from --config, else (with --resume) from the run's "
-                     "config.json, else the default shown.")
+                     "config.json, else from the method's recipe (spark3d: SGD, poly, z-score, 160^3 crops; the "
+                     "log names each setting taken from it), else the default shown.")
     parser.add_argument("--method", help="a method name (--list-methods shows them all)")
     parser.add_argument("--list-methods", action="store_true",
                         help="print every method (family, views, heads, loss terms with default weights) and exit")
     parser.add_argument("--data", nargs="+", help="folders, files, nnU-Net raw datasets or path lists")
     parser.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, loss_curves.png); required to train")
-    parser.add_argument("--preset", help="architecture preset (default smit)")
+    parser.add_argument("--preset", help="network preset, of the method's network family (default: the family's, "
+                        "smit for the Swin methods, resenc_l for the ResEnc ones)")
     parser.add_argument("--config", help="JSON/YAML with data/engine/method_overrides sections")
     parser.add_argument("--epochs", type=int, help="passes over the pretraining volumes (default 500, the paper's)")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (for quick runs)")
     parser.add_argument("--batch-size", type=int, help="volumes per process and step (default 2)")
     parser.add_argument("--lr", type=float,
                         help="peak lr at the reference batch of 2 (scaled with the global batch; default 2e-4)")
+    parser.add_argument("--lr-reference-batch", type=int,
+                        help="global batch at which --lr applies; other global batches scale it linearly (default 2)")
+    parser.add_argument("--optimizer", choices=["adamw", "sgd"],
+                        help="adamw (the Swin paper's; default) or sgd (nnU-Net's, with --momentum and --nesterov); "
+                        "both leave norms, biases and tokens without weight decay")
+    parser.add_argument("--momentum", type=float, help="SGD momentum, in [0, 1) (default 0.9; adamw ignores it)")
+    parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                        help="Nesterov momentum for SGD (default off; adamw ignores it)")
+    parser.add_argument("--schedule", choices=["cosine", "poly"],
+                        help="learning rate after the warm-up: cosine down to 1e-6 (default) or poly, nnU-Net's "
+                        "lr * (1 - t / T) ** 0.9 down to 0")
+    parser.add_argument("--weight-decay", type=float,
+                        help="weight decay of the weights (never of norms, biases and tokens; default 0.05)")
+    parser.add_argument("--grad-clip", type=float, help="max global gradient norm, 0 for none (default 3)")
     parser.add_argument("--warmup-epochs", type=float,
                         help="epochs of linear learning-rate warm-up before the cosine decay (converted to steps; "
                         "default 30)")
@@ -487,10 +531,18 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
                         "or mr (per-image percentiles, default 5 95, mapped to [0, 1]); default: per volume from "
                         "nnU-Net's channel_names, the DICOM Modality tag, else its intensities (ambiguous volumes are "
                         "skipped)")
+    parser.add_argument("--intensity", choices=["window", "zscore"],
+                        help="intensity mapping of the cached volumes: window (CT: the HU window, MR: per-image "
+                        "percentiles, to [0, 1]; default) or zscore (per image, nnU-Net's ZScoreNormalization, CT and "
+                        "MR alike)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                         help="target spacing in mm along the image x, y, z axes the volumes are resampled to "
                         "(default 1.5 1.5 2)")
     parser.add_argument("--crop-size", type=int, help="edge of the cubic crops (views) in voxels (default 96)")
+    parser.add_argument("--augmentation", choices=["none", "scale_rotate_mirror"],
+                        help="spatial augmentation of each crop in the loader: none (default) or scale_rotate_mirror "
+                        "(nnU-Net's: scaling 0.7-1.4 and rotation up to 30 degrees, each with p 0.2, mirroring per "
+                        "axis with p 0.5)")
     parser.add_argument("--workers", type=int,
                         help="background processes for preprocessing and loading crops; 0 = in this process (default 2)")
     parser.add_argument("--cache-dir", help="preprocessed volume cache (default RUN_DIR/cache)")
@@ -515,6 +567,10 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     _add_target_arguments(parser)
     parser.add_argument("--out", required=True, help="weights file to write (refused if it exists, unless --force)")
     add_force_argument(parser)
+    parser.add_argument("--format", choices=["nnunet", "nnssl"], default="nnunet",
+                        help="nnunet (default): a -pretrained_weights file for the dataset's plans (-d, -p); nnssl: "
+                        "nnssl's interchange checkpoint of a ResEnc run (the whole U-Net, with adaptation_plan.json "
+                        "written beside --out; no dataset needed)")
     parser.add_argument("--from", choices=["default", "teacher", "student"], default="default",
                         help="which encoder: default = teacher for distillation methods, else the student")
     parser.add_argument("--decoder-seed", type=int, default=0,
@@ -531,13 +587,14 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="model_swinvit.pt-style MONAI checkpoint, MONAI SwinUNETR state dict, SMIT "
-                        "checkpoint, or an nnunet-ssl pretraining run (folder or checkpoint)")
+                        "checkpoint, nnssl checkpoint (ResEnc; its adaptation plan inside or adaptation_plan.json "
+                        "beside), or an nnunet-ssl pretraining run (folder or checkpoint)")
     _add_target_arguments(parser)
     parser.add_argument("--out", required=True, help="weights file to write (refused if it exists, unless --force)")
     add_force_argument(parser)
     parser.add_argument("--preset", help="architecture preset (default: monai_ssl for MONAI self-supervised "
                         "checkpoints, smit_public for SMIT, the run's for our runs; required for a full SwinUNETR)")
-    parser.add_argument("--layout", choices=["monai_ssl", "monai_swinunetr", "smit"], help="skip layout detection")
+    parser.add_argument("--layout", choices=["monai_ssl", "monai_swinunetr", "smit", "nnssl"], help="skip layout detection")
     parser.add_argument("--prefix", help="key prefix of the encoder when the file holds several")
     parser.add_argument("--method", help="method recorded in the metadata (default: by layout)")
     parser.add_argument("--allow-partial", action="store_true",
@@ -545,6 +602,12 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-seed", type=int, default=0,
                         help="seed of the freshly initialised parts (the decoder, and encoder keys the source lacks), "
                         "so a conversion is reproducible (default 0)")
+    parser.add_argument("--encoder-only", action="store_true",
+                        help="a fresh seeded decoder even when the source holds a pretrained one (nnssl checkpoints, "
+                        "Spark3D runs)")
+    parser.add_argument("--from", choices=["default", "teacher", "student"], default="default",
+                        help="for one of our runs: which encoder, as `export --from` (default: the teacher of "
+                        "distillation methods, else the student)")
     add_channels_argument(parser)
 
 
@@ -653,9 +716,13 @@ def _add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run: train/validate/predict every job; emit: print the grid as shell; report: the tables")
     parser.add_argument("file", help="experiment file (YAML)")
     parser.add_argument("--jobs", type=int, default=1, help="run: jobs at a time (default 1)")
+    parser.add_argument("--job", action="append", metavar="ID",
+                        help="run: only this job (repeatable) and the jobs it depends on, skipped when done; the ids "
+                        "are the log names in logs/ (each task of the SLURM script runs its jobs so)")
     parser.add_argument("--no-progress", action="store_true", help="run: no progress bar")
     parser.add_argument("--format", choices=["commands", "slurm"], default="commands",
-                        help="emit: one command a line, or a SLURM job-array script")
+                        help="emit: one command a line, or a SLURM job-array script (resources from the file's "
+                        "slurm: section)")
     parser.add_argument("--out",
                         help="emit: write to this file instead of stdout (refused if it exists, unless --force)")
     add_force_argument(parser, "emit's --out file")

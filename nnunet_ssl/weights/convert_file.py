@@ -5,6 +5,10 @@ through the same :func:`~nnunet_ssl.weights.targets.build_weights_for_target` as
 (stem adaptation, seeded fresh decoder, provenance tag); a full MONAI SwinUNETR's decoder is then
 loaded over the fresh one. A load that would leave encoder keys (or, for a full network, decoder keys)
 without a value, meet keys it cannot place, or shapes that differ is refused unless ``allow_partial``.
+
+An nnssl checkpoint (a ResEnc U-Net with its ``nnssl_adaptation_plan``, :mod:`nnunet_ssl.weights.nnssl`)
+keeps its architecture: the target plans must plan the same network (checked as for our ResEnc runs), and
+its pretrained decoder comes along unless ``encoder_only``.
 """
 from __future__ import annotations
 
@@ -15,10 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nnunet_ssl.checkpoints import CHECKPOINT_FORMAT, read_torch_file
+from nnunet_ssl.checkpoints import CHECKPOINT_FORMAT, NNUNET_CHECKPOINT_GLOBALS, read_torch_file
+from nnunet_ssl.networks.family import FAMILIES
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg
 from nnunet_ssl.networks.swin import SwinEncoder
+from nnunet_ssl.weights import nnssl
 from nnunet_ssl.weights.convert import (
     DEFAULT_METHODS,
     DEFAULT_PRESETS,
@@ -37,6 +43,8 @@ logger = logging.getLogger(__name__)
 CONTAINER_KEYS = ("state_dict", "model", "network_weights", "teacher", "student", "net")
 #: Layout name of our own pretraining runs.
 RUN_LAYOUT = "nnunet_ssl_run"
+#: Layout name of nnssl checkpoints (``--layout nnssl`` skips their detection).
+NNSSL_LAYOUT = "nnssl"
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -77,11 +85,14 @@ def convert_file(
     method: str | None = None,
     decoder_seed: int = 0,
     channels: str = "replicate",
+    encoder_only: bool = False,
+    export_from: str = "default",
 ) -> tuple[dict[str, Any], ConversionReport]:
     """Build the ``-pretrained_weights`` payload of ``source`` for ``target``.
 
     Args:
-        source: A MONAI or SMIT checkpoint file, or one of our pretraining runs (folder or checkpoint).
+        source: A MONAI or SMIT checkpoint file, an nnssl checkpoint (file, or its folder with
+            ``checkpoint_final.pth``), or one of our pretraining runs (folder or checkpoint).
         target: The dataset's channels and classes under its plans.
         preset_name: Architecture preset; default: the layout's (:data:`DEFAULT_PRESETS`) or the run's.
         layout: Force a layout instead of detecting it.
@@ -91,6 +102,8 @@ def convert_file(
         decoder_seed: Seed of the fresh decoder parts.
         channels: Stem adaptation when the source's input channels differ from the target's
             (``replicate``, ``first`` or ``mean``; :mod:`nnunet_ssl.weights.channels`).
+        encoder_only: A fresh seeded decoder even when the source holds a pretrained one (nnssl, our runs).
+        export_from: Which encoder of one of our runs (``default``, ``teacher``, ``student``), as ``export --from``.
 
     Returns:
         ``(payload, report)``; the payload's metadata has a ``conversion`` entry (source, layout,
@@ -102,9 +115,11 @@ def convert_file(
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    if layout == NNSSL_LAYOUT or is_nnssl_checkpoint(path):
+        return _convert_nnssl(path, target, preset_name, decoder_seed, channels, encoder_only)
     payload = None if path.is_dir() else read_torch_file(path, "checkpoint")
     if path.is_dir() or (isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT):
-        return _convert_run(path, target, preset_name, decoder_seed, channels)
+        return _convert_run(path, target, preset_name, decoder_seed, channels, encoder_only, export_from)
     state, container = unwrap_checkpoint(payload, path)
     try:
         detected, _ = detect_layout(state, prefix)
@@ -196,10 +211,12 @@ def _preset_options(preset_name: str) -> dict[str, Any]:
 
 
 def _convert_run(
-    path: Path, target: DatasetTarget, preset_name: str | None, decoder_seed: int, channels: str
+    path: Path, target: DatasetTarget, preset_name: str | None, decoder_seed: int, channels: str,
+    encoder_only: bool, export_from: str,
 ) -> tuple[dict[str, Any], ConversionReport]:
     """One of our pretraining runs: exactly ``nnunet-ssl export``."""
-    result = export_run(path, target, decoder_seed=decoder_seed, channels=channels)
+    result = export_run(path, target, source=export_from, decoder_seed=decoder_seed, channels=channels,
+                        encoder_only=encoder_only)
     run_preset = result["metadata"]["preset"]
     if preset_name is not None and preset_name != run_preset:
         raise ConversionError(
@@ -207,8 +224,55 @@ def _convert_run(
         )
     encoder_keys = [k for k in result["network_weights"] if k.startswith("encoder.")]
     report = ConversionReport(layout=RUN_LAYOUT, matched={k: k for k in encoder_keys})
-    report.fresh = ["decoder (seeded, as `nnunet-ssl export` writes it)"]
+    if result["metadata"].get("decoder") != "pretrained":
+        report.fresh = ["decoder (seeded, as `nnunet-ssl export` writes it)"]
     result["metadata"]["conversion"] = {
         "source": str(path), "preset": run_preset, "options": _preset_options(run_preset), **report.to_metadata()
+    }
+    return result, report
+
+
+def is_nnssl_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is an nnssl checkpoint: a folder holding ``checkpoint_final.pth``, or a file with an
+    nnssl adaptation plan inside or beside it (our pretraining checkpoints are ``.pt`` files of another format)."""
+    if path.is_dir():
+        return (path / nnssl.CHECKPOINT_FILE).is_file()
+    if any(candidate.is_file() for candidate in nnssl.plan_json_candidates(path)):
+        return True
+    try:
+        payload = read_torch_file(path, "checkpoint", NNUNET_CHECKPOINT_GLOBALS, mmap=True)  # a look, not a load
+    except (OSError, ValueError):
+        return False  # the caller reads it again and names the problem
+    return isinstance(payload, dict) and nnssl.PLAN_ENTRY in payload
+
+
+def _convert_nnssl(
+    path: Path, target: DatasetTarget, preset_name: str | None, decoder_seed: int, channels: str, encoder_only: bool
+) -> tuple[dict[str, Any], ConversionReport]:
+    """An nnssl checkpoint: its encoder (and decoder unless ``encoder_only``) for ``target``'s plans."""
+    checkpoint = nnssl.read_nnssl_checkpoint(path)
+    if preset_name is not None and preset_name != checkpoint.preset:
+        raise ConversionError(
+            f"{checkpoint.source}: the checkpoint holds {FAMILIES['resenc'].describe(checkpoint.record)}, not preset "
+            f"{preset_name!r}; drop --preset"
+        )
+    encoder = {k[len("encoder."):]: v for k, v in checkpoint.network_weights.items() if k.startswith("encoder.")}
+    decoder = {k[len("decoder."):]: v for k, v in checkpoint.network_weights.items() if k.startswith("decoder.")}
+    method = f"nnssl {checkpoint.trainer_name}".strip()
+    result = build_weights_for_target(
+        encoder, checkpoint.preset, target, method=method, source=str(checkpoint.source), decoder_seed=decoder_seed,
+        channels=channels, record=checkpoint.record, decoder_state=None if encoder_only else decoder,
+    )
+    report = ConversionReport(layout=NNSSL_LAYOUT, matched={f"encoder.{k}": f"encoder.{k}" for k in encoder})
+    report.notes.extend(checkpoint.notes)
+    if encoder_only:
+        report.fresh = ["decoder (seeded; --encoder-only)"]
+    else:
+        report.matched.update({f"decoder.{k}": f"decoder.{k}" for k in decoder if not k.startswith(("seg_layers.", "encoder."))})
+        report.notes.append("heads (decoder.seg_layers) stay fresh: nnU-Net never loads them")
+    result["metadata"]["conversion"] = {
+        "source": str(checkpoint.source), "plan_sources": [str(p) for p in checkpoint.plan_sources],
+        "arch_class_name": checkpoint.arch_class_name, "pretrain_configuration": checkpoint.pretrain_configuration,
+        "pretrain_normalization": list(checkpoint.pretrain_normalization), **report.to_metadata(),
     }
     return result, report

@@ -49,6 +49,7 @@ class PretrainingRun:
         encoders: Encoder state dicts by role (``"teacher"``, ``"student"``), without pretraining-only keys.
         default_encoder: The role that ``"default"`` exports.
         decoders: Pretrained decoder state dicts by role (empty for methods that train no decoder).
+        config: The run's configuration as the checkpoint records it (method, preset, data, engine).
         intensity: The intensity mapping pretraining used (:func:`~nnunet_ssl.weights.intensity.pretraining_intensity`).
         checkpoint: The checkpoint file read.
         step: Optimisation steps the checkpoint holds.
@@ -63,6 +64,7 @@ class PretrainingRun:
     checkpoint: Path
     step: int
     decoders: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
 
     def role(self, source: str) -> str:
         """The role (``"teacher"``, ``"student"``) that ``source`` names (one of :data:`ENCODER_SOURCES`)."""
@@ -110,7 +112,7 @@ def read_run(run_dir: Path) -> PretrainingRun:
         run = PretrainingRun(
             method=config["method"], preset=config["preset"], in_channels=int(config["in_channels"]),
             encoders=dict(encoders), default_encoder=default, intensity=intensity, checkpoint=path,
-            step=int(checkpoint["step"]), decoders=dict(checkpoint.get("decoders") or {}),
+            step=int(checkpoint["step"]), decoders=dict(checkpoint.get("decoders") or {}), config=dict(config),
         )
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path}: a pretraining checkpoint without {error}; it cannot be exported") from error
@@ -196,3 +198,55 @@ def export_run(
         finetune_policy=finetune_policy,
         decoder_state=decoder_state,
     )
+
+
+def export_nnssl(run_dir: Path, out: Path, source: str = "default") -> tuple[Path, Path]:
+    """Write a ResEnc pretraining run in nnssl's interchange form (:mod:`nnunet_ssl.weights.nnssl`).
+
+    The checkpoint holds the whole pretrained U-Net (encoder and decoder, as nnssl's own checkpoints do) and
+    ``adaptation_plan.json`` is written beside it; nnssl's fine-tuning reads the stem and encoder from it and
+    re-normalises with z-scores, so only a z-score pretraining (Spark3D's default) is written.
+
+    Args:
+        run_dir: A ``nnunet-ssl pretrain`` folder (or one of its checkpoints) of a ResEnc method.
+        out: The checkpoint file to write (nnssl names it ``checkpoint_final.pth``).
+        source: Which encoder and decoder (``default``, ``student``; ``teacher`` where a method has one).
+
+    Returns:
+        ``(checkpoint file, adaptation_plan.json)``.
+
+    Raises:
+        WeightsError: a run of another family, without a pretrained decoder, or not z-scored.
+    """
+    from nnunet_ssl.networks.family import family_of_preset
+    from nnunet_ssl.weights.format import WeightsError
+    from nnunet_ssl.weights.intensity import ZSCORE
+    from nnunet_ssl.weights.nnssl import nnssl_pretrain_plan, write_nnssl_checkpoint
+
+    encoder_state, run, checkpoint_path = load_run_encoder(run_dir, source)
+    family = family_of_preset(run.preset)
+    if family.name != "resenc":
+        raise WeightsError(
+            f"{checkpoint_path}: nnssl's interchange holds ResEnc U-Nets; this run pretrained a {family.name} network "
+            f"(preset {run.preset!r}); export it for nnU-Net without --format nnssl"
+        )
+    decoder_state = run.decoder(source)
+    if decoder_state is None:
+        raise WeightsError(f"{checkpoint_path}: the run holds no pretrained decoder; nnssl checkpoints hold the whole U-Net")
+    if run.intensity.get("normalization") != ZSCORE:
+        raise WeightsError(
+            f"{checkpoint_path}: the run was pretrained on {run.intensity.get('modality', '?')} intensities mapped to "
+            "[0, 1], but nnssl fine-tunes with per-image z-scores; pretrain with `--intensity zscore` (Spark3D's "
+            "default) to share weights with nnssl"
+        )
+    data = run.config.get("data", {})
+    spacing = [float(s) for s in reversed(data.get("spacing", (1.0, 1.0, 1.0)))]  # (x, y, z) -> nnU-Net's (z, y, x)
+    patch = [int(data.get("crop_size", 160))] * 3
+    weights = {**{f"encoder.{k}": v for k, v in encoder_state.items()},
+               **{f"decoder.{k}": v for k, v in decoder_state.items()}}
+    plan = nnssl_pretrain_plan(dataset_name=f"nnunet-ssl {run.method} {Path(run_dir).name}", patch_size=patch,
+                               spacing=spacing, normalization_schemes=["ZScoreNormalization"] * run.in_channels)
+    written = write_nnssl_checkpoint(weights, family.record(run.preset), out, pretrain_plan=plan,
+                                     recommended_patch_size=patch, in_channels=run.in_channels)
+    logger.info("wrote %s and %s: %s %s at step %d in nnssl's form", *written, run.method, run.preset, run.step)
+    return written

@@ -1,0 +1,121 @@
+"""nnssl checkpoints through our commands: `convert` reads one for a dataset's plans (its decoder by default),
+`export --format nnssl` writes a ResEnc run in nnssl's form, and both refuse what would not fit."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_ssl.checkpoints import CHECKPOINT_FORMAT, FINAL
+from nnunet_ssl.cli import main
+from nnunet_ssl.networks.resenc import RESENC_PRESETS, build_resenc_unet
+from nnunet_ssl.weights import WeightsError
+from nnunet_ssl.weights.convert_file import convert_file
+from nnunet_ssl.weights.export import export_nnssl
+from nnunet_ssl.weights.nnssl import PLAN_FILE, nnssl_pretrain_plan, read_nnssl_checkpoint, write_nnssl_checkpoint
+from nnunet_ssl.weights.targets import DatasetTarget
+
+TINY = RESENC_PRESETS["resenc_tiny"]
+ZSCORE_RECORD = {"modality": "MR", "normalization": "zscore", "scheme": "ZScoreNormalization", "per_image": True}
+
+
+@pytest.fixture(scope="module")
+def network() -> torch.nn.Module:
+    torch.manual_seed(21)
+    network = build_resenc_unet(TINY, 1, 1, deep_supervision=False)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.mul_(1.5).add_(0.01)  # not any seed's init
+    return network
+
+
+def target(tmp_path: Path, in_channels: int = 1, architecture: dict | None = None) -> DatasetTarget:
+    return DatasetTarget("Dataset990_Test", tmp_path / "nnUNetResEncPlans.json", "3d_fullres", in_channels=in_channels,
+                         num_classes=3, architecture=architecture or TINY.architecture())
+
+
+def nnssl_file(tmp_path: Path, network: torch.nn.Module) -> Path:
+    folder = tmp_path / "nnssl_run"
+    folder.mkdir()
+    plan = nnssl_pretrain_plan(dataset_name="phantoms", patch_size=[64] * 3, spacing=[1.0] * 3)
+    path, _ = write_nnssl_checkpoint(network.state_dict(), {"family": "resenc", "preset": "resenc_tiny"},
+                                     folder / "checkpoint_final.pth", pretrain_plan=plan,
+                                     recommended_patch_size=[64] * 3, in_channels=1)
+    return path
+
+
+def body(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith(part) and ".seg_layers." not in k
+            and not k.startswith("decoder.encoder.")}
+
+
+def test_convert_reads_an_nnssl_checkpoint_with_its_decoder(tmp_path: Path, network: torch.nn.Module) -> None:
+    path = nnssl_file(tmp_path, network)
+    source = network.state_dict()
+    for given in (path, path.parent):  # the file, or nnssl's run folder
+        payload, report = convert_file(given, target(tmp_path))
+        weights = payload["network_weights"]
+        assert payload["metadata"]["decoder"] == "pretrained" and payload["metadata"]["family"] == "resenc"
+        assert report.layout == "nnssl" and payload["metadata"]["conversion"]["arch_class_name"] == "ResidualEncoderUNet"
+        for part in ("encoder.", "decoder."):
+            expected = body(source, part)
+            assert expected and all(torch.equal(weights[k], v) for k, v in expected.items())
+        assert weights["decoder.seg_layers.4.weight"].shape[0] == 3  # the dataset's heads, fresh
+    encoder_only, _ = convert_file(path, target(tmp_path), encoder_only=True)
+    assert "decoder" not in encoder_only["metadata"]
+    assert any(not torch.equal(encoder_only["network_weights"][k], v) for k, v in body(source, "decoder.").items())
+
+
+def test_convert_replicates_the_stem_for_more_channels(tmp_path: Path, network: torch.nn.Module) -> None:
+    payload, _ = convert_file(nnssl_file(tmp_path, network), target(tmp_path, in_channels=2))
+    stem = network.state_dict()["encoder.stem.convs.0.conv.weight"]
+    assert torch.equal(payload["network_weights"]["encoder.stem.convs.0.conv.weight"], torch.cat([stem, stem], 1) / 2)
+
+
+def test_convert_refuses_plans_of_another_topology_and_another_preset(tmp_path: Path, network: torch.nn.Module) -> None:
+    path = nnssl_file(tmp_path, network)
+    wider = dataclasses.replace(TINY, name="wider", features_per_stage=(8, 8, 16, 32, 40, 40))
+    with pytest.raises(WeightsError, match="features_per_stage.*nnunet-ssl plan -d Dataset990_Test --family resenc "
+                                           "--preset resenc_tiny"):
+        convert_file(path, target(tmp_path, architecture=wider.architecture()))
+    with pytest.raises(ValueError, match="not preset 'resenc_l'; drop --preset"):
+        convert_file(path, target(tmp_path), preset_name="resenc_l")
+
+
+def write_run(run_dir: Path, network: torch.nn.Module, intensity: dict, preset: str = "resenc_tiny") -> Path:
+    run_dir.mkdir()
+    torch.save({
+        "format": CHECKPOINT_FORMAT, "version": 2, "method": {}, "step": 7,
+        "config": {"method": "spark3d", "preset": preset, "in_channels": 1,
+                   "data": {"spacing": [1.0, 1.0, 1.0], "crop_size": 64}},
+        "encoders": {"student": network.encoder.state_dict()}, "default_encoder": "student",
+        "decoders": {"student": network.decoder.state_dict()}, "intensity": intensity,
+    }, run_dir / FINAL)
+    return run_dir
+
+
+def test_export_writes_a_run_in_nnssls_form_and_it_reads_back_bit_identical(tmp_path: Path,
+                                                                             network: torch.nn.Module) -> None:
+    run = write_run(tmp_path / "run", network, ZSCORE_RECORD)
+    out = tmp_path / "to_nnssl" / "checkpoint_final.pth"
+    out.parent.mkdir()
+    assert main(["export", str(run), "--format", "nnssl", "--out", str(out)]) == 0
+    assert (out.parent / PLAN_FILE).is_file()
+    back = read_nnssl_checkpoint(out)
+    assert back.preset == "resenc_tiny" and back.in_channels == 1 and back.recommended_patch_size == (64, 64, 64)
+    assert back.pretrain_normalization == ("ZScoreNormalization",) and back.pretrain_configuration == "onemmiso"
+    assert set(back.network_weights) == set(network.state_dict())
+    assert all(torch.equal(back.network_weights[k], v) for k, v in network.state_dict().items())
+    assert main(["export", str(run), "--format", "nnssl", "--out", str(out)]) == 1  # no overwrite without --force
+
+
+def test_export_to_nnssl_refuses_a_window_pretraining_and_a_swin_run(tmp_path: Path, network: torch.nn.Module) -> None:
+    window = write_run(tmp_path / "window", network, {"modality": "CT", "window": [-500, 500], "range": [0, 1]})
+    with pytest.raises(WeightsError, match="nnssl fine-tunes with per-image z-scores; pretrain with `--intensity zscore`"):
+        export_nnssl(window, tmp_path / "a.pth")
+    swin = write_run(tmp_path / "swin", network, ZSCORE_RECORD, preset="tiny")
+    with pytest.raises(WeightsError, match="nnssl's interchange holds ResEnc U-Nets; this run pretrained a swin network"):
+        export_nnssl(swin, tmp_path / "b.pth")
+    assert not (tmp_path / "a.pth").exists() and not (tmp_path / "b.pth").exists()
