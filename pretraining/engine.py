@@ -33,17 +33,17 @@ from nnunet_ssl.checkpoints import (  # noqa: F401 (load_checkpoint, find_checkp
     load_checkpoint,
 )
 from nnunet_ssl.io import atomic_json_dump, atomic_torch_save
-from nnunet_ssl.networks.presets import get_preset
-from nnunet_ssl.optim import decay_parameter_groups, warmup_cosine
-from nnunet_ssl.pretraining.config import CONFIG_FILE, RunConfig
+from nnunet_ssl.optim import build_optimizer, scheduled_lr
+from nnunet_ssl.pretraining.config import CONFIG_FILE, EngineConfig, RunConfig
 from nnunet_ssl.pretraining.data import Manifest, build_cache, make_loader, summarize
 from nnunet_ssl.pretraining.data import steps_per_epoch as volume_steps_per_epoch
 from nnunet_ssl.pretraining.distributed import Collectives
-from nnunet_ssl.pretraining.methods import METHODS, build_config, build_method
+from nnunet_ssl.pretraining.methods import METHODS, build_config, build_method, resolve_preset
 from nnunet_ssl.pretraining.methods.base import (
     StepContext,
     after_step,
     before_optimizer_step,
+    decoder_states,
     encoder_states,
     method_contract,
 )
@@ -92,14 +92,22 @@ def run_method_overrides(config: RunConfig) -> dict[str, Any]:
 
 
 def validate_run_config(config: RunConfig) -> None:
-    """Raise ValueError for an unknown method, preset or method setting, before any data is touched."""
+    """Raise ValueError for an unknown method, preset or method setting, or a preset of another network
+    family than the method's, before any data is touched."""
     build_config(config.method, run_method_overrides(config))
-    get_preset(config.preset)
+    resolve_preset(config.method, config.preset)
 
 
 def build_run_method(config: RunConfig) -> nn.Module:
-    """The method of a run (see :func:`run_method_overrides`)."""
-    return build_method(config.method, get_preset(config.preset), config.in_channels, run_method_overrides(config))
+    """The method of a run (see :func:`run_method_overrides`), built with its family's preset."""
+    return build_method(config.method, config.preset, config.in_channels, run_method_overrides(config))
+
+
+def describe_optimizer(engine: EngineConfig) -> str:
+    """``"adamw"`` or ``"sgd (momentum 0.99, nesterov)"``, for the log."""
+    if engine.optimizer != "sgd":
+        return engine.optimizer
+    return f"sgd (momentum {engine.momentum:g}{', nesterov' if engine.nesterov else ''})"
 
 
 class _StepModule(nn.Module):
@@ -208,7 +216,8 @@ class Engine:
         torch.manual_seed(config.engine.seed)
         manifest = self._prepare_data()
         intensity = pretraining_intensity(
-            config.data.modality, (e.modality for e in manifest.usable()), config.data.ct_window, config.data.mr_percentiles
+            config.data.modality, (e.modality for e in manifest.usable()), config.data.ct_window,
+            config.data.mr_percentiles, config.data.intensity,
         )
         method = build_run_method(config)
         contract = method_contract(method)
@@ -221,7 +230,9 @@ class Engine:
         engine = config.engine
         global_batch = engine.batch_size * self.dist.world_size
         peak_lr = engine.base_lr * global_batch / engine.lr_reference_batch
-        optimizer = torch.optim.AdamW(decay_parameter_groups(contract.student_modules(), engine.weight_decay), lr=peak_lr)
+        optimizer = build_optimizer(
+            engine.optimizer, contract.student_modules(), peak_lr, engine.weight_decay, engine.momentum, engine.nesterov
+        )
         amp_dtype = autocast_dtype(engine.amp, self.device)
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
@@ -255,6 +266,8 @@ class Engine:
             config.method, num_volumes, total_steps, steps_per_epoch, global_batch, peak_lr, self.device,
             f", {self.dist.world_size} processes" if self.dist.enabled else "",
         )
+        logger.info("optimiser %s, %s schedule after %d warm-up step(s), weight decay %g, gradient clip %g",
+                    describe_optimizer(engine), engine.schedule, warmup_steps, engine.weight_decay, engine.grad_clip)
         loader = make_loader(
             manifest, config.data, engine.batch_size, contract.num_views,
             seed=engine.seed, rank=self.dist.rank, world_size=self.dist.world_size, start_step=start_step,
@@ -268,7 +281,7 @@ class Engine:
                 step=step, steps_per_epoch=steps_per_epoch, total_steps=total_steps, seed=engine.seed,
                 collectives=collectives,
             )
-            lr = warmup_cosine(step, peak_lr, warmup_steps, total_steps, engine.min_lr)
+            lr = scheduled_lr(engine.schedule, step, peak_lr, warmup_steps, total_steps, engine.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
@@ -366,6 +379,11 @@ class Engine:
         building the method (version 2): the encoders by role (``encoders``, sharing the storage of
         ``method``'s tensors), which one ``"default"`` means (``default_encoder``) and the intensity
         mapping of the data (``intensity``). Version 1 lacked these three entries.
+
+        A method that declares ``decoder_modules`` also gets ``decoders``: its decoders by role
+        (:func:`~nnunet_ssl.pretraining.methods.base.decoder_states`, sharing storage like the encoders),
+        e.g. the U-Net decoder a ResEnc method trains. Still version 2: the entry is optional, present
+        only when the method declares decoders, and a reader that does not know it ignores it.
         """
         states = [rng_state()]
         if self.dist.enabled:
@@ -389,6 +407,9 @@ class Engine:
                 "default_encoder": next(iter(encoders)),
                 "intensity": intensity,
             }
+            decoders = decoder_states(method)
+            if decoders:
+                checkpoint["decoders"] = decoders
             if name == LATEST and path.is_file():
                 os.replace(path, self.run_dir / PREVIOUS)  # a damaged new latest still leaves this one
             atomic_torch_save(checkpoint, path)

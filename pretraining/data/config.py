@@ -20,6 +20,9 @@ MODALITIES = ("ct", "mr")
 #: Intensity mappings of the cached volumes (:attr:`DataConfig.intensity`), the default first.
 INTENSITIES = ("window", "zscore")
 
+#: Edge of the region multi-view crops are drawn from, unless the crops are larger (:attr:`DataConfig.region_size`).
+DEFAULT_REGION_SIZE = 128
+
 #: Spatial augmentations of the crops (:attr:`DataConfig.augmentation`), the default first.
 AUGMENTATIONS = ("none", "scale_rotate_mirror")
 
@@ -58,7 +61,8 @@ class DataConfig:
         crop_size: Edge of the cubic crops (views), in voxels.
         region_size: Edge of the cubic region the views of one volume are drawn from when more
             than one view is requested (views then overlap by ``2 * crop_size - region_size``
-            voxels or more per axis).
+            voxels or more per axis); 0 (the default) means ``max(128, crop_size)``: 128 for the
+            Swin methods' 96^3 crops, the crop itself for larger ones (e.g. Spark3D's 160^3).
         augmentation: Spatial augmentation of every crop, drawn in the loader from the crop's own
             seeded generator (:mod:`.augment`): ``"none"`` or ``"scale_rotate_mirror"`` (nnU-Net's and
             Spark3D's: scaling 0.7-1.4 and rotation, each with p 0.2, mirroring per axis with p 0.5).
@@ -82,7 +86,7 @@ class DataConfig:
     ct_window: tuple[float, float] = (-500.0, 500.0)
     mr_percentiles: tuple[float, float] = (5.0, 95.0)
     crop_size: int = 96
-    region_size: int = 128
+    region_size: int = 0
     intensity: str = "window"
     augmentation: str = "none"
     num_workers: int = 2
@@ -124,6 +128,8 @@ class DataConfig:
             raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {self.augmentation!r}")
         if int(self.crop_size) != self.crop_size or self.crop_size < 1:
             raise ValueError(f"crop_size must be a positive integer, got {self.crop_size!r}")
+        if self.region_size == 0:
+            object.__setattr__(self, "region_size", max(DEFAULT_REGION_SIZE, int(self.crop_size)))
         if int(self.region_size) != self.region_size or self.region_size < self.crop_size:
             raise ValueError(f"region_size must be an integer >= crop_size ({self.crop_size}), got {self.region_size!r}")
         if int(self.num_workers) != self.num_workers or self.num_workers < 0:

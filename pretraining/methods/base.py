@@ -6,14 +6,17 @@ Methods never subclass one another; they compose ``masking``, ``ema``, ``heads``
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
 from nnunet_ssl.checkpoints import PRETRAINING_ONLY_KEYS
 from nnunet_ssl.pretraining.context import StepContext  # re-exported: part of the method contract
 
+#: The network family of a method class that declares none: every method written before families existed.
+DEFAULT_FAMILY = "swin"
 #: ``encoder_modules`` of a method with an EMA teacher (what ``"default"`` exports) and a student branch.
 TEACHER_AND_STUDENT: tuple[tuple[str, str], ...] = (("teacher", "teacher.encoder"), ("student", "student.encoder"))
 #: ``encoder_modules`` of a teacher-free method that holds its encoder as ``self.encoder``.
@@ -57,7 +60,21 @@ class PretrainingMethod(Protocol):
     - ``after_step(context)``: after the optimiser step, e.g. the EMA teacher update.
 
     Batches come from the loader as ``{"views": Tensor (B, V, C, D, H, W)}`` with intensities in
-    [0, 1]; ``V == num_views`` crops per volume (overlapping crops of one region when V > 1).
+    [0, 1] (or per-image z-scores with ``intensity="zscore"``); ``V == num_views`` crops per volume
+    (overlapping crops of one region when V > 1).
+
+    Class attributes a method may declare besides the members below (read with ``getattr``, so the
+    nine Swin methods declare none of them):
+
+    - ``family: ClassVar[str]``: the network family it pretrains, a key of
+      :data:`nnunet_ssl.networks.family.FAMILIES` (absent: ``"swin"``); the class is built with a preset
+      of that family (``SwinPreset`` or ``ResEncPreset``), see :func:`declared_family`;
+    - ``decoder_modules: ClassVar[tuple[tuple[str, str], ...]]``: ``(role, submodule path)`` of decoders
+      the checkpoints carry beside the encoders (:func:`decoder_states`), e.g. a U-Net decoder that
+      fine-tuning may start from;
+    - ``engine_defaults`` / ``data_defaults: ClassVar[Mapping[str, Any]]``: the method's recipe, values
+      of ``EngineConfig`` / ``DataConfig`` fields that replace those classes' defaults in its runs
+      (a config file and flags still override them; ``methods.apply_method_defaults``).
     """
 
     name: ClassVar[str]
@@ -105,6 +122,32 @@ def encoder_states(method: nn.Module) -> dict[str, dict[str, Tensor]]:
         role: {k: v for k, v in method.get_submodule(path).state_dict().items() if k not in PRETRAINING_ONLY_KEYS}
         for role, path in method.encoder_modules
     }
+
+
+def declared_family(method: type | object) -> str:
+    """The network family a method class (or instance) declares: its ``family``, else :data:`DEFAULT_FAMILY`."""
+    family = getattr(method, "family", DEFAULT_FAMILY)
+    if not isinstance(family, str):
+        raise TypeError(f"{getattr(method, '__name__', type(method).__name__)}.family must be a family name, got {family!r}")
+    return family
+
+
+def decoder_states(method: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Every decoder the method declares in ``decoder_modules``, by role; empty when it declares none.
+
+    Like :func:`encoder_states`: the method's own tensors (not copies), so a checkpoint that stores them
+    beside ``method.state_dict()`` does not grow, and pretraining-only keys are left out.
+    """
+    modules: tuple[tuple[str, str], ...] = getattr(method, "decoder_modules", ())
+    return {
+        role: {k: v for k, v in method.get_submodule(path).state_dict().items() if k not in PRETRAINING_ONLY_KEYS}
+        for role, path in modules
+    }
+
+
+def recipe_defaults(method: type | object) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """``(engine_defaults, data_defaults)`` a method class declares (empty mappings when it declares none)."""
+    return getattr(method, "engine_defaults", {}), getattr(method, "data_defaults", {})
 
 
 def before_optimizer_step(method: object, context: StepContext) -> None:
