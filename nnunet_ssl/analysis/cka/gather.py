@@ -184,11 +184,13 @@ def plans_record(
     """The network record of the network nnU-Net builds from a configuration's ``architecture``.
 
     The family is the one, among those whose networks trainers build from the plans, whose network
-    class the architecture names; the preset is the one of that topology, ``""`` when none has it.
+    class the architecture names; the preset is the one whose architecture the family finds no
+    difference with, ``""`` when none has it. Whether the family can build it is for
+    :func:`build_encoder` to say.
 
     Raises:
         WeightsError: naming ``plans_path`` when the configuration is missing, or names a network of no
-            family nnunet-ssl knows, or one its family cannot build.
+            family nnunet-ssl knows.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -207,14 +209,8 @@ def plans_record(
             "the nnunet-ssl Swin trainers: is nnUNet_extTrainer set for a trainer of your own?)"
         )
     family = families[0]
-    record = {"family": family.name, "preset": "", "architecture": architecture}
-    try:
-        with torch.device("meta"):
-            network = family.build(record, 1, 1, True)
-    except (ValueError, TypeError) as error:
-        raise WeightsError(f"{plans_path}: the {configuration} architecture is not a {family.name} network: {error}") from None
-    record["preset"] = family.network_preset(network) or ""
-    return record
+    preset = next((name for name in family.presets if not family.plans_differences(family.record(name), architecture)), "")
+    return {"family": family.name, "preset": preset, "architecture": architecture}
 
 
 def load_pretrained_encoder(path: Path, in_channels: int, source: str = "default") -> PretrainedEncoder:

@@ -70,8 +70,8 @@ def _with_new_stage6(weights: dict[str, torch.Tensor], generator: torch.Generato
 
 @pytest.fixture(scope="module")
 def resenc_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A resenc_tiny weights file, folds of nnUNetTrainer (same network; another topology; a network of no family)
-    and of ResEncSpark3DTrainer (stage 6 changed), and 2 raw CT cases."""
+    """A resenc_tiny weights file, folds of nnUNetTrainer (same network; another topology; a network of no family;
+    a ResEnc naming a class we do not build) and of ResEncSpark3DTrainer (stage 6 changed), and 2 raw CT cases."""
     root = tmp_path_factory.mktemp("cka_resenc")
     generator = torch.Generator().manual_seed(5)
     torch.manual_seed(3)
@@ -91,9 +91,13 @@ def resenc_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                                    nnunet_plans(64, other.architecture(), "ZScoreNormalization"))
     plain_fold = write_nnunet_fold(results / "nnUNetTrainer__plain__3d_fullres", dict(payload["network_weights"]),
                                    "nnUNetTrainer", nnunet_plans(64, PLAIN_UNET, "ZScoreNormalization"))
+    unbuildable = TINY.architecture()
+    unbuildable["arch_kwargs"]["norm_op"] = "torch.nn.GroupNorm"  # a class a recorded architecture may not name
+    bad_fold = write_nnunet_fold(results / "nnUNetTrainer__bad__3d_fullres", dict(payload["network_weights"]),
+                                 "nnUNetTrainer", nnunet_plans(64, unbuildable, "ZScoreNormalization"))
     swin = build_weights_file(SwinEncoder(PRESETS["tiny"]).state_dict(), "tiny", 1, 2, method="smit")
     return {
-        "weights": weights, "same": same, "stage6": stage6, "other": other_fold, "plain": plain_fold,
+        "weights": weights, "same": same, "stage6": stage6, "other": other_fold, "plain": plain_fold, "bad": bad_fold,
         "swin": save_weights_file(swin, root / "swin_tiny.pt"), "images": write_raw_ct_cases(root / "imagesTs", 2),
     }
 
@@ -230,6 +234,9 @@ def test_refusals_name_both_networks(resenc_inputs: dict[str, Any], tmp_path: Pa
     assert "\n" not in line
     with pytest.raises(WeightsError, match="of no network family"):
         load_finetuned_fold(resenc_inputs["plain"])
+    # a ResEnc the family cannot build
+    with pytest.raises(WeightsError, match=r"__bad__3d_fullres/fold_0/checkpoint_final.pth: norm_op 'torch.nn.GroupNorm'"):
+        load_finetuned_fold(resenc_inputs["bad"])
     # two folds of different topologies
     with pytest.raises(ValueError, match=r"__same__.*resenc preset 'resenc_tiny'.*__other__.*n_blocks_per_stage"):
         cka_between_folds(resenc_inputs["same"], resenc_inputs["other"], resenc_inputs["images"])
