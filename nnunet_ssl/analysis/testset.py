@@ -5,7 +5,10 @@ Predictions go to ``REPORT_DIR/predictions/<trainer>/fold_N/<case><file_ending>`
 checkpoint changes (training continued, retrained) the old predictions are removed and made again,
 otherwise existing predictions are reused and only missing cases are predicted. Each case is written
 to ``.partial/`` first and moved into place when complete, so an interrupted run leaves no
-half-written prediction behind.
+half-written prediction behind. A prediction from elsewhere (``nnUNetv2_predict``, which writes in
+place) counts only when it reads back whole with its label's shape
+(:func:`nnunet_ssl.analysis.prediction_files.read_problem`): one that does not is predicted again
+here, and refused by :func:`score_predictions` with a message naming the file.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nnunet_ssl.analysis.prediction_files import UnreadablePredictionError, read_problem
 from nnunet_ssl.analysis.results import (
     CHECKPOINTS,
     COMPLETE,
@@ -122,8 +126,15 @@ def checkpoint_source(checkpoint_file: Path) -> dict[str, object]:
     return {"checkpoint": str(checkpoint_file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def cases_to_predict(out_dir: Path, cases: list[str], file_ending: str, source: dict[str, object]) -> list[str]:
-    """Cases without a usable prediction in ``out_dir``; stale predictions (other checkpoint) are removed."""
+def cases_to_predict(
+    out_dir: Path, cases: list[str], file_ending: str, source: dict[str, object],
+    references: dict[str, Path] | None = None,
+) -> list[str]:
+    """Cases without a usable prediction in ``out_dir``; stale predictions (other checkpoint) are removed.
+
+    With ``references`` (case -> its label), a prediction that does not read back whole with the
+    label's shape is removed too (logged with the file and why), so it is predicted again.
+    """
     marker = out_dir / SOURCE_FILE
     if out_dir.is_dir():
         recorded = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
@@ -136,6 +147,13 @@ def cases_to_predict(out_dir: Path, cases: list[str], file_ending: str, source: 
                     source["checkpoint"],
                 )
             for path in stale:
+                path.unlink()
+    if references is not None:
+        for case in cases:
+            path = out_dir / f"{case}{file_ending}"
+            problem = read_problem(path, references.get(case)) if path.is_file() else None
+            if problem is not None:
+                logger.warning("%s %s: removed, predicting it again", path, problem)
                 path.unlink()
     return [c for c in cases if not (out_dir / f"{c}{file_ending}").is_file()]
 
@@ -185,6 +203,8 @@ def score_predictions(
         (dice, hd95, cases without a prediction).
 
     Raises:
+        UnreadablePredictionError: naming every prediction that does not read back whole with its
+            label's shape (cut short: SimpleITK would score its missing part as background).
         ValueError: when HD95 is asked for on a region-based dataset (only plain labels).
     """
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics, label_or_region_to_key
@@ -200,10 +220,19 @@ def score_predictions(
     dice: dict[str, dict[str, float]] = {}
     distances: dict[str, dict[str, float]] = {}
     missing: list[str] = []
-    for case in test_set.cases:
+    problems: dict[Path, str] = {}
+    for case in test_set.cases:  # every file is checked before any is scored: a cut one is refused, never scored
         prediction_file = prediction_dir / f"{case}{info.file_ending}"
         if not prediction_file.is_file():
             missing.append(case)
+        elif (problem := read_problem(prediction_file, test_set.labels[case])) is not None:
+            problems[prediction_file] = problem
+    if problems:
+        raise UnreadablePredictionError(problems, "Delete them and predict again (`nnunet-ssl experiment run` "
+                                        "and `nnunet-ssl report` redo such files themselves)")
+    for case in test_set.cases:
+        prediction_file = prediction_dir / f"{case}{info.file_ending}"
+        if case in missing:
             continue
         if reader is None:
             reader = determine_reader_writer_from_dataset_json(
@@ -253,7 +282,7 @@ def collect_test_run(
     if not settings.predict:
         return score_existing_predictions(out_dir, info, trainer, fold, settings)
     source = checkpoint_source(fold_dir / CHECKPOINTS[settings.checkpoint])
-    todo = cases_to_predict(out_dir, settings.test_set.cases, info.file_ending, source)
+    todo = cases_to_predict(out_dir, settings.test_set.cases, info.file_ending, source, settings.test_set.labels)
     reused = len(settings.test_set.cases) - len(todo)
     if todo:
         # nnU-Net's predictor unpickles the checkpoint with weights_only=False: read it safely first, so
@@ -268,7 +297,10 @@ def collect_test_run(
             )
         except Exception as error:  # one failed run must not hide the others: report it
             logger.exception("prediction failed for %s fold %d", trainer, fold)
-            dice, _, _ = score_predictions(out_dir, settings.test_set, info)
+            try:
+                dice, _, _ = score_predictions(out_dir, settings.test_set, info)
+            except UnreadablePredictionError:
+                dice = {}
             return RunResult(trainer, fold, INCOMPLETE, f"prediction failed: {error}", dice)
     logger.info(
         "%s fold %d: %d test case(s) predicted now, %d reused from %s", trainer, fold, len(todo), reused, out_dir
@@ -279,8 +311,13 @@ def collect_test_run(
 def score_existing_predictions(
     out_dir: Path, info: DatasetInfo, trainer: str, fold: int, settings: TestRunSettings
 ) -> RunResult:
-    """Score the predictions in ``out_dir``; a case without one makes the run incomplete."""
-    dice, distances, missing = score_predictions(out_dir, settings.test_set, info, settings.hd95)
+    """Score the predictions in ``out_dir``; a case without one, or with one that does not read back whole,
+    makes the run incomplete (the reason names the file)."""
+    try:
+        dice, distances, missing = score_predictions(out_dir, settings.test_set, info, settings.hd95)
+    except UnreadablePredictionError as error:
+        logger.warning("%s fold %d: %s", trainer, fold, error)
+        return RunResult(trainer, fold, INCOMPLETE, str(error))
     if missing:
         return RunResult(
             trainer, fold, INCOMPLETE,
