@@ -206,15 +206,17 @@ def test_decide_and_shell_agree_on_every_state(tmp_path: Path) -> None:
 
 def test_emitted_formats_cover_the_same_jobs(tmp_path: Path) -> None:
     experiment, _, _, jobs = grid(tmp_path)
-    commands = render(jobs, experiment.source, experiment.output, "commands")
+    by_id = {j.id: j for j in jobs}
+    commands = render(jobs, experiment, "commands")
     lines = [line for line in commands.splitlines() if line.startswith("{ ")]
-    assert lines == [job_line(j) for j in jobs]
-    slurm = render(jobs, experiment.source, experiment.output, "slurm")
+    assert lines == [job_line(j, [by_id[d] for d in j.depends]) for j in jobs]
+    slurm = render(jobs, experiment, "slurm")
     tasks = array_tasks(jobs)
     assert f"#SBATCH --array=0-{len(tasks) - 1}" in slurm
     assert len(tasks) == sum(j.kind == "train" for j in jobs)
-    for job in jobs:
-        assert job_line(job) in slurm
+    for index, task in enumerate(tasks):  # each task names its jobs for the runner
+        assert f"  {index}) jobs=({' '.join('--job ' + j.id for j in task)}) ;;" in slurm
+    assert {j.id for task in tasks for j in task} == set(by_id)
     assert all(task[0].kind == "export" for task in tasks if any(j.arm == "simmim" for j in task))
     subprocess.run(["bash", "-n"], input=slurm, text=True, check=True)  # valid bash
     subprocess.run(["sh", "-n"], input=commands, text=True, check=True)
