@@ -44,7 +44,7 @@ from nnunet_ssl.cpu_memory import KEEP_FREED_MEMORY_ENV
 from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.swin import SwinEncoder
 from nnunet_ssl.optim import decay_parameter_groups
-from nnunet_ssl.pretraining.methods import METHODS, build_method
+from nnunet_ssl.pretraining.methods import METHODS, build_method, method_family
 from nnunet_ssl.pretraining.methods.base import StepContext, after_step, before_optimizer_step, method_contract
 
 logger = logging.getLogger("bench_pretraining_step")
@@ -134,10 +134,10 @@ def _worker(queue: Any, args: tuple) -> None:
 
 def run_all(preset: str, size: int, crops: int, repeats: int, warmup: int, device: str, threads: int,
             methods: list[str] | None = None, rounds: int = 1) -> list[dict]:
-    """:func:`measure` for ``methods`` (default: every method in ``METHODS``), each in a spawned process,
+    """:func:`measure` for ``methods`` (default: every Swin-family method in ``METHODS``), each in a spawned process,
     ``rounds`` times interleaved; a method's result pools the timed steps of all its rounds."""
     context = mp.get_context("spawn")
-    names = list(methods or METHODS)
+    names = list(methods or (n for n in METHODS if method_family(n).name == "swin"))  # the tiny/smit presets are Swin
     pooled: dict[str, dict] = {}
     for round_index in range(rounds):
         for name in names:

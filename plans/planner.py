@@ -32,10 +32,11 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
+from nnunet_ssl.networks.family import get_family
 from nnunet_ssl.networks.presets import get_preset
 
 #: Name of the plans file (and plans identifier) the plugin writes by default.
-DEFAULT_PLANS_NAME = "nnUNetSwinPlans"
+DEFAULT_PLANS_NAME = get_family("swin").ssl_plans
 #: Only this configuration is planned: the Swin trainers are 3D only.
 CONFIGURATION = "3d_fullres"
 MODALITIES = ("ct", "mr")

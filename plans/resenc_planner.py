@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
+from nnunet_ssl.networks.family import get_family
 from nnunet_ssl.networks.resenc import RESENC_PRESETS, get_resenc_preset
 
 #: Name of the plans file (and plans identifier) the ResEnc planner writes by default.
-RESENC_PLANS_NAME = "nnUNetResEncSSLPlans"
+RESENC_PLANS_NAME = get_family("resenc").ssl_plans
 #: Only this configuration is planned.
 CONFIGURATION = "3d_fullres"
 #: The pretraining spacing, mm (isotropic).

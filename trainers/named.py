@@ -189,11 +189,11 @@ class ResEncSpark3DTrainer(ResEncTrainerBase):
 
 
 class ResEncScratchTrainer_16epochs(ResEncScratchTrainer):
-    recipe = RESENC_CPU_TRIAL_RECIPE
+    schedule_preset, recipe = "resenc_tiny", RESENC_CPU_TRIAL_RECIPE
 
 
 class ResEncSpark3DTrainer_16epochs(ResEncSpark3DTrainer):
-    recipe = SPARK3D_CPU_TRIAL_RECIPE
+    schedule_preset, recipe = "resenc_tiny", SPARK3D_CPU_TRIAL_RECIPE
 
 
 #: Every named Swin trainer (the product's), for listings and parametrized tests.
@@ -274,6 +274,13 @@ def _of_kind(found: type[PluginTrainerBase], name: str, kind: type[PluginTrainer
 def schedule_name(trainer_class: type[PluginTrainerBase]) -> str:
     """The :data:`SCHEDULES` name of a trainer's recipe, ``custom`` for any other."""
     return next((name for name, recipe in SCHEDULES.items() if recipe == trainer_class.recipe), "custom")
+
+
+def trainer_preset(trainer_class: type[PluginTrainerBase]) -> str:
+    """The preset a trainer is named for: a Swin trainer's network preset, a ResEnc trainer's schedule preset."""
+    if issubclass(trainer_class, SwinTrainerBase):
+        return trainer_class.preset_name
+    return str(getattr(trainer_class, "schedule_preset", ""))
 
 
 def describe(trainer_class: type[PluginTrainerBase]) -> dict[str, Any]:

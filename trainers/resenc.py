@@ -38,9 +38,8 @@ from nnunet_ssl.trainers.inputs import PRETRAINED_WEIGHTS_OPTION, TrainerInputEr
 from nnunet_ssl.weights.format import WeightsError, encoder_digest, weights_family
 from nnunet_ssl.weights.intensity import intensity_warnings, plans_channel_mappings
 
-#: The plans ``nnunet-ssl plan --family resenc`` writes by default (``nnunet_ssl.plans.resenc_planner``
-#: keeps the same name; the engines do not import each other, a test keeps them equal).
-SSL_PLANS_NAME = "nnUNetResEncSSLPlans"
+#: The plans ``nnunet-ssl plan --family resenc`` writes by default (the family's name for them).
+SSL_PLANS_NAME = get_family("resenc").ssl_plans
 
 
 class PretrainedWeightsMismatch(RuntimeError):
@@ -51,6 +50,9 @@ class ResEncTrainerBase(PluginTrainerBase):
     """nnU-Net trainer of the ResEnc family: the plans' ``ResidualEncoderUNet``, with the plugin's recipe and policies."""
 
     family: ClassVar[str] = "resenc"
+    #: The preset this trainer's schedule is meant for (its network comes from the plans): what an experiment
+    #: arm's ``preset`` picks, as a Swin trainer's ``preset_name`` does.
+    schedule_preset: ClassVar[str] = "resenc_l"
     #: Scratch trainer named in the warning when a pretrained trainer gets no weights.
     scratch_trainer: ClassVar[str] = "ResEncScratchTrainer"
 

@@ -426,8 +426,19 @@ def _env(value: Any, where: str) -> tuple[tuple[str, str], ...]:
 
 
 def arm_plans(experiment: Experiment, arm: Arm) -> str:
-    """The plans identifier an arm trains with: its own ``plans``, else the file's."""
-    return arm.plans or experiment.plans
+    """The plans identifier an arm trains with: its own ``plans``; else the file's, when the arm's preset is of the
+    file's preset's network family; else the plans ``nnunet-ssl plan --family F`` writes for the arm's family
+    (e.g. ``nnUNetResEncSSLPlans`` for a ``resenc_l`` arm in a Swin experiment)."""
+    from nnunet_ssl.networks.family import family_of_preset
+
+    if arm.plans:
+        return arm.plans
+    try:
+        family = family_of_preset(arm.preset or experiment.preset)
+        same = family is family_of_preset(experiment.preset)
+    except ValueError:  # an unknown preset: trainer_name names the problem
+        return experiment.plans
+    return experiment.plans if same else family.ssl_plans
 
 
 def experiment_plans(experiment: Experiment) -> list[str]:
@@ -438,19 +449,21 @@ def experiment_plans(experiment: Experiment) -> list[str]:
 def trainer_name(experiment: Experiment, arm: Arm) -> str:
     """The nnU-Net trainer of an arm: its explicit ``trainer``, else the named trainer of its method and preset.
 
-    The named trainers are ``nnunet_ssl.trainers.named.TRAINERS`` (one per method and preset), so new
-    methods need no change here. An explicit trainer may also be one of the user's own, found in
-    ``nnUNet_extTrainer``'s folders as ``nnUNetv2_train`` will find it.
+    The named trainers are ``nnunet_ssl.trainers.named.ALL_TRAINERS`` (one per method and preset: a Swin
+    trainer's network preset, a ResEnc trainer's schedule preset), so new methods need no change here. An
+    explicit trainer may also be one of the user's own, found in ``nnUNet_extTrainer``'s folders as
+    ``nnUNetv2_train`` will find it.
 
     Raises:
         ExperimentError: when there is no such trainer, or it is for another method.
     """
-    from nnunet_ssl.trainers.named import TRAINERS, UnknownTrainerError, find_trainer
+    from nnunet_ssl.trainers.base import PluginTrainerBase
+    from nnunet_ssl.trainers.named import ALL_TRAINERS, UnknownTrainerError, find_trainer, trainer_preset
 
     method = arm.method or "scratch"
     if arm.trainer is not None:
         try:
-            trainer = find_trainer(arm.trainer)
+            trainer = find_trainer(arm.trainer, kind=PluginTrainerBase)
         except UnknownTrainerError as error:
             raise ExperimentError(f"{experiment.source}: arm {arm.name}: trainer: {error}") from None
         if trainer.method != arm.method:
@@ -460,11 +473,12 @@ def trainer_name(experiment: Experiment, arm: Arm) -> str:
             )
         return arm.trainer
     preset = arm.preset or experiment.preset
-    names = [name for name, cls in TRAINERS.items() if cls.method == arm.method and cls.preset_name == preset]
+    names = [name for name, cls in ALL_TRAINERS.items() if cls.method == arm.method and trainer_preset(cls) == preset]
     if len(names) == 1:
         return names[0]
-    presets = sorted({cls.preset_name for cls in TRAINERS.values() if cls.method == arm.method})
-    of_preset = [f"{name} ({cls.method or 'scratch'})" for name, cls in TRAINERS.items() if cls.preset_name == preset]
+    presets = sorted({trainer_preset(cls) for cls in ALL_TRAINERS.values() if cls.method == arm.method})
+    of_preset = [f"{name} ({cls.method or 'scratch'})" for name, cls in ALL_TRAINERS.items()
+                 if trainer_preset(cls) == preset]
     raise ExperimentError(
         f"{experiment.source}: arm {arm.name}: {len(names)} named trainers for method {method} with preset "
         f"{preset} ({', '.join(names) or 'none'}). Named trainers of method {method} have preset "

@@ -51,6 +51,7 @@ class NetworkFamily:
         make_record: Preset name -> record (see the module docstring); raises ValueError for an unknown one.
         make_network: ``(record, in_channels, num_classes, deep_supervision)`` -> network.
         network_preset: A built network of this family -> the name of the preset it has, or None.
+        ssl_plans: The plans identifier ``nnunet-ssl plan --family NAME`` writes (``-p`` of its trainers).
         built_from_plans: Whether trainers build this family's network from the plans' ``architecture``
             entry (nnU-Net's own way, ResEnc), so that a weights file must have the plans' architecture;
             False when the trainer builds it from a preset whatever the plans say (Swin).
@@ -65,6 +66,7 @@ class NetworkFamily:
     make_record: Callable[[str], dict[str, Any]]
     make_network: Callable[[Mapping[str, Any], int, int, bool], nn.Module]
     network_preset: Callable[[nn.Module], str | None]
+    ssl_plans: str
     built_from_plans: bool = False
 
     #: Every family's network keeps its encoder in this attribute (state-dict prefix ``encoder.``).
@@ -191,6 +193,7 @@ FAMILIES: dict[str, NetworkFamily] = {
         make_record=_swin_record,
         make_network=_swin_network,
         network_preset=_swin_network_preset,
+        ssl_plans="nnUNetSwinPlans",
     ),
     "resenc": NetworkFamily(
         name="resenc",
@@ -202,6 +205,7 @@ FAMILIES: dict[str, NetworkFamily] = {
         make_record=_resenc_record,
         make_network=_resenc_network,
         network_preset=_resenc_network_preset,
+        ssl_plans="nnUNetResEncSSLPlans",
         built_from_plans=True,
     ),
 }

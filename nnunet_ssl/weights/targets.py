@@ -124,7 +124,7 @@ def build_weights_for_target(
             f"{target.plans_file} ({target.configuration}) plans another {family.name} network than the pretrained "
             f"one ({family.describe(record)}): {'; '.join(differences[:4])}"
             f"{f' (and {len(differences) - 4} more)' if len(differences) > 4 else ''}. Fix: plan the dataset with "
-            f"{plan} and export for those plans (-p)"
+            f"{plan} and export for those plans (-p {family.ssl_plans})"
         )
     return build_weights_file(
         encoder_state, preset_name, target.in_channels, target.num_classes, method=method, **metadata

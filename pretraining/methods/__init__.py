@@ -42,6 +42,7 @@ from nnunet_ssl.pretraining.methods.reconstruction import Reconstruction, Recons
 from nnunet_ssl.pretraining.methods.rotation import Rotation, RotationConfig
 from nnunet_ssl.pretraining.methods.simmim import SimMIM, SimMIMConfig
 from nnunet_ssl.pretraining.methods.smit import SMIT, SMITConfig
+from nnunet_ssl.pretraining.methods.spark3d import Spark3D, Spark3DConfig
 from nnunet_ssl.pretraining.methods.swinunetr import SwinUNETRConfig, SwinUNETRPretraining
 
 METHODS: dict[str, tuple[type, type]] = {
@@ -54,6 +55,7 @@ METHODS: dict[str, tuple[type, type]] = {
     "contrastive": (Contrastive, ContrastiveConfig),
     "rotation": (Rotation, RotationConfig),
     "swinunetr": (SwinUNETRPretraining, SwinUNETRConfig),
+    "spark3d": (Spark3D, Spark3DConfig),
 }
 
 #: The preset a run gets when it names none, by the family of its method.

@@ -20,7 +20,7 @@ from nnunet_runner import NnUNet
 from short_trainers import short_trainer_for
 
 from nnunet_ssl.data.phantoms import PhantomConfig
-from nnunet_ssl.pretraining.methods import METHODS, build_config
+from nnunet_ssl.pretraining.methods import METHODS, build_config, method_family
 from nnunet_ssl.pretraining.metrics_log import read_metrics
 from nnunet_ssl.weights import load_weights_file
 
@@ -53,7 +53,11 @@ def smallest_crop(method: str) -> int:
     return 32
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+#: The Swin-family methods (Spark3D, the ResEnc family's, runs through tests/e2e/test_e2e_spark3d.py).
+SWIN_METHODS = [name for name in METHODS if method_family(name).name == "swin"]
+
+
+@pytest.mark.parametrize("method", SWIN_METHODS)
 def test_method_pretrains_exports_and_its_trainer_loads_the_weights(nnunet: NnUNet, method: str) -> None:
     run_dir = nnunet.root / f"{method}_run"
     nnunet.run(

@@ -43,3 +43,24 @@ def test_an_arm_trains_with_its_own_plans_and_preset(tmp_path: Path) -> None:
 def test_bad_arm_plans_or_preset_are_refused_naming_the_field(tmp_path: Path, arm: dict, message: str) -> None:
     with pytest.raises(ExperimentError, match=message):
         load_experiment(write_experiment(tmp_path, arms=[arm]))
+
+
+def test_arms_of_both_families_get_their_trainers_and_plans(tmp_path: Path) -> None:
+    """A Swin experiment with ResEnc arms: the arm's preset picks the ResEnc trainer of its schedule and, without
+    plans of its own, the plans `nnunet-ssl plan --family resenc` writes."""
+    (tmp_path / "spark3d.pt").write_bytes(b"weights")
+    arms = [{"name": "swin_scratch"}, {"name": "smit", "method": "smit", "weights": "smit.pt"},
+            {"name": "resenc_scratch", "preset": "resenc_l"},
+            {"name": "spark3d", "method": "spark3d", "weights": "spark3d.pt", "preset": "resenc_l"},
+            {"name": "spark3d_cpu", "method": "spark3d", "weights": "spark3d.pt", "preset": "resenc_tiny",
+             "plans": "MyTinyPlans"},
+            {"name": "dyn", "trainer": "ResEncScratchTrainer", "preset": "resenc_l", "plans": "nnUNetResEncUNetLPlans"}]
+    experiment = load_experiment(write_experiment(tmp_path, arms=arms, plans="nnUNetSwinPlans"))
+    assert [trainer_name(experiment, arm) for arm in experiment.arms] == [
+        "SwinScratchTrainer", "SwinSMITTrainer", "ResEncScratchTrainer", "ResEncSpark3DTrainer",
+        "ResEncSpark3DTrainer_16epochs", "ResEncScratchTrainer"]
+    assert experiment_plans(experiment) == ["nnUNetSwinPlans", "nnUNetResEncSSLPlans", "MyTinyPlans",
+                                            "nnUNetResEncUNetLPlans"]
+    wrong = [{"name": "x", "method": "spark3d", "weights": "spark3d.pt", "trainer": "SwinSMITTrainer"}]
+    with pytest.raises(ExperimentError, match="trainer SwinSMITTrainer is for smit, the arm's method is spark3d"):
+        load_experiment(write_experiment(tmp_path, arms=wrong))
