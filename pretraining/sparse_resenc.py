@@ -122,14 +122,15 @@ def _masked_instance_norm(x: Tensor, masks: VisibleMasks, norm: nn.InstanceNorm3
     count = masks.count(xf)
     dims = (2, 3, 4)
     mean = xf.sum(dims) / count  # masked positions are 0: the sum runs over the visible voxels
-    centred = (xf - mean[:, :, None, None, None]) * vis
-    var = centred.square().sum(dims) / count  # two passes (centred first), as precise as InstanceNorm3d
+    # two passes (centred first, as precise as InstanceNorm3d); addcmul: x - mean * vis in one kernel
+    centred = torch.addcmul(xf, mean[:, :, None, None, None], vis, value=-1.0)
+    var = centred.square().sum(dims) / count
     scale = torch.rsqrt(var + norm.eps)
     if norm.affine:
         scale = scale * norm.weight.to(xf.dtype)
     out = centred * scale[:, :, None, None, None]
-    if norm.affine:
-        out = out + norm.bias.to(xf.dtype).view(1, -1, 1, 1, 1) * vis
+    if norm.affine:  # + bias at visible positions only, in place (the product's backward does not need it)
+        out = out.addcmul_(norm.bias.to(xf.dtype).view(1, -1, 1, 1, 1), vis)
     return out
 
 

@@ -181,6 +181,22 @@ def test_sparse_instance_norm_is_instance_norm_over_each_samples_visible_voxels(
     assert torch.equal(out, sparse_instance_norm(torch.where(visible, x, x + 100.0), visible, norm))
 
 
+def test_sparse_instance_norm_gradients_match_finite_differences() -> None:
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm3d(3, affine=True).double()
+    visible = torch.rand(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(3)) > 0.4
+    x = torch.randn(2, 3, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(3, dtype=torch.float64) + 1.0).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64).requires_grad_()
+
+    def run(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        del norm.weight, norm.bias  # the module's parameters, as tensors gradcheck can perturb
+        norm.weight, norm.bias = weight, bias  # type: ignore[assignment]
+        return sparse_instance_norm(x, visible, norm)
+
+    assert torch.autograd.gradcheck(run, (x, weight, bias))
+
+
 def test_mask_token_fills_only_masked_positions_and_no_densify_at_full_resolution() -> None:
     widths = (4, 8, 8, 8)
     adapter = MaskTokenDensify(widths)
