@@ -85,10 +85,12 @@ def cmd_inspect_weights(args: argparse.Namespace) -> int:
     if args.dataset is None:
         raise ValueError("--trainer needs -d/--dataset to know the channels and classes to check against")
 
+    from nnunet_ssl.trainers.base import PluginTrainerBase
     from nnunet_ssl.trainers.named import find_trainer
     from nnunet_ssl.weights.targets import network_for_target, resolve_target
 
-    trainer = find_trainer(args.trainer)  # as nnUNetv2_train finds it: named, else in nnUNet_extTrainer
+    # as nnUNetv2_train finds it: named, else in nnUNet_extTrainer; of either family
+    trainer = find_trainer(args.trainer, kind=PluginTrainerBase)
     target = resolve_target(args.dataset, args.configuration, args.plans)
     network = network_for_target(trainer, target)
     check_weights_against_network(args.file, network, args.trainer)

@@ -91,11 +91,16 @@ def target_from_plans_file(plans_file: Path, configuration: str = "3d_fullres") 
 
 
 def network_for_target(trainer_class: type[Any], target: DatasetTarget) -> nn.Module:
-    """The network ``trainer_class`` builds for ``target``, on the meta device (shapes only, no memory)."""
-    import torch
+    """The network ``trainer_class`` builds for ``target``'s plans, on the meta device (shapes only, no memory).
 
-    with torch.device("meta"):
-        return trainer_class.build_network_architecture(None, None, target.in_channels, target.num_classes, True)
+    Built as nnU-Net's trainer builds it, from the plans and the dataset.json beside them, so that a trainer
+    whose network comes from the plans' architecture (ResEnc) gets the plans' network.
+    """
+    from nnunet_ssl.weights.preflight import network_shape_for
+
+    plans = json.loads(target.plans_file.read_text(encoding="utf-8"))
+    dataset_json = json.loads((target.plans_file.parent / "dataset.json").read_text(encoding="utf-8"))
+    return network_shape_for(trainer_class, plans, target.configuration, dataset_json)
 
 
 def build_weights_for_target(

@@ -119,3 +119,32 @@ def test_export_to_nnssl_refuses_a_window_pretraining_and_a_swin_run(tmp_path: P
     with pytest.raises(WeightsError, match="nnssl's interchange holds ResEnc U-Nets; this run pretrained a swin network"):
         export_nnssl(swin, tmp_path / "b.pth")
     assert not (tmp_path / "a.pth").exists() and not (tmp_path / "b.pth").exists()
+
+
+def test_convert_and_inspect_through_the_cli_for_resenc_plans(tmp_path: Path, network: torch.nn.Module,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """`convert` an nnssl checkpoint for a dataset's ResEnc plans, then `inspect-weights --trainer` builds the
+    plans' network as ResEncSpark3DTrainer would and finds that the file fits."""
+    import json
+
+    from test_convert import _plans
+
+    plans = _plans()
+    plans["plans_name"] = "nnUNetResEncSSLPlans"
+    plans["configurations"]["3d_fullres"].update(architecture=TINY.architecture(),
+                                                 normalization_schemes=["ZScoreNormalization"])
+    folder = tmp_path / "preprocessed" / "Dataset991_Convert"
+    folder.mkdir(parents=True)
+    (folder / "nnUNetResEncSSLPlans.json").write_text(json.dumps(plans), encoding="utf-8")
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 2,
+        "file_ending": ".nii.gz"}), encoding="utf-8")
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    out = tmp_path / "w.pt"
+    target_args = ["-d", "991", "-p", "nnUNetResEncSSLPlans"]
+    assert main(["convert", str(nnssl_file(tmp_path, network)), *target_args, "--out", str(out)]) == 0
+    assert "layout nnssl" in capsys.readouterr().out
+    assert main(["inspect-weights", str(out), "--trainer", "ResEncSpark3DTrainer", *target_args]) == 0
+    assert "OK: fits ResEncSpark3DTrainer on Dataset991_Convert" in capsys.readouterr().out
+    assert main(["inspect-weights", str(out), "--trainer", "SwinSMITTrainer", *target_args]) == 1  # another family
