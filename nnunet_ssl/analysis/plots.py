@@ -162,7 +162,7 @@ def plot_validation_dice(curves: Sequence, path: Path, structures: Sequence[str]
         mean_axes.plot(np.arange(len(raw)), raw, color=colors[run.trainer], alpha=0.3, linewidth=0.8)
         for axes, name in zip(structure_axes, shown, strict=True):
             values = per_structure[id(run)].get(name, [])
-            axes.plot(np.arange(len(values)), values, color=colors[run.trainer])
+            axes.plot(np.arange(len(values)), values, color=colors[run.trainer], linewidth=1.0, alpha=0.85)
     if len(structures) == 1:
         _dice_axis(mean_axes, f"validation pseudo-Dice of {structures[0]}")
         title = structures[0]
@@ -210,6 +210,22 @@ def plot_losses(curves: Sequence, path: Path) -> Figure:
     return figure
 
 
+#: Few-shot panels label each point with its value up to this many points (beyond, the tables have them).
+LABELLED_POINTS = 4
+
+
+def _size_axis(axes: Axes, sizes: Sequence[int]) -> None:
+    """Training cases on a log2 axis (5, 10, 20 equally spaced), ticks at the sizes that were run."""
+    from matplotlib.ticker import NullLocator
+
+    axes.set_xscale("log", base=2)
+    if sizes:
+        axes.set_xlim(sizes[0] / 2 ** 0.5, sizes[-1] * 2 ** 0.5)
+        axes.set_xticks(list(sizes), [str(s) for s in sizes])
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xlabel("training cases (log scale)")
+
+
 def plot_few_shot(rows: Sequence, path: Path, structure_rows: Sequence = (), structures: Sequence[str] = ()) -> Figure:
     """Dice vs training cases, mean over seeds (error bars: sample sd): the mean over structures, then each structure.
 
@@ -236,21 +252,21 @@ def plot_few_shot(rows: Sequence, path: Path, structure_rows: Sequence = (), str
     one_seed = all(math.isnan(r.stats.std) for r in rows)  # a single seed has no sample sd
     for kind, kind_axes in zip(kinds, panels, strict=True):
         sizes = sorted({r.size for r in rows if r.kind == kind})
-        spacing = min(np.diff(sizes), default=max(sizes[0], 1) if sizes else 1)
-        dodge = 0.6 * spacing / max(len(colors), 1)
+        dodge = min(0.08, 0.6 / max(len(colors), 1))  # log2 units between methods at one size
         for key, axes in zip(keys, kind_axes, strict=True):
-            for index, trainer in enumerate(colors):
-                points = sorted((r.size, r.stats.mean, r.stats.std) for r in by_key[key]
-                                if (r.kind, r.trainer) == (kind, trainer))
+            series = {trainer: sorted((r.size, r.stats.mean, r.stats.std) for r in by_key[key]
+                                      if (r.kind, r.trainer) == (kind, trainer)) for trainer in colors}
+            labelled = sum(map(len, series.values())) <= LABELLED_POINTS
+            for index, (trainer, points) in enumerate(series.items()):
                 if not points:
                     continue
-                offset = (index - (len(colors) - 1) / 2) * dodge
-                x = [size + offset for size, _, _ in points]
+                factor = 2 ** ((index - (len(colors) - 1) / 2) * dodge)
+                x = [size * factor for size, _, _ in points]
                 means = [mean for _, mean, _ in points]
                 errors = np.nan_to_num([std for _, _, std in points])
                 axes.errorbar(x, means, yerr=errors, marker="o", capsize=3, color=colors[trainer],
                               linestyle="-" if len(points) > 1 else "none", label=trainer)
-                for xi, mean, error in zip(x, means, errors, strict=True):
+                for xi, mean, error in zip(x, means, errors, strict=True) if labelled else ():
                     above = mean + error < 0.8
                     axes.annotate(f"{mean:.3f}", (xi, mean + error if above else mean - error),
                                   xytext=(0, 6 if above else -6), textcoords="offset points", rotation=90,
@@ -259,11 +275,7 @@ def plot_few_shot(rows: Sequence, path: Path, structure_rows: Sequence = (), str
             _dice_axis(axes, ("Dice, mean over structures" if key == OVERALL else f"Dice of {key}")
                        + ("\n(one seed: no sd)" if one_seed else "\n(mean over seeds; bars: sd)"))
             axes.set_title(f"{kind.replace('_', '-')}: {name}", fontsize="medium")
-            axes.set_xticks(sizes)
-            if sizes:
-                pad = max(len(colors) * dodge, 0.08 * (sizes[-1] - sizes[0]))
-                axes.set_xlim(sizes[0] - pad, sizes[-1] + pad)
-            axes.set_xlabel("training cases")
+            _size_axis(axes, sizes)
     figure.suptitle("Dice vs training cases (whole cases, as in the report's tables)", fontsize="medium")
     _figure_legend(figure, panels[0][0])
     figure.savefig(path, dpi=120)
