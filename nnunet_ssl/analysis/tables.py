@@ -233,7 +233,8 @@ FILE_DESCRIPTIONS = {
     "runs.csv": "each run of the Arms tables: setting, arm, fold, seed, status, mean Dice per structure",
     "cka.csv": "CKA per arm, setting and encoder stage (only a header when not computed)",
     "dice_per_case.csv": "Dice per run, case and structure",
-    "summary.csv": "mean Dice per method of each Mean Dice table (scope pooled) and per run (scope fold)",
+    "summary.csv": "mean Dice per method and structure of each Mean Dice table (scope pooled: nnU-Net's folds; "
+                   "seeds: a few-shot or data-limited size) and of each run (scope fold)",
     "stats.csv": "gap % and Wilcoxon test vs the reference, per Mean Dice table, method and structure",
     "few_shot.csv": "few-shot and data-limited mean, sd and range over seeds, per structure",
     "curves.csv": "per-epoch losses, pseudo-Dice (mean over structures, its EMA, each structure) and "
