@@ -61,6 +61,8 @@ STOP_GRACE_S = 20.0
 SELF_STOP_S = 2.0
 #: Exit codes of a run ended by a signal (128 + the signal's number), as shells report them.
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+#: Return codes of a command ended by SIGINT or SIGTERM: -N (Popen's), 128 + N (a shell's).
+INTERRUPT_CODES = {code for number in (signal.SIGINT, signal.SIGTERM) for code in (-number, 128 + number)}
 
 
 class Terminated(KeyboardInterrupt):
@@ -286,9 +288,9 @@ def run_job(
         finally:
             commands.ended(job.id)
         seconds = time.monotonic() - started
-        # stopped by the runner, or ended by the Ctrl-C that reached it too (a Python command re-raises
-        # SIGINT when it ends on KeyboardInterrupt; a shell reports 128 + 2)
-        if commands.stopped(job.id) or returncode in (-signal.SIGINT, 128 + signal.SIGINT):
+        # stopped by the runner, or ended by the signal that reached it too (Ctrl-C to the process group;
+        # SLURM's SIGTERM to every process of the job): -N from Python and kill, 128 + N from a shell
+        if commands.stopped(job.id) or returncode in INTERRUPT_CODES:
             _log_interrupt(log, seconds)
             return INTERRUPTED, _interrupted_detail(job, f"after {seconds:.0f} s ({action})")
     if returncode != 0:
