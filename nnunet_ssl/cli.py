@@ -207,7 +207,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except DemoError as error:
         logger.error("%s", error)
         return 1
-    logger.info("demo finished: %s", results)
+    logger.info("report: %s", results)
     return 0
 
 

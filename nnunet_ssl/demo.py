@@ -40,7 +40,14 @@ from nnunet_ssl.cpu_memory import with_freed_memory_kept
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 from nnunet_ssl.demo_progress import EpochProgress, finished_line, keep_structures
 from nnunet_ssl.experiment.grid import RESUME, SKIP, Job, decide
-from nnunet_ssl.experiment.runner import FAILED, Prepared, ext_trainer_variable, prepare, run_job
+from nnunet_ssl.experiment.runner import (
+    FAILED,
+    Prepared,
+    discard_unreadable_outputs,
+    ext_trainer_variable,
+    prepare,
+    run_job,
+)
 from nnunet_ssl.experiment.spec import Experiment, load_experiment
 from nnunet_ssl.io import atomic_json_dump, atomic_write_text
 
@@ -336,6 +343,7 @@ class Demo:
 
     def run_job(self, job: Job) -> bool:
         """One job of the experiment through the runner; False when it was already done."""
+        discard_unreadable_outputs(job)  # a prediction cut short by an interrupted demo is redone, as the runner does
         action, _ = decide(job)
         if action == SKIP:
             done = {"export": "already exported", "train": "already trained", "predict": "predictions exist"}[job.kind]

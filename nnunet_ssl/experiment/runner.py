@@ -46,7 +46,7 @@ from nnunet_ssl.experiment.grid import (
     setting_folds,
     test_folders,
 )
-from nnunet_ssl.experiment.spec import Experiment, ExperimentError
+from nnunet_ssl.experiment.spec import Experiment, ExperimentError, arm_plans, experiment_plans
 from nnunet_ssl.io import atomic_json_dump
 from nnunet_ssl.nnunet_ext import ext_trainer_path
 
@@ -117,6 +117,7 @@ def prepare(experiment: Experiment) -> Prepared:
     from nnunet_ssl.nnunet_paths import nnunet_folder, preprocessed_dataset_folder
     from nnunet_ssl.splits import (
         MANIFEST_FILE,
+        SplitError,
         SplitRequest,
         apply_split_request,
         ensure_default_splits,
@@ -124,16 +125,21 @@ def prepare(experiment: Experiment) -> Prepared:
     )
 
     folder = preprocessed_dataset_folder(experiment.dataset)
-    plans_file = folder / f"{experiment.plans}.json"
-    if not plans_file.is_file():
-        raise ExperimentError(
-            f"{experiment.source}: plans {experiment.plans!r}: {plans_file} does not exist; plan and preprocess "
-            "first (nnunet-ssl plan / nnUNetv2_plan_and_preprocess)"
-        )
+    for plans in experiment_plans(experiment):  # each arm may train with its own plans
+        plans_file = folder / f"{plans}.json"
+        if not plans_file.is_file():
+            users = [arm.name for arm in experiment.arms if arm_plans(experiment, arm) == plans]
+            raise ExperimentError(
+                f"{experiment.source}: plans {plans!r} (arms {', '.join(users)}): {plans_file} does not exist; plan "
+                "and preprocess first (nnunet-ssl plan [--family resenc] / nnUNetv2_plan_and_preprocess)"
+            )
     for kind, subset in (("few_shot", experiment.few_shot), ("data_limited", experiment.data_limited)):
         if subset is not None:
-            result = apply_split_request(folder, SplitRequest(kind, subset.sizes, subset.seeds, subset.val_cases,
-                                                              subset.val_from_fold))
+            try:
+                result = apply_split_request(folder, SplitRequest(kind, subset.sizes, subset.seeds, subset.val_cases,
+                                                                  subset.val_from_fold))
+            except SplitError as error:  # name the file and the field, as every experiment error does
+                raise ExperimentError(f"{experiment.source}: settings.{kind}: {error}") from error
             if result.new_folds:
                 logger.info("split: %d new %s fold(s) in %s", len(result.new_folds), kind, folder / MANIFEST_FILE)
     if experiment.full_folds and ensure_default_splits(folder):

@@ -64,3 +64,20 @@ def test_arms_of_both_families_get_their_trainers_and_plans(tmp_path: Path) -> N
     wrong = [{"name": "x", "method": "spark3d", "weights": "spark3d.pt", "trainer": "SwinSMITTrainer"}]
     with pytest.raises(ExperimentError, match="trainer SwinSMITTrainer is for smit, the arm's method is spark3d"):
         load_experiment(write_experiment(tmp_path, arms=wrong))
+
+
+def test_prepare_names_the_arms_whose_plans_are_missing_and_the_split_field(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_splits import fake_preprocessed_dataset
+
+    from nnunet_ssl.experiment.runner import prepare
+
+    preprocessed = tmp_path / "preprocessed"
+    fake_preprocessed_dataset(preprocessed)
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed))
+    arms = [{"name": "scratch"}, {"name": "resenc_scratch", "preset": "resenc_l"}]
+    with pytest.raises(ExperimentError, match=r"plans 'nnUNetResEncSSLPlans' \(arms resenc_scratch\).*--family resenc"):
+        prepare(load_experiment(write_experiment(tmp_path, arms=arms)))
+    too_many = {"few_shot": {"shots": [50]}}
+    with pytest.raises(ExperimentError, match=r"exp.yaml: settings.few_shot: .*50"):
+        prepare(load_experiment(write_experiment(tmp_path, arms=[{"name": "scratch"}], settings=too_many)))
