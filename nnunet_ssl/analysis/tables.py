@@ -422,12 +422,16 @@ def arms_setting_markdown(table: SettingTable, structures: list[str]) -> str:
 def cka_markdown(report: ExperimentReport) -> str:
     if not report.cka:
         return f"CKA not computed: {report.cka_note}.\n"
-    layers = report.cka[0].layers
-    rows = [[r.arm, r.setting, *(f"{v:.3f}" for v in r.values), str(r.pairs)] for r in report.cka]
-    return markdown_table(["arm", "setting", *layers, "runs"], rows) + (
+    groups: dict[tuple[str, ...], list[Any]] = {}  # one table per layer list: a Swin arm has 4 stages, ResEnc-L 6
+    for row in report.cka:
+        groups.setdefault(tuple(row.layers), []).append(row)
+    tables = [markdown_table(["arm", "setting", *layers, "runs"],
+                             [[r.arm, r.setting, *(f"{v:.3f}" for v in r.values), str(r.pairs)] for r in rows])
+              for layers, rows in groups.items()]
+    return "\n\n".join(tables) + (
         "\n\nLinear CKA (minibatch, unbiased HSIC) per encoder stage (its last block) between the fine-tuned "
         "encoder of each subset run and the arm's first complete full-data fold, mean over the subset's runs "
-        "(1 = the same features).\n"
+        "(1 = the same features); one table per encoder layout when the arms' networks differ.\n"
     )
 
 

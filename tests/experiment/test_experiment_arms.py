@@ -81,3 +81,20 @@ def test_prepare_names_the_arms_whose_plans_are_missing_and_the_split_field(tmp_
     too_many = {"few_shot": {"shots": [50]}}
     with pytest.raises(ExperimentError, match=r"exp.yaml: settings.few_shot: .*50"):
         prepare(load_experiment(write_experiment(tmp_path, arms=[{"name": "scratch"}], settings=too_many)))
+
+
+def test_cka_rows_of_both_families_get_one_table_each() -> None:
+    from types import SimpleNamespace
+
+    from nnunet_ssl.analysis.tables import cka_markdown
+    from nnunet_ssl.experiment.report import CKARow
+
+    swin = [f"stage{s}.block2" for s in range(1, 5)]
+    resenc = ["stage1.block1", "stage2.block3", "stage3.block4", "stage4.block6", "stage5.block6", "stage6.block6"]
+    rows = [CKARow("smit", "few_shot5", swin, [1.0, 0.9, 0.8, 0.7], 3),
+            CKARow("spark3d", "few_shot5", resenc, [1.0, 0.95, 0.9, 0.85, 0.8, 0.75], 3)]
+    text = cka_markdown(SimpleNamespace(cka=rows, cka_note=""))
+    headers = [line for line in text.splitlines() if line.startswith("| arm")]
+    assert headers == ["| arm | setting | " + " | ".join(swin) + " | runs |",
+                       "| arm | setting | " + " | ".join(resenc) + " | runs |"]
+    assert "| spark3d | few_shot5 | 1.000 | 0.950 | 0.900 | 0.850 | 0.800 | 0.750 | 3 |" in text
