@@ -24,7 +24,13 @@ from nnunet_ssl.experiment.grid import (
     setting_folds,
 )
 from nnunet_ssl.experiment.runner import BLOCKED, DONE, FAILED, run_jobs
-from nnunet_ssl.experiment.spec import ExperimentError, experiment_from_dict, load_experiment
+from nnunet_ssl.experiment.spec import (
+    ExperimentError,
+    experiment_from_dict,
+    experiment_plans,
+    load_experiment,
+    trainer_name,
+)
 from nnunet_ssl.splits import FoldEntry
 
 
@@ -388,10 +394,14 @@ def test_readme_experiment_file_is_valid(tmp_path: Path) -> None:
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "smit_501.pt").write_bytes(b"")
     (tmp_path / "runs" / "simmim").mkdir(parents=True)
+    (tmp_path / "runs" / "spark3d").mkdir(parents=True)
     experiment = experiment_from_dict(yaml.safe_load(block), tmp_path / "fewshot.yaml")
-    assert [a.name for a in experiment.arms] == ["scratch", "smit", "simmim"]
+    assert [a.name for a in experiment.arms] == ["scratch", "smit", "simmim", "resenc_scratch", "spark3d"]
+    assert [trainer_name(experiment, a) for a in experiment.arms] == [
+        "SwinScratchTrainer", "SwinSMITTrainer", "SwinSimMIMTrainer", "ResEncScratchTrainer", "ResEncSpark3DTrainer"]
+    assert experiment_plans(experiment) == ["nnUNetSwinPlans", "nnUNetResEncSSLPlans"]
     assert experiment.few_shot.sizes == (5, 10, 20) and experiment.few_shot.seeds == (0, 1, 2)
-    assert experiment.full_folds == (0, 1, 2, 3, 4) and experiment.epochs.few_shot == 3000
+    assert experiment.full_folds == (0, 1, 2, 3, 4) and experiment.epochs.few_shot is None  # the recipe's
 
 
 def test_report_cka_few_shot_vs_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
