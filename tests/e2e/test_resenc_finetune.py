@@ -8,6 +8,7 @@ Marked ``e2e``; about two minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -94,3 +95,73 @@ def test_spark3d_weights_fine_tune_verified_and_predict(planned: NnUNet) -> None
     predicted = sitk.ReadImage(str(out / image.name.replace("_0000.nii.gz", ".nii.gz")))
     assert predicted.GetSize() == sitk.ReadImage(str(image)).GetSize()
     assert set(np.unique(sitk.GetArrayFromImage(predicted))) <= {0, 1, 2, 3, 4}
+
+
+def test_spark3d_pretrain_export_and_a_grid_with_one_arm_of_each_family(planned: NnUNet) -> None:
+    """The whole CNN path on the same dataset: `pretrain --method spark3d` (two steps) -> `export` (pretrained
+    decoder) and `export --format nnssl` -> an experiment grid with a Swin arm and a Spark3D ResEnc arm on the same
+    fold (the runner exports the run for the ResEnc plans, trains both, predicts the test case) -> `experiment
+    report` -> `cka` per residual block between the fine-tuned ResEnc encoder and the pretraining run."""
+    import yaml
+
+    from nnunet_ssl.weights.nnssl import read_nnssl_checkpoint
+
+    root, raw = planned.root, Path(planned.env["nnUNet_raw"]) / "Dataset501_Phantom"
+    run = root / "spark3d_run"
+    planned.run("nnunet-ssl", "pretrain", "--method", "spark3d", "--preset", PRESET, "--data", str(raw / "imagesTr"),
+                "--out", str(run), "--cache-dir", str(root / "cache"), "--crop-size", "64", "--batch-size", "2",
+                "--workers", "0", "--max-steps", "2", "--no-progress")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 2 and all(r["loss_masked_l2"] > 0 for r in records)
+    recorded = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    assert recorded["engine"]["optimizer"] == "sgd" and recorded["engine"]["schedule"] == "poly"  # card 10's recipe
+    assert recorded["data"]["intensity"] == "zscore" and recorded["data"]["spacing"] == [1.0, 1.0, 1.0]
+
+    weights = root / "spark3d_501.pt"
+    planned.run("nnunet-ssl", "export", str(run), "-d", "501", "-p", PLANS, "--out", str(weights))
+    _, metadata = load_weights_file(weights)
+    assert metadata["decoder"] == "pretrained" and metadata["family"] == "resenc" and metadata["preset"] == PRESET
+    assert metadata["intensity"]["normalization"] == "zscore"
+    nnssl_out = root / "to_nnssl" / "checkpoint_final.pth"
+    nnssl_out.parent.mkdir()
+    planned.run("nnunet-ssl", "export", str(run), "--format", "nnssl", "--out", str(nnssl_out))
+    assert read_nnssl_checkpoint(nnssl_out).preset == PRESET
+
+    planned.run("nnunet-ssl", "plan", "-d", "501", "--preset", "tiny", "-np", "1", timeout=900)  # Swin plans beside
+    spec = {
+        "dataset": 501, "plans": "nnUNetSwinPlans", "preset": "tiny", "device": "cpu", "seed": 0, "output": "grid",
+        "env": {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"},
+        "arms": [{"name": "swin_scratch", "trainer": "SwinScratchTrainer_tiny_2epochs"},
+                 {"name": "resenc_spark3d", "method": "spark3d", "pretraining_run": str(run), "preset": PRESET,
+                  "trainer": TRAINER}],
+        "settings": {"full": {"folds": [0]}},
+        "test_set": "imagesTs",
+    }
+    path = root / "both_families.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    planned.run("nnunet-ssl", "experiment", "run", str(path), "--no-progress", timeout=1800)
+    grid = root / "grid"
+    fold = grid / "results" / "resenc_spark3d" / "Dataset501_Phantom" / f"{TRAINER}__{PLANS}__3d_fullres" / "fold_0"
+    log = "\n".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
+    _, exported = load_weights_file(grid / "weights" / "resenc_spark3d.pt")
+    assert f"pretrained weights verified: spark3d encoder digest {exported['encoder_digest']}" in log
+    assert (grid / "results" / "swin_scratch" / "Dataset501_Phantom" / "SwinScratchTrainer_tiny_2epochs__nnUNetSwinPlans"
+            "__3d_fullres" / "fold_0" / "checkpoint_final.pth").is_file()
+    for arm in ("swin_scratch", "resenc_spark3d"):
+        assert len(list((grid / "predictions" / arm / "fold_0").glob("*.nii.gz"))) == 1  # the one test case
+
+    planned.run("nnunet-ssl", "experiment", "report", str(path), "--no-cka")
+    report = (grid / "report" / "report.md").read_text(encoding="utf-8")
+    assert "nnUNetSwinPlans, nnUNetResEncSSLPlans" in report
+    with open(grid / "report" / "tables.csv", encoding="utf-8") as handle:
+        overall = {r["arm"]: r for r in csv.DictReader(handle) if r["structure"] == "overall"}
+    assert set(overall) == {"swin_scratch", "resenc_spark3d"} and all(r["n_runs"] == "1" for r in overall.values())
+
+    cka = root / "cka"
+    planned.run("nnunet-ssl", "cka", "--pretrained", str(run), "--finetuned", str(fold), "--data", str(raw / "imagesTs"),
+                "--out", str(cka), "--patches-per-case", "4", "--batch-size", "4", "--device", "cpu")
+    settings = json.loads((cka / "cka_settings.json").read_text(encoding="utf-8"))
+    assert "resenc" in json.dumps(settings)
+    with open(next(cka.glob("*.csv")), encoding="utf-8") as handle:
+        layers = [row for row in csv.reader(handle)]
+    assert any("stem" in cell for row in layers for cell in row) and any("stage6" in cell for row in layers for cell in row)
