@@ -53,15 +53,20 @@ class SwinUNETRSeg(nn.Module):
         return decode_provenance(self.weights_provenance)
 
 
-def check_input(x: Tensor, in_channels: int) -> None:
-    """Raise a ValueError that says what to change when ``x`` cannot pass through the network."""
+def check_batch_channels(x: Tensor, in_channels: int, what: str = "network") -> None:
+    """Raise a ValueError unless ``x`` is a 5-D batch with ``in_channels`` channels (any network family)."""
     if x.ndim != 5:
         raise ValueError(f"expected a 5-D batch (B, C, D, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != in_channels:
         raise ValueError(
-            f"the network was built for {in_channels} input channel(s) but got {x.shape[1]}; "
+            f"the {what} was built for {in_channels} input channel(s) but got {x.shape[1]}; "
             "check the dataset's channel_names against the weights"
         )
+
+
+def check_input(x: Tensor, in_channels: int) -> None:
+    """Raise a ValueError that says what to change when ``x`` cannot pass through the network."""
+    check_batch_channels(x, in_channels)
     bad = [n for n in x.shape[2:] if n % ENCODER_STRIDE or n < 2 * ENCODER_STRIDE]
     if bad:
         fixed = [max(2 * ENCODER_STRIDE, -(-n // ENCODER_STRIDE) * ENCODER_STRIDE) for n in x.shape[2:]]

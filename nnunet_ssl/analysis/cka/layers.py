@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from nnunet_ssl.networks.family import NetworkFamily, family_of, family_of_preset
 from nnunet_ssl.networks.presets import SwinPreset
 from nnunet_ssl.networks.resenc import ResEncPreset
+from nnunet_ssl.networks.segmentation import check_batch_channels
 from nnunet_ssl.networks.segmentation import check_input as check_swin_input
 from nnunet_ssl.networks.swin import SwinEncoder, SwinStage
 
@@ -96,14 +97,7 @@ def resenc_total_stride(encoder: nn.Module) -> tuple[int, ...]:
 
 def _resenc_check(encoder: nn.Module, images: Tensor) -> None:
     """A 5-D batch with the stem's channels and every axis a multiple of that axis's total stride."""
-    channels = encoder_in_channels(encoder)
-    if images.ndim != 5:
-        raise ValueError(f"expected a 5-D batch (B, C, D, H, W), got shape {tuple(images.shape)}")
-    if images.shape[1] != channels:
-        raise ValueError(
-            f"the encoder was built for {channels} input channel(s) but got {images.shape[1]}; "
-            "check the dataset's channel_names against the weights"
-        )
+    check_batch_channels(images, encoder_in_channels(encoder), "encoder")
     stride = resenc_total_stride(encoder)
     size = tuple(int(n) for n in images.shape[2:])
     if any(n % s or n < s for n, s in zip(size, stride, strict=True)):
