@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_pretraining_engine import SMALL, as_version_1
 
-from nnunet_ssl.optim import warmup_cosine
+from nnunet_ssl.optim import scheduled_lr
 from nnunet_ssl.pretraining.engine import CHECKPOINT_FORMAT, load_checkpoint
 from nnunet_ssl.pretraining.metrics_log import read_metrics
 
@@ -26,7 +26,11 @@ pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 #: Small DINO heads keep SMIT fast in tests.
 SMALL_HEADS = ["--set", "out_dim=64", "head_hidden_dim=64", "head_bottleneck_dim=32"]
-METHOD_SETTINGS = {"smit": SMALL_HEADS, "simmim": [], "dino": SMALL_HEADS, "ibot": SMALL_HEADS}
+METHOD_SETTINGS = {"smit": SMALL_HEADS, "simmim": [], "dino": SMALL_HEADS, "ibot": SMALL_HEADS,
+                   "spark3d": ["--preset", "resenc_tiny"]}  # after SMALL's --preset tiny: the last one counts
+#: ``(schedule, peak lr at batch 1)`` of the methods the resume test runs: the engine's AdamW + cosine at 2e-4 per 2
+#: volumes, Spark3D's own recipe (SGD + poly at 1e-2 per 6 volumes, SSL_METHODS.md card 10).
+SCHEDULES = {"smit": ("cosine", 2e-4 / 2), "ibot": ("cosine", 2e-4 / 2), "spark3d": ("poly", 1e-2 / 6)}
 
 
 def pretrain_command(method: str, data: Path, out: Path, *extra: str) -> list[str]:
@@ -58,7 +62,7 @@ def test_short_run_writes_checkpoint_metrics_and_curves(volumes: Path, tmp_path:
     assert load_checkpoint(out / "checkpoint_final.pt")["step"] == 3
 
 
-@pytest.mark.parametrize("method", ["smit", "ibot"])
+@pytest.mark.parametrize("method", ["smit", "ibot", "spark3d"])  # spark3d: block masks and augmentation resumed
 def test_kill_9_then_resume_continues_at_the_right_step(volumes: Path, tmp_path: Path, method: str) -> None:
     out = tmp_path / "killed"
     total = 8
@@ -88,10 +92,10 @@ def test_kill_9_then_resume_continues_at_the_right_step(volumes: Path, tmp_path:
     assert [r["step"] for r in records] == list(range(total))  # every step once, none repeated or lost
     # the schedule continues where it was: lr per step equals the uninterrupted schedule
     steps_per_epoch = 4  # 4 volumes, batch 1
-    peak = 2e-4 * 1 / 2
+    schedule, peak = SCHEDULES[method]
     for record in records:
-        # --max-steps shortens the whole schedule (cosine to the end of the shortened run)
-        expected = warmup_cosine(record["step"], peak, steps_per_epoch, total, 1e-6)
+        # --max-steps shortens the whole schedule (to the end of the shortened run)
+        expected = scheduled_lr(schedule, record["step"], peak, steps_per_epoch, total, 1e-6)
         assert record["lr"] == pytest.approx(expected, rel=1e-6)
     assert killed_at < total
     # the resumed run drew the crops, masks and drop-paths the uninterrupted run draws: same losses
