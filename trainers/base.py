@@ -45,6 +45,7 @@ from nnunet_ssl.trainers.policy_trainer import NO_POLICY_ORIGIN, FineTunePolicyM
 from nnunet_ssl.trainers.recipe import (
     SGD_MOMENTUM,
     FineTuneRecipe,
+    checkpoint_interval,
     fitted_batch_size,
     recipe_lr,
     scaled_warmups,
@@ -151,6 +152,7 @@ class PluginTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         self.initial_lr = self.active_recipe.initial_lr
         self.weight_decay = self.active_recipe.weight_decay
         self.num_epochs = self.active_recipe.num_epochs
+        self.save_every = checkpoint_interval(self.num_epochs)
         self.num_iterations_per_epoch = self.active_recipe.iterations_per_epoch
         self.num_val_iterations_per_epoch = self.active_recipe.val_iterations_per_epoch
 

@@ -138,6 +138,17 @@ def fitted_batch_size(batch_size: int, old_patch: list[int], new_patch: list[int
     return max(min(2, batch_size), int(batch_size * old_volume / new_volume))
 
 
+#: nnU-Net's interval of ``checkpoint_latest.pth`` writes (``nnUNetTrainer.save_every``), for long runs.
+NNUNET_SAVE_EVERY = 50
+
+
+def checkpoint_interval(num_epochs: int) -> int:
+    """Epochs between ``checkpoint_latest.pth`` writes: nnU-Net's 50 for long runs, an eighth of a short run
+    (at least every epoch), so that an interrupted CPU trial of 16 epochs continues with ``--c`` from at most
+    2 epochs back instead of from zero (nnU-Net writes none before epoch 50)."""
+    return max(1, min(NNUNET_SAVE_EVERY, num_epochs // 8))
+
+
 def with_epochs(recipe: FineTuneRecipe, epochs: int) -> FineTuneRecipe:
     """``recipe`` trained for ``epochs`` epochs; the warm-up is shortened when it would not fit."""
     return replace(recipe, num_epochs=epochs, warmup_epochs=min(recipe.warmup_epochs, epochs - 1))

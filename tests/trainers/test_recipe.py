@@ -60,6 +60,12 @@ def test_batch_size_shrinks_only_when_the_patch_grows() -> None:
     assert fitted_batch_size(4, [64, 64, 64], [96, 64, 64]) == 2
 
 
+def test_short_runs_write_checkpoint_latest_often_long_runs_as_nnunet() -> None:
+    from nnunet_ssl.trainers.recipe import checkpoint_interval
+
+    assert [checkpoint_interval(n) for n in (1, 2, 8, 16, 100, 400, 1000, 3000)] == [1, 1, 1, 2, 12, 50, 50, 50]
+
+
 def test_recipe_validates() -> None:
     with pytest.raises(ValueError, match="warmup"):
         FineTuneRecipe(warmup_epochs=10, num_epochs=10)

@@ -258,6 +258,7 @@ def test_spark3d_trainer_builds_nnunets_network_with_scaled_warmups_and_sgd(nnun
     assert isinstance(optimizer, torch.optim.SGD)
     assert all(g["momentum"] == 0.99 and g["nesterov"] and g["weight_decay"] == 3e-5 for g in optimizer.param_groups)
     assert (trainer.initial_lr, trainer.num_epochs, trainer.num_iterations_per_epoch) == (1e-3, 16, 10)
+    assert trainer.save_every == 2  # checkpoint_latest every 2 epochs: an interrupted trial continues with --c
     lrs = []
     for epoch in range(4):
         trainer.lr_scheduler.step(epoch)
