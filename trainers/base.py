@@ -62,6 +62,15 @@ from nnunet_ssl.weights.preflight import preflight_weights
 HEAD_STRIDES = (1, 2, 4, 8, 16)
 
 
+def stopping_text(patience: int | None, epochs: int) -> str:
+    """How a run of ``epochs`` stops early, for the training log (never a patience longer than the run)."""
+    if patience is None:
+        return "no early stopping"
+    if patience >= epochs:
+        return f"no early stopping (its patience of {patience} epochs is not shorter than the run)"
+    return f"early stopping after {patience} epochs without a better EMA pseudo-Dice"
+
+
 class EarlyStop(Exception):
     """Raised at the end of an epoch to leave nnU-Net's training loop early (caught in run_training)."""
 
@@ -146,8 +155,9 @@ class PluginTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         epochs = self.trainer_inputs.epochs
         if epochs is not None:
             self.active_recipe = with_epochs(self.active_recipe, epochs)
-            self.print_to_log_file(f"{EPOCHS_ENV}={epochs}: training for {epochs} epochs "
-                                   f"(warm-up {self.active_recipe.warmup_epochs})")
+            self.print_to_log_file(
+                f"{EPOCHS_ENV}={epochs}: training for {epochs} epochs (warm-up {self.active_recipe.warmup_epochs}), "
+                f"{stopping_text(self.active_recipe.early_stopping_patience, epochs)}")
         self._requested_policy = self.recipe_warmup_policy(*requested)
         self.initial_lr = self.active_recipe.initial_lr
         self.weight_decay = self.active_recipe.weight_decay
@@ -187,12 +197,9 @@ class PluginTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
                 )
             return self.recipe
         recipe = self.recipe.for_few_shot()
-        patience = recipe.early_stopping_patience
-        stopping = ("no early stopping" if patience is None else
-                    f"early stopping after {patience} epochs without a better EMA pseudo-Dice")
         self.print_to_log_file(
             f"fold {entry.fold}: {entry.size}-shot fold (seed {entry.seed}) from splits_manifest.json; few-shot "
-            f"schedule: {recipe.num_epochs} epochs, {stopping}"
+            f"schedule: {recipe.num_epochs} epochs, {stopping_text(recipe.early_stopping_patience, recipe.num_epochs)}"
         )
         return recipe
 

@@ -83,3 +83,11 @@ def test_last_epoch_ends_normally_even_when_stalled(scripted_nnunet_loop):
         stalled_early.on_epoch_end()
     with pytest.raises(EarlyStop):
         stalled_early.on_epoch_end()
+
+
+def test_the_log_never_announces_a_patience_longer_than_the_run() -> None:
+    from nnunet_ssl.trainers.base import stopping_text
+
+    assert stopping_text(None, 16) == "no early stopping"
+    assert stopping_text(300, 16) == "no early stopping (its patience of 300 epochs is not shorter than the run)"
+    assert stopping_text(300, 3000) == "early stopping after 300 epochs without a better EMA pseudo-Dice"
