@@ -110,6 +110,23 @@ def describe_optimizer(engine: EngineConfig) -> str:
     return f"sgd (momentum {engine.momentum:g}{', nesterov' if engine.nesterov else ''})"
 
 
+def warmup_warning(warmup_steps: int, total_steps: int, warmup_epochs: float) -> str | None:
+    """A warning when a run ends inside (or just after) its learning-rate warm-up; None otherwise.
+
+    A short run (``--max-steps``, few volumes) keeps the warm-up's length in epochs, so it may never reach
+    its peak rate, and the distillation losses then stay near ln K: the schedule is not scaled to the steps
+    asked for, because a resumed or extended run must keep the same schedule.
+    """
+    if warmup_steps == 0 or warmup_steps < total_steps / 2:
+        return None
+    reached = "never reaches its peak" if warmup_steps >= total_steps else "reaches its peak only in its last half"
+    return (
+        f"the learning-rate warm-up ({warmup_epochs:g} epochs = {warmup_steps} steps) is {warmup_steps / total_steps:.0%} "
+        f"of this run's {total_steps} steps: the rate {reached}; for a short run lower --warmup-epochs "
+        "(e.g. to a tenth of the run)"
+    )
+
+
 class _StepModule(nn.Module):
     """Routes ``forward`` to the method's training step so DDP can wrap it."""
 
@@ -242,6 +259,9 @@ class Engine:
         if engine.max_steps is not None:
             total_steps = min(total_steps, engine.max_steps)
         warmup_steps = round(engine.warmup_epochs * steps_per_epoch)
+        warning = warmup_warning(warmup_steps, total_steps, engine.warmup_epochs)
+        if warning and self.dist.is_main:
+            logger.warning("%s", warning)
 
         start_step = 0
         if resume_point is not None:

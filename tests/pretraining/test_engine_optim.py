@@ -71,3 +71,13 @@ def test_nesterov_sgd_step_by_hand() -> None:
         build_optimizer("sgd", module, 0.1, 0.0, momentum=0.0, nesterov=True)
     with pytest.raises(ValueError, match=r"unknown optimizer 'lamb'; choose one of \('adamw', 'sgd'\)"):
         build_optimizer("lamb", module, 0.1, 0.0)
+
+
+def test_a_run_that_ends_inside_its_warmup_says_so() -> None:
+    from nnunet_ssl.pretraining.engine import warmup_warning
+
+    # issue 21: --max-steps 240 on 24 volumes (12 steps per epoch) with the default 30-epoch warm-up (360 steps)
+    assert "never reaches its peak" in warmup_warning(360, 240, 30.0)
+    assert "150% of this run's 240 steps" in warmup_warning(360, 240, 30.0)
+    assert "only in its last half" in warmup_warning(150, 240, 12.5)
+    assert warmup_warning(24, 240, 2.0) is None and warmup_warning(0, 5, 0.0) is None
