@@ -54,6 +54,8 @@ from nnunet_ssl.io import atomic_json_dump, atomic_write_text
 logger = logging.getLogger(__name__)
 
 PLANS = "nnUNetSwinPlans"
+#: How the pretraining engine's progress lines start (``pretraining.engine.ProgressLines``).
+PRETRAINING_PROGRESS = "pretraining step "
 EXPERIMENT_FILE = "demo_experiment.yaml"
 
 
@@ -316,6 +318,7 @@ class Demo:
             "--max-steps", str(self.config.pretrain_steps), "--warmup-epochs", "2", "--lr", "5e-4",
             "--checkpoint-every", "10", "--workers", "1", "--no-progress",
             "--set", "out_dim=1024", "head_hidden_dim=256", "head_bottleneck_dim=64", *resume,
+            on_line=show_pretraining_progress,
         )
         return True
 
@@ -457,6 +460,12 @@ class Demo:
         if returncode != 0:
             tail = "\n".join(log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
             raise DemoError(f"stage '{stage}' failed (exit {returncode}); see {log_file}:\n{tail}")
+
+
+def show_pretraining_progress(line: str) -> None:
+    """Echo the pretraining engine's progress lines (every tenth of the run, at least every 30 s) on the console."""
+    if PRETRAINING_PROGRESS in line:
+        logger.info("    %s", line[line.index(PRETRAINING_PROGRESS):])
 
 
 def job_title(job: Job) -> str:

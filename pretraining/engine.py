@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,29 @@ def describe_optimizer(engine: EngineConfig) -> str:
     if engine.optimizer != "sgd":
         return engine.optimizer
     return f"sgd (momentum {engine.momentum:g}{', nesterov' if engine.nesterov else ''})"
+
+
+class ProgressLines:
+    """When to log a progress line of a run without a progress bar: every tenth of the run and at least every
+    ``interval_s`` seconds, and at the last step; each line has the step, loss, rate and time left."""
+
+    def __init__(self, start_step: int, total_steps: int, interval_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.start_step, self.total_steps, self.interval_s, self.clock = start_step, total_steps, interval_s, clock
+        self.started = self.last = clock()
+        self.every = max(1, (total_steps - start_step) // 10)
+
+    def line(self, done: int, loss: float, lr: float, volumes_per_s: float) -> str | None:
+        """The line after ``done`` steps in all, or None when none is due."""
+        now = self.clock()
+        due = done == self.total_steps or (done - self.start_step) % self.every == 0 or now - self.last >= self.interval_s
+        if not due:
+            return None
+        self.last = now
+        per_step = (now - self.started) / max(1, done - self.start_step)
+        left = per_step * (self.total_steps - done)
+        return (f"pretraining step {done}/{self.total_steps} ({done / self.total_steps:.0%}): loss {loss:.4f}, "
+                f"lr {lr:.2e}, {volumes_per_s:.2f} volumes/s, {left / 60:.1f} min left")
 
 
 def warmup_warning(warmup_steps: int, total_steps: int, warmup_epochs: float) -> str | None:
@@ -296,6 +320,8 @@ class Engine:
             total=total_steps, initial=start_step, desc=config.method, unit="step", dynamic_ncols=True,
             disable=not (self.progress and self.dist.is_main and sys.stderr.isatty()),
         )
+        # without a bar (a log file, the demo, --no-progress) a progress line now and then instead
+        progress_log = ProgressLines(start_step, total_steps) if bar.disable and self.dist.is_main else None
         for step in range(start_step, total_steps):
             context = StepContext(
                 step=step, steps_per_epoch=steps_per_epoch, total_steps=total_steps, seed=engine.seed,
@@ -313,6 +339,10 @@ class Engine:
             metrics.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{outputs['loss']:.4f}", lr=f"{lr:.2e}")
+            if progress_log is not None:
+                line = progress_log.line(step + 1, outputs["loss"], lr, global_batch / elapsed)
+                if line:
+                    logger.info("%s", line)
             if (step + 1) % engine.checkpoint_every == 0 and step + 1 < total_steps:
                 self._save(LATEST, method, optimizer, scaler, step + 1, steps_per_epoch, intensity)
         bar.close()

@@ -65,3 +65,16 @@ def test_rerun_line_from_the_demo_run_loop(tmp_path: Path) -> None:
                            "which took 38.0 min; all the demo's work took 38.0 min)")
     times = json.loads(demo.stage_times_file.read_text(encoding="utf-8"))
     assert times["pretrain"] == 2220.0 and times["report"] < 3.0  # reused times kept, the report's is this run's
+
+
+def test_the_demo_echoes_the_pretraining_progress_lines(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from nnunet_ssl.demo import show_pretraining_progress
+
+    with caplog.at_level(logging.INFO, logger="nnunet_ssl.demo"):
+        show_pretraining_progress("INFO nnunet_ssl.pretraining.engine: pretraining step 3/30 (10%): loss 0.5000, "
+                                  "lr 1.00e-03, 1.00 volumes/s, 0.9 min left")
+        show_pretraining_progress("INFO nnunet_ssl.pretraining.data.cache: cached 4 volumes")
+    assert [r.getMessage() for r in caplog.records] == [
+        "    pretraining step 3/30 (10%): loss 0.5000, lr 1.00e-03, 1.00 volumes/s, 0.9 min left"]

@@ -81,3 +81,23 @@ def test_a_run_that_ends_inside_its_warmup_says_so() -> None:
     assert "150% of this run's 240 steps" in warmup_warning(360, 240, 30.0)
     assert "only in its last half" in warmup_warning(150, 240, 12.5)
     assert warmup_warning(24, 240, 2.0) is None and warmup_warning(0, 5, 0.0) is None
+
+
+def test_a_run_without_a_bar_logs_progress_every_tenth_and_every_30_seconds() -> None:
+    from nnunet_ssl.pretraining.engine import ProgressLines
+
+    now = [0.0]
+    lines = ProgressLines(0, 30, clock=lambda: now[0])
+    logged = []
+    for step in range(1, 31):
+        now[0] = step * 2.0  # 2 s a step
+        if lines.line(step, 0.5, 1e-3, 1.0) is not None:
+            logged.append(step)
+    assert logged == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    assert lines.line(30, 0.5, 1e-3, 1.0) == ("pretraining step 30/30 (100%): loss 0.5000, lr 1.00e-03, "
+                                              "1.00 volumes/s, 0.0 min left")
+    slow = ProgressLines(0, 1000, clock=lambda: now[0])  # a step every 40 s: a line every step, not every 100
+    now[0] += 40.0
+    assert slow.line(1, 0.5, 1e-3, 0.05) == ("pretraining step 1/1000 (0%): loss 0.5000, lr 1.00e-03, 0.05 volumes/s, "
+                                             "666.0 min left")
+    assert slow.line(2, 0.5, 1e-3, 0.05) is None  # no time has passed
