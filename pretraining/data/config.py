@@ -30,7 +30,7 @@ AUGMENTATIONS = ("none", "scale_rotate_mirror")
 PREPROCESSING_VERSION = 1
 
 #: Bumped whenever the CT/MR detection of volumes without modality information changes.
-MODALITY_DETECTION_VERSION = 1
+MODALITY_DETECTION_VERSION = 2
 
 
 @dataclass(frozen=True)
