@@ -35,12 +35,15 @@ def cmd_make_phantoms(args: argparse.Namespace) -> int:
     from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
 
     check_output_folder(args.out)
+    mr = args.modality == "mr"
     config = PhantomConfig(
         num_train=args.num_train,
         num_test=args.num_test,
         num_unlabeled=args.num_unlabeled,
         seed=args.seed,
-        dataset_id=args.dataset_id,
+        dataset_id=args.dataset_id if args.dataset_id is not None else (502 if mr else 501),
+        dataset_name="PhantomMR" if mr else "Phantom",
+        modality=args.modality,
     )
     paths = write_phantom_datasets(Path(args.out), config)
     logger.info("labeled dataset: %s", paths.dataset_dir)
@@ -483,8 +486,13 @@ def _add_make_phantoms_arguments(parser: argparse.ArgumentParser) -> None:
                         help="unlabelled volumes for pretraining, in unlabeled/ (default 16)")
     parser.add_argument("--seed", type=int, default=0,
                         help="root seed; every case draws from its own stream derived from it (default 0)")
-    parser.add_argument("--dataset-id", type=int, default=501,
-                        help="nnU-Net dataset id, 1-999, zero-padded in the folder name (default 501: nnUNet_raw/Dataset501_Phantom)")
+    parser.add_argument("--modality", choices=["ct", "mr"], default="ct",
+                        help="ct (default): abdominal CT (liver, spleen, kidneys, lesions); mr: T1-like heads (grey "
+                        "matter, white matter, ventricles; channel T1) in a large noisy background that goes negative, "
+                        "with per-case gain and bias field")
+    parser.add_argument("--dataset-id", type=int, default=None,
+                        help="nnU-Net dataset id, 1-999, zero-padded in the folder name (default 501: "
+                        "nnUNet_raw/Dataset501_Phantom; --modality mr: 502, Dataset502_PhantomMR)")
 
 
 def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""Seeded synthetic abdominal-CT-like phantoms written in nnU-Net v2 raw format.
+"""Seeded synthetic abdominal-CT-like (and T1-like head MR) phantoms written in nnU-Net v2 raw format.
 
 Every case is a small CT-like volume in Hounsfield units: air outside an elliptic body, a
 subcutaneous fat layer, a muscle wall, a visceral cavity whose background mixes fat and soft
@@ -18,6 +18,14 @@ What makes the task non-trivial:
 
 Labels are the hard threshold (> 0.5) of the same occupancies used to blend the intensities;
 later layers win (lesion > kidney > spleen > liver); bone clears labels.
+
+MR mode (``PhantomConfig(modality="mr")``, ``nnunet-ssl make-phantoms --modality mr``): T1-like
+heads in a large noisy background (about two thirds of the voxels): bright scalp fat, a dark skull
+with fatty (bright) marrow, dark CSF reaching into the sulci of a folded cortex, grey matter darker
+than white matter, deep grey nuclei and the lateral ventricles; a smooth bias field, a per-case gain
+(x0.55 to x1.8: scanners differ) and Rician noise whose background mean is removed, so about half of
+the background is negative. Labels: grey matter (cortex and deep nuclei), white matter, ventricles;
+the channel is named ``T1``. The CT phantoms are unchanged by it.
 
 Coordinates: arrays are ``(z, y, x)``; world millimetres are centred on the volume, ``+x`` is
 patient left, ``+y`` posterior, ``+z`` superior (LPS, identity direction). Spacing returned for
@@ -47,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 #: nnU-Net label map; ``kidney`` covers both kidneys.
 LABELS: dict[str, int] = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "lesion": 4}
+#: nnU-Net label map of the MR head phantoms; ``grey_matter`` includes the deep grey nuclei.
+MR_LABELS: dict[str, int] = {"background": 0, "grey_matter": 1, "white_matter": 2, "ventricles": 3}
+#: ``PhantomConfig.modality`` values.
+PHANTOM_MODALITIES = ("ct", "mr")
 
 #: Slice spacings (mm) drawn per case.
 SLICE_SPACINGS_MM: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0)
@@ -78,6 +90,7 @@ class PhantomConfig:
         seed: Root seed; every case gets its own stream derived from it.
         dataset_id: nnU-Net dataset id (``Dataset{id:03d}_{name}``).
         dataset_name: nnU-Net dataset name.
+        modality: ``"ct"`` (abdominal CT) or ``"mr"`` (T1-like heads, :func:`generate_mr_case`).
     """
 
     num_train: int = 12
@@ -87,6 +100,7 @@ class PhantomConfig:
     seed: int = 0
     dataset_id: int = 501
     dataset_name: str = "Phantom"
+    modality: str = "ct"
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.shape)
@@ -105,6 +119,8 @@ class PhantomConfig:
             raise ValueError(f"dataset_name must be alphanumeric (dashes allowed), got {self.dataset_name!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.modality not in PHANTOM_MODALITIES:
+            raise ValueError(f"modality must be one of {PHANTOM_MODALITIES}, got {self.modality!r}")
 
     @property
     def dataset_folder_name(self) -> str:
@@ -112,10 +128,26 @@ class PhantomConfig:
         return f"Dataset{self.dataset_id:03d}_{self.dataset_name}"
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-safe dict (``shape`` as a list), as stored under ``phantom_config`` in dataset.json."""
+        """JSON-safe dict (``shape`` as a list), as stored under ``phantom_config`` in dataset.json.
+
+        ``modality`` is left out for CT, so CT datasets generated before the MR mode still match.
+        """
         out = asdict(self)
         out["shape"] = list(self.shape)
+        if self.modality == "ct":
+            del out["modality"]
         return out
+
+    @property
+    def generator(self) -> Callable[[np.random.Generator, tuple[int, int, int], float],
+                                    tuple[np.ndarray, np.ndarray, tuple[float, float, float]]]:
+        """``(rng, shape, fov_scale) -> (image, label, spacing_xyz)`` of this modality."""
+        return _generate_mr if self.modality == "mr" else _generate
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """dataset.json's label map of this modality."""
+        return dict(MR_LABELS if self.modality == "mr" else LABELS)
 
 
 @dataclass(frozen=True)
@@ -721,6 +753,138 @@ def _blur_and_noise(rng: np.random.Generator, scene: _Scene) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# T1-like head phantoms (``PhantomConfig.modality == "mr"``)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _HeadTissues:
+    """One case's T1-like tissue intensities (arbitrary units, before gain, bias and noise)."""
+
+    fat: float
+    skull: float
+    marrow: float
+    csf: float
+    grey: float
+    white: float
+
+
+def generate_mr_case(
+    rng: np.random.Generator, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Generate one labelled T1-like head phantom (see :data:`MR_LABELS` and the module doc).
+
+    Args:
+        rng: Generator that owns this case (all randomness comes from it).
+        shape: Nominal ``(z, y, x)`` voxels, with the same spacing rules as :func:`generate_case`.
+
+    Returns:
+        ``image`` float32 ``(Z, Y, X)`` (arbitrary MR units, negative in much of the background),
+        ``label`` uint8 ``(Z, Y, X)`` with values of :data:`MR_LABELS`, and the spacing ``(x, y, z)`` in mm.
+    """
+    return _generate_mr(rng, shape, fov_scale=1.0)
+
+
+def _generate_mr(
+    rng: np.random.Generator, shape: tuple[int, int, int], fov_scale: float
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """:func:`generate_mr_case` with a field-of-view factor; stages draw from ``rng`` in this order."""
+    scene = _acquisition_geometry(rng, shape, fov_scale)
+    scene.canvas.image.fill(0.0)  # no signal outside the head (the acquisition adds the noise)
+    tissues = _HeadTissues(
+        fat=float(rng.uniform(650, 760)), skull=float(rng.uniform(40, 70)), marrow=float(rng.uniform(380, 480)),
+        csf=float(rng.uniform(70, 110)), grey=float(rng.uniform(310, 350)), white=float(rng.uniform(415, 450)),
+    )
+    brain_sdf = _paint_head_layers(rng, scene, tissues)
+    _paint_brain(rng, scene, tissues, brain_sdf)
+    image = _mr_acquisition(rng, scene, tissues)
+    return image, scene.canvas.label, (scene.s_xy, scene.s_xy, scene.s_z)
+
+
+def _paint_head_layers(rng: np.random.Generator, scene: _Scene, tissues: _HeadTissues) -> np.ndarray:
+    """Scalp fat (bright), skull with fatty marrow, and the CSF around the brain; returns the brain's signed distance."""
+    canvas, full = scene.canvas, scene.full
+    _, zc, yc, xc = full
+    center = np.array([rng.uniform(-0.04, 0.04) * scene.extent_z, rng.uniform(-0.03, 0.03) * scene.fov_y,
+                       rng.uniform(-0.03, 0.03) * scene.fov_x])
+    radii = np.array([rng.uniform(0.40, 0.44) * scene.extent_z, rng.uniform(0.43, 0.46) * scene.fov_y,
+                      rng.uniform(0.38, 0.42) * scene.fov_x])
+    head = _random_ellipsoid(rng, center, radii, tuple(rng.uniform(-8, 8, 3)), rng.uniform(0.01, 0.03))
+    head_sdf = head.sdf(zc, yc, xc)
+    scalp, skull, csf = (float(rng.uniform(2.0, 3.0)), float(rng.uniform(2.0, 3.0)), float(rng.uniform(1.0, 1.5)))
+    canvas.paint(full[0], canvas.occupancy(head_sdf), tissues.fat + _texture(rng, full, 15.0))
+    canvas.paint(full[0], canvas.occupancy(head_sdf + np.float32(scalp)), tissues.skull)
+    marrow = canvas.occupancy(head_sdf + np.float32(scalp + 0.3 * skull)) * \
+        (1.0 - canvas.occupancy(head_sdf + np.float32(scalp + 0.7 * skull)))
+    canvas.paint(full[0], marrow, tissues.marrow)
+    canvas.paint(full[0], canvas.occupancy(head_sdf + np.float32(scalp + skull)), tissues.csf)
+    return head_sdf + np.float32(scalp + skull + csf)
+
+
+def _paint_brain(rng: np.random.Generator, scene: _Scene, tissues: _HeadTissues, brain_sdf: np.ndarray) -> None:
+    """Folded cortex (grey matter), white matter, deep grey nuclei and the lateral ventricles (labelled)."""
+    canvas, full = scene.canvas, scene.full
+    _, zc, yc, xc = full
+    folds = _Fourier.random(rng, 12, (2 * np.pi / 16.0, 2 * np.pi / 7.0), 1.0)(zc, yc, xc)
+    sulci = np.float32(rng.uniform(0.8, 1.2)) * np.maximum(folds, np.float32(0.0))
+    occ_brain = canvas.occupancy(brain_sdf + sulci)  # CSF reaches into the sulci
+    canvas.paint(full[0], occ_brain, tissues.grey + _texture(rng, full, 8.0), MR_LABELS["grey_matter"])
+    cortex = float(rng.uniform(5.0, 6.0))
+    occ_white = canvas.occupancy(brain_sdf + np.float32(cortex) + np.float32(rng.uniform(1.0, 1.5)) * folds)
+    canvas.paint(full[0], occ_white * occ_brain, tissues.white + _texture(rng, full, 8.0), MR_LABELS["white_matter"])
+    # the brain's extent (mm) from the voxels inside it, for placing the deep structures
+    inside = np.argwhere(occ_brain > 0.5)
+    if inside.size == 0:
+        return
+    grid = scene.grid
+    lo = np.array([grid.z[inside[:, 0].min()], grid.y[inside[:, 1].min()], grid.x[inside[:, 2].min()]])
+    hi = np.array([grid.z[inside[:, 0].max()], grid.y[inside[:, 1].max()], grid.x[inside[:, 2].max()]])
+    mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+    for side in (-1.0, 1.0):  # deep grey nuclei (thalamus and basal ganglia together)
+        nucleus = _random_ellipsoid(
+            rng, mid + half * np.array([rng.uniform(-0.15, -0.05), rng.uniform(-0.05, 0.1), side * rng.uniform(0.22, 0.3)]),
+            half * np.array([rng.uniform(0.16, 0.2), rng.uniform(0.16, 0.2), rng.uniform(0.14, 0.18)]),
+            tuple(rng.uniform(-10, 10, 3)), rng.uniform(0.03, 0.06))
+        _paint_inside(scene, nucleus, occ_brain, tissues.grey + float(rng.uniform(-10, 10)), MR_LABELS["grey_matter"])
+    for side in (-1.0, 1.0):  # lateral ventricles: long, narrow, beside the midline
+        ventricle = _random_ellipsoid(
+            rng, mid + half * np.array([rng.uniform(0.0, 0.1), rng.uniform(-0.05, 0.05), side * rng.uniform(0.13, 0.16)]),
+            half * np.array([rng.uniform(0.2, 0.25), rng.uniform(0.4, 0.5), rng.uniform(0.11, 0.13)]),
+            (rng.uniform(-5, 5), rng.uniform(-5, 5), rng.uniform(-5, 5)), rng.uniform(0.04, 0.08))
+        _paint_inside(scene, ventricle, occ_brain, tissues.csf, MR_LABELS["ventricles"])
+
+
+def _paint_inside(scene: _Scene, shape: _Ellipsoid, occ_brain: np.ndarray, value: float, label: int) -> None:
+    """Paint ``shape`` with ``value`` and ``label``, clipped to the brain."""
+    region = scene.grid.region_of(shape)
+    if region is None:
+        return
+    sl, z, y, x = region
+    scene.canvas.paint(sl, scene.canvas.occupancy(shape.sdf(z, y, x)) * occ_brain[sl], value, label)
+
+
+def _mr_acquisition(rng: np.random.Generator, scene: _Scene, tissues: _HeadTissues) -> np.ndarray:
+    """PSF, a smooth bias field, the scanner's gain and Rician noise with its background mean removed.
+
+    The magnitude of a complex signal with Gaussian noise is Rician (Rayleigh in the air); subtracting
+    the air's mean, as some reconstructions and intensity corrections do, leaves about half of the
+    background voxels negative.
+    """
+    _, zc, yc, xc = scene.full
+    psf = (rng.uniform(0.35, 0.5), rng.uniform(0.5, 0.75), rng.uniform(0.5, 0.75))
+    image = ndimage.gaussian_filter(scene.canvas.image, sigma=(psf[0], psf[1], psf[1]), mode="nearest")
+    bias = _Fourier.random(rng, 4, (2 * np.pi / 250.0, 2 * np.pi / 120.0), 1.0)(zc, yc, xc)
+    image *= np.float32(1.0) + np.float32(rng.uniform(0.06, 0.12)) * bias
+    gain = float(np.exp(rng.uniform(np.log(0.55), np.log(1.8))))  # scanners and protocols differ
+    sigma = float(rng.uniform(0.025, 0.04)) * tissues.white
+    real = image + np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
+    imaginary = np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
+    magnitude = np.hypot(real, imaginary) - np.float32(sigma * np.sqrt(np.pi / 2.0))
+    result: np.ndarray = (magnitude * np.float32(gain)).astype(np.float32)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # Writing datasets
 # ----------------------------------------------------------------------------------------------
 
@@ -793,16 +957,24 @@ def _atomic_folder(final: Path, fill: Callable[[Path], None]) -> None:
 
 
 def _dataset_json(config: PhantomConfig) -> dict[str, Any]:
+    if config.modality == "mr":
+        description = (
+            "Synthetic T1-like head MR phantoms (nnunet_ssl.data.phantoms): grey matter (folded cortex and deep "
+            "nuclei), white matter and ventricles under scalp fat, skull and CSF; bias field, per-case gain and "
+            "Rician noise with its background mean removed (negative background values)."
+        )
+    else:
+        description = (
+            "Synthetic abdominal CT phantoms (nnunet_ssl.data.phantoms): liver, spleen, kidneys, liver lesions "
+            "with overlapping HU, partial-volume edges, PSF, correlated noise and varied slice spacing."
+        )
     return {
-        "channel_names": {"0": "CT"},
-        "labels": dict(LABELS),
+        "channel_names": {"0": "T1" if config.modality == "mr" else "CT"},
+        "labels": config.labels,
         "numTraining": config.num_train,
         "file_ending": FILE_ENDING,
         "name": config.dataset_name,
-        "description": (
-            "Synthetic abdominal CT phantoms (nnunet_ssl.data.phantoms): liver, spleen, kidneys, liver lesions "
-            "with overlapping HU, partial-volume edges, PSF, correlated noise and varied slice spacing."
-        ),
+        "description": description,
         "reference": "generated",
         "licence": "CC0",
         "release": "0.1",
@@ -853,7 +1025,7 @@ def write_phantom_datasets(out_dir: Path, config: PhantomConfig = PhantomConfig(
                 (folder / f"images{split}").mkdir()
                 (folder / f"labels{split}").mkdir()
                 for j in range(count):
-                    image, label, spacing = generate_case(_case_rng(config.seed, stream, j), config.shape)
+                    image, label, spacing = config.generator(_case_rng(config.seed, stream, j), config.shape, 1.0)
                     case = f"{CASE_PREFIX}_{first + j:03d}"
                     _write_volume(image, spacing, folder / f"images{split}" / f"{case}_0000{FILE_ENDING}")
                     _write_volume(label, spacing, folder / f"labels{split}" / f"{case}{FILE_ENDING}")
@@ -875,7 +1047,7 @@ def write_phantom_datasets(out_dir: Path, config: PhantomConfig = PhantomConfig(
             for i in range(config.num_unlabeled):
                 # every fourth case has another field of view (larger / cropped matrix, same anatomy)
                 fov = (1.25 if (i // 4) % 2 == 0 else 0.85) if i % 4 == 3 else 1.0
-                image, _, spacing = _generate(_case_rng(config.seed, 2, i), config.shape, fov_scale=fov)
+                image, _, spacing = config.generator(_case_rng(config.seed, 2, i), config.shape, fov)
                 _write_volume(image, spacing, folder / f"{UNLABELED_PREFIX}_{i:03d}{FILE_ENDING}")
             (folder / UNLABELED_MARKER).write_text(json.dumps(config.to_json(), indent=2), encoding="utf-8")
             logger.info("phantoms: wrote %d unlabeled cases to %s", config.num_unlabeled, paths.unlabeled_dir)
