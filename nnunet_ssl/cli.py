@@ -128,6 +128,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plans = plan_and_preprocess(args.dataset, resenc_settings, num_processes=args.num_processes, verify=args.verify)
         logger.info("%s", resenc_training_hint(convert_dataset_name_to_id(plans["dataset_name"]), resenc_settings))
         return 0
+    mr_mode, mr_scheme, mr_window = mr_normalization_settings(args.mr_normalization, args.mr_window)
     settings = SwinPlanSettings(
         preset=args.preset or "smit",
         modality=args.modality,
@@ -136,13 +137,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
         patch_size=tuple(args.patch_size) if args.patch_size else None,
         batch_size=args.batch_size,
         plans_name=args.plans_name or DEFAULT_PLANS_NAME,
-        mr_normalization="window" if args.mr_window else args.mr_normalization,
+        mr_normalization=mr_mode,
+        mr_scheme=mr_scheme,
+        mr_window=mr_window,
         mr_percentiles=tuple(args.mr_percentiles),
-        mr_window=tuple(args.mr_window) if args.mr_window else None,
     )
     plans = plan_and_preprocess(args.dataset, settings, num_processes=args.num_processes, verify=args.verify)
     logger.info("%s", training_hint(convert_dataset_name_to_id(plans["dataset_name"]), settings))
     return 0
+
+
+def mr_normalization_settings(choice: str, window: Sequence[float] | None) -> tuple[str, str, tuple[float, float] | None]:
+    """``SwinPlanSettings``' ``(mr_normalization, mr_scheme, mr_window)`` for ``--mr-normalization CHOICE`` and
+    ``--mr-window LOW HIGH``.
+
+    ``percentile`` measures the stand-in; ``window`` and ``minmax`` force one for the percentile mapping
+    (``window`` with ``--mr-window``: that fixed window); ``zscore`` is nnU-Net's z-score.
+    """
+    if window:
+        if choice not in ("percentile", "window"):
+            raise ValueError(f"--mr-window sets a fixed window; it does not go with --mr-normalization {choice} "
+                             "(drop one of them)")
+        return "window", "auto", (float(window[0]), float(window[1]))
+    if choice in ("window", "minmax"):
+        return "percentile", choice, None
+    return choice, "auto", None
 
 
 #: ``nnunet-ssl plan`` options of the Swin planner only (refused with ``--family resenc`` when given).
@@ -634,13 +653,19 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="for every channel (default: dataset.json channel names)")
     parser.add_argument("--hu-window", type=float, nargs=2, default=[-175.0, 250.0], metavar=("LOW", "HIGH"),
                         help="CT window in HU mapped to [0, 1] (default -175 250)")
-    parser.add_argument("--mr-normalization", choices=["percentile", "zscore"], default="percentile",
-                        help="MR channels: per-image percentiles to [0, 1] as in the paper and pretraining (default), "
-                        "or nnU-Net's z-score")
+    parser.add_argument("--mr-normalization", choices=["percentile", "window", "minmax", "zscore"],
+                        default="percentile",
+                        help="MR channels: percentile (default): the paper's and pretraining's per-image percentiles "
+                        "to [0, 1], through the nnU-Net scheme closest to it on the foreground (one window for all "
+                        "images, or per-image min-max; a window that clips an image's anatomy is not chosen); or "
+                        "force a scheme: window (the images' median percentiles, or --mr-window), minmax (per "
+                        "image), zscore (nnU-Net's, not [0, 1]). Every choice is measured and reported (errors, "
+                        "the contrast between the labelled structures before and after)")
     parser.add_argument("--mr-percentiles", type=float, nargs=2, default=[5.0, 95.0], metavar=("LOW", "HIGH"),
                         help="MR percentiles mapped to 0 and 1 (default 5 95)")
     parser.add_argument("--mr-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                        help="a fixed MR window mapped to [0, 1] instead (e.g. 0 400)")
+                        help="a fixed MR window mapped to [0, 1] instead (e.g. 0 400; implies --mr-normalization "
+                        "window)")
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 2.0], metavar=("X", "Y", "Z"),
                         help="target spacing in mm along the image x, y, z axes (default 1.5 1.5 2)")
     parser.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"),

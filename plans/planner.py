@@ -12,19 +12,22 @@ in its own plans file, never touching nnU-Net's ``nnUNetPlans.json``:
   ``nnUNetv2_predict`` apply exactly the same mapping;
 * MR (default ``percentile``): the paper's "[0, 1] after clipping at the 5 % and 95 % signal
   intensity values", as pretraining does it. nnU-Net 2.8.1 looks normalization schemes up only
-  inside its own package and has no per-image percentile scheme, so the planner uses the closer of
-  two built-in approximations, measured on the dataset's own training images
-  (:func:`mr_percentile_approximation`): the same window for every image (``CTNormalization``
-  with the medians of the images' 5th and 95th percentiles) or per-image min-max
-  (``RescaleTo01Normalization``). The choice and the measured mean difference are logged and
-  kept in the plans. Options: ``window`` (a fixed window, e.g. the paper's [0, 400]) and
-  ``zscore`` (nnU-Net's default).
+  inside its own package and has no per-image percentile scheme, so the planner stands in one of its
+  built-in schemes, measured on the dataset's own training images where the anatomy is, on the
+  foreground (:mod:`nnunet_ssl.plans.mr_normalization`): the same window for every image
+  (``CTNormalization`` with the medians of the images' 5th and 95th percentiles) or per-image min-max
+  (``RescaleTo01Normalization``); a window that clips the foreground of some image is not chosen.
+  ``mr_scheme`` forces one (``window``, ``minmax``). The measurements (errors, clipping, the contrast
+  between the labelled structures before and after) are logged and kept in the plans. Options:
+  ``window`` (a fixed window, e.g. the paper's [0, 400]) and ``zscore`` (nnU-Net's default), both
+  measured and reported the same way.
 
 The plans keep nnU-Net's U-Net architecture entry, recomputed for the new patch size, so the file
 stays valid for nnU-Net's own trainers; the Swin trainers build their network from the preset.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +37,21 @@ from nnunetv2.experiment_planning.experiment_planners.network_topology import ge
 
 from nnunet_ssl.networks.family import get_family
 from nnunet_ssl.networks.presets import get_preset
+from nnunet_ssl.plans.mr_normalization import (
+    NNUNET_SCHEMES,
+    SCHEME_TITLES,
+    ImageSample,
+    MRChoice,
+    MRMeasurement,
+    choose_mr_scheme,
+    dataset_label_names,
+    describe_measurement,
+    measure_mr_normalization,
+    percentile_map,
+    sample_image,
+)
+
+logger = logging.getLogger(__name__)
 
 #: Name of the plans file (and plans identifier) the plugin writes by default.
 DEFAULT_PLANS_NAME = get_family("swin").ssl_plans
@@ -41,6 +59,8 @@ DEFAULT_PLANS_NAME = get_family("swin").ssl_plans
 CONFIGURATION = "3d_fullres"
 MODALITIES = ("ct", "mr")
 MR_NORMALIZATIONS = ("percentile", "window", "zscore")
+#: Which built-in scheme stands in for the percentile mapping: measured (``auto``) or forced.
+MR_SCHEMES = ("auto", "window", "minmax")
 #: At most this many training images are read to fit the MR percentile approximation.
 MR_SAMPLE_CASES = 24
 #: ... each on at most this many evenly strided voxels.
@@ -62,6 +82,9 @@ class SwinPlanSettings:
         plans_name: Plans identifier and file name (``<plans_name>.json``).
         mr_normalization: MR channels: ``"percentile"`` (the paper: per-image percentiles to [0, 1],
             through the closest built-in scheme), ``"window"`` (``mr_window`` to [0, 1]) or ``"zscore"``.
+        mr_scheme: With ``"percentile"``: the built-in stand-in, ``"auto"`` (measured on the foreground,
+            see :mod:`nnunet_ssl.plans.mr_normalization`), ``"window"`` (the shared window) or
+            ``"minmax"`` (per-image min-max).
         mr_percentiles: The percentiles mapped to 0 and 1 (the paper: 5 and 95).
         mr_window: Fixed MR window (lower, upper) for ``mr_normalization="window"``.
     """
@@ -74,6 +97,7 @@ class SwinPlanSettings:
     batch_size: int = 2
     plans_name: str = DEFAULT_PLANS_NAME
     mr_normalization: str = "percentile"
+    mr_scheme: str = "auto"
     mr_percentiles: tuple[float, float] = (5.0, 95.0)
     mr_window: tuple[float, float] | None = None
 
@@ -95,6 +119,11 @@ class SwinPlanSettings:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.mr_normalization not in MR_NORMALIZATIONS:
             raise ValueError(f"MR normalization must be one of {MR_NORMALIZATIONS}, got {self.mr_normalization!r}")
+        if self.mr_scheme not in MR_SCHEMES:
+            raise ValueError(f"MR scheme must be one of {MR_SCHEMES}, got {self.mr_scheme!r}")
+        if self.mr_scheme != "auto" and self.mr_normalization != "percentile":
+            raise ValueError(f"MR scheme {self.mr_scheme!r} stands in for the percentile mapping; with MR "
+                             f"normalization {self.mr_normalization!r} leave it 'auto'")
         if (self.mr_normalization == "window") != (self.mr_window is not None):
             raise ValueError("give an MR window (--mr-window LOW HIGH) exactly when the MR normalization is 'window'")
         if self.mr_window is not None and not self.mr_window[1] > self.mr_window[0]:
@@ -109,6 +138,15 @@ class SwinPlanSettings:
     def spacing_nnunet(self) -> list[float]:
         """The spacing in nnU-Net's axis order (z, y, x): its readers reverse the image axes."""
         return [float(s) for s in reversed(self.spacing_xyz)]
+
+    @property
+    def forced_mr_scheme(self) -> str | None:
+        """The MR scheme the user chose (``window``, ``minmax``, ``zscore``), or None when it is measured."""
+        if self.mr_normalization == "zscore":
+            return "zscore"
+        if self.mr_normalization == "window":
+            return "window"
+        return None if self.mr_scheme == "auto" else self.mr_scheme
 
     @property
     def patch(self) -> list[int]:
@@ -154,14 +192,12 @@ class MRApproximation:
         )
 
 
-def percentile_map(image: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """The paper's MR mapping: clip at the image's own percentiles, then affinely to [0, 1]."""
-    low, high = np.percentile(image, percentiles)
-    return np.clip((image - low) / max(high - low, 1e-8), 0.0, 1.0)
-
-
 def mr_percentile_approximation(images: list[np.ndarray], percentiles: tuple[float, float]) -> MRApproximation:
     """Measure both built-in stand-ins for :func:`percentile_map` on ``images`` and pick the closer one.
+
+    Over all voxels, background included: the planner now measures on the foreground
+    (:func:`nnunet_ssl.plans.mr_normalization.measure_mr_normalization`); this stays for comparisons
+    (``benchmarks/bench_mr_normalization.py``).
 
     Args:
         images: Raw intensities of one channel, any shapes (e.g. sampled voxels of each training image).
@@ -222,14 +258,27 @@ class SwinPlanner(ExperimentPlanner):
             overwrite_target_spacing=settings.spacing_nnunet,
         )
         self.settings = settings
-        self.mr_notes: dict[str, str] = {}
+        self.mr_notes: dict[str, Any] = {}
 
     def save_plans(self, plans: dict) -> None:
-        """nnU-Net calls this at the end of ``plan_experiment``: adapt, then save as usual."""
-        super().save_plans(self.adapt_plans(plans))
+        """nnU-Net calls this at the end of ``plan_experiment``: measure the MR channels, adapt, then save as usual."""
+        config = plans["configurations"].get(CONFIGURATION, {})
+        use_mask = config.get("use_mask_for_norm", [])
+        modalities = channel_modalities(self.dataset_json, self.settings.modality)
+        measurements = {
+            channel: self.measure_mr_channel(channel, bool(use_mask[channel]) if channel < len(use_mask) else False)
+            for channel, modality in enumerate(modalities) if modality == "mr"
+        }
+        super().save_plans(self.adapt_plans(plans, measurements))
 
-    def adapt_plans(self, plans: dict) -> dict:
-        """Keep only ``3d_fullres`` and apply patch, batch and normalization settings."""
+    def adapt_plans(self, plans: dict, measurements: dict[int, MRMeasurement] | None = None) -> dict:
+        """Keep only ``3d_fullres`` and apply patch, batch and normalization settings.
+
+        Args:
+            plans: nnU-Net's plans.
+            measurements: Per MR channel, from :meth:`measure_mr_channel`; a channel without one is
+                measured here when its scheme is to be chosen (``mr_normalization="percentile"``).
+        """
         if CONFIGURATION not in plans["configurations"]:
             raise ValueError(f"{self.dataset_name} is not a 3D dataset: nnU-Net planned no {CONFIGURATION}")
         config = plans["configurations"][CONFIGURATION]
@@ -237,7 +286,7 @@ class SwinPlanner(ExperimentPlanner):
         plans["configurations"] = {CONFIGURATION: config}
         modalities = channel_modalities(self.dataset_json, self.settings.modality)
         self._set_patch_and_batch(config)
-        self._set_normalization(plans, config, modalities)
+        self._set_normalization(plans, config, modalities, measurements or {})
         plans["nnunet_ssl"] = {
             "planner": type(self).__name__,
             "preset": self.settings.preset,
@@ -245,6 +294,7 @@ class SwinPlanner(ExperimentPlanner):
             "hu_window": list(self.settings.hu_window),
             "modalities": modalities,
             "mr_normalization": {"mode": self.settings.mr_normalization,
+                                 "scheme": self.settings.mr_scheme,
                                  "percentiles": list(self.settings.mr_percentiles),
                                  **({"window": list(self.settings.mr_window)} if self.settings.mr_window else {}),
                                  **self.mr_notes},
@@ -273,47 +323,112 @@ class SwinPlanner(ExperimentPlanner):
         config["patch_size"] = patch
         config["batch_size"] = self.settings.batch_size
 
-    def _set_normalization(self, plans: dict, config: dict, modalities: list[str]) -> None:
+    def _set_normalization(self, plans: dict, config: dict, modalities: list[str],
+                           measurements: dict[int, MRMeasurement]) -> None:
         properties = plans["foreground_intensity_properties_per_channel"]
         low, high = self.settings.hu_window
-        schemes, masks, notes = [], [], {}
+        schemes, masks = [], []
+        notes: dict[str, Any] = {}
+        records: dict[str, Any] = {}
         for channel, modality in enumerate(modalities):
             fingerprint = properties.get(str(channel), {})
+            nnunet_mask = bool(config["use_mask_for_norm"][channel]) if channel < len(config["use_mask_for_norm"]) \
+                else False
             if modality == "ct":
                 schemes.append("CTNormalization")
                 masks.append(False)
                 properties[str(channel)] = window_properties(low, high, fingerprint)
-            elif self.settings.mr_normalization == "window" and self.settings.mr_window is not None:  # set together
-                schemes.append("CTNormalization")
-                masks.append(False)
-                properties[str(channel)] = window_properties(*self.settings.mr_window, fingerprint)
-                notes[str(channel)] = "fixed MR window"
-            elif self.settings.mr_normalization == "percentile":
-                fit = mr_percentile_approximation(self.sample_channel(channel), self.settings.mr_percentiles)
-                schemes.append(fit.scheme)
-                masks.append(False)
-                if fit.scheme == "CTNormalization":
-                    properties[str(channel)] = window_properties(*fit.window, fingerprint)
-                notes[str(channel)] = fit.note(self.settings.mr_percentiles)
-            else:
-                schemes.append("ZScoreNormalization")
-                masks.append(bool(config["use_mask_for_norm"][channel]))
+                continue
+            measurement = measurements.get(channel)
+            if measurement is None and self.settings.mr_normalization == "percentile":
+                measurement = self.measure_mr_channel(channel, nnunet_mask)
+            forced = self.settings.forced_mr_scheme
+            if measurement is not None:
+                choice = choose_mr_scheme(measurement, forced)
+            else:  # a forced fixed window or z-score, nothing measured
+                choice = MRChoice(str(forced), True, f"{SCHEME_TITLES[str(forced)]}, as asked")
+            schemes.append(choice.nnunet_scheme)
+            masks.append(nnunet_mask if choice.scheme == "zscore" else False)
+            if choice.scheme == "window":
+                window = self.settings.mr_window
+                if window is None:  # the fitted shared window: mode percentile, so it was measured
+                    if measurement is None:
+                        raise ValueError(f"MR channel {channel}: no window to use (nothing was measured)")
+                    window = measurement.window
+                properties[str(channel)] = window_properties(window[0], window[1], fingerprint)
+            notes[str(channel)] = mr_note(choice, measurement, self.settings)
+            if measurement is not None:
+                report = describe_measurement(measurement, choice)
+                records[str(channel)] = {**measurement.to_json(), "chosen": choice.scheme,
+                                         "nnunet_scheme": choice.nnunet_scheme, "forced": choice.forced,
+                                         "reason": choice.reason, "report": report}
+                warn_lost_contrast(channel, measurement, choice)
         config["normalization_schemes"] = schemes
         config["use_mask_for_norm"] = masks
+        if records:
+            notes["measurements"] = records
         self.mr_notes = notes
 
-    def sample_channel(self, channel: int) -> list[np.ndarray]:
-        """Strided voxel samples of one channel of up to :data:`MR_SAMPLE_CASES` training images."""
+    def measure_mr_channel(self, channel: int, zscore_nonzero: bool = False) -> MRMeasurement:
+        """Measure every MR scheme on up to :data:`MR_SAMPLE_CASES` training images (and their labels).
+
+        Args:
+            channel: Input channel.
+            zscore_nonzero: nnU-Net's ``use_mask_for_norm`` of the channel: z-score statistics over the
+                nonzero voxels.
+        """
         reader = self.determine_reader_writer()()
         cases = sorted(self.dataset)
         if len(cases) > MR_SAMPLE_CASES:
             cases = [cases[i] for i in np.linspace(0, len(cases) - 1, MR_SAMPLE_CASES).round().astype(int)]
-        samples = []
+        samples: list[ImageSample] = []
         for case in cases:
             data, _ = reader.read_images([self.dataset[case]["images"][channel]])
-            flat = np.asarray(data[0], dtype=np.float32).reshape(-1)
-            samples.append(flat[:: max(1, flat.size // MR_SAMPLE_VOXELS)])
-        return samples
+            label = None
+            if self.dataset[case].get("label"):
+                seg, _ = reader.read_seg(self.dataset[case]["label"])
+                label = np.asarray(seg[0])
+            samples.append(sample_image(case, np.asarray(data[0]), label, self.settings.mr_percentiles,
+                                        MR_SAMPLE_VOXELS, zscore_nonzero=zscore_nonzero))
+        return measure_mr_normalization(samples, self.settings.mr_percentiles,
+                                        dataset_label_names(self.dataset_json.get("labels", {})),
+                                        window=self.settings.mr_window)
+
+
+def mr_note(choice: MRChoice, measurement: MRMeasurement | None, settings: SwinPlanSettings) -> str:
+    """The one-line note kept in the plans and shown in the summary for one MR channel."""
+    p_low, p_high = settings.mr_percentiles
+    if settings.mr_normalization == "window":
+        text = "fixed MR window"
+    elif settings.mr_normalization == "zscore":
+        text = "nnU-Net's z-score (not [0, 1]), as asked"
+    else:
+        text = (f"approximates per-image {p_low:g}-{p_high:g} % -> [0, 1] with {SCHEME_TITLES[choice.scheme]}"
+                + (", as asked" if choice.forced else ""))
+    if measurement is None:
+        return text
+    window, minmax = (measurement.schemes[name].mean_foreground_error for name in ("window", "minmax"))
+    own = {"window": window, "minmax": minmax}.get(choice.scheme)
+    figures = f"window {window:.4f}, min-max {minmax:.4f}"
+    images = f"the foreground of {len(measurement.cases)} training image(s)"
+    if own is None:
+        return f"{text} (mean |difference| to it on {images}: {figures})"
+    return f"{text} (mean |difference| {own:.4f} on {images}; {figures})"
+
+
+def warn_lost_contrast(channel: int, measurement: MRMeasurement, choice: MRChoice) -> None:
+    """Warn when the scheme used loses a labelled pair's contrast in some training image, naming a scheme that keeps it."""
+    for pair in measurement.contrasts:
+        lost = pair.lost(choice.scheme)
+        if not lost:
+            continue
+        keeping = [name for name in NNUNET_SCHEMES if name != choice.scheme and not pair.lost(name)]
+        hint = (f"; --mr-normalization {keeping[0]} keeps it in every image" if keeping else "")
+        logger.warning(
+            "MR channel %d: %s loses the %s contrast in %d of %d training images (%s)%s",
+            channel, SCHEME_TITLES[choice.scheme], pair.name, len(lost), len(pair.counted()),
+            ", ".join(measurement.cases[i] for i in lost[:4]) + (", ..." if len(lost) > 4 else ""), hint,
+        )
 
 
 def summarize_plans(plans: dict, settings: SwinPlanSettings) -> str:
@@ -332,11 +447,14 @@ def summarize_plans(plans: dict, settings: SwinPlanSettings) -> str:
     for channel, scheme in enumerate(config["normalization_schemes"]):
         p = props.get(str(channel), {})
         modality = (plans.get("nnunet_ssl", {}).get("modalities") or ["ct"] * (channel + 1))[channel].upper()
-        note = plans.get("nnunet_ssl", {}).get("mr_normalization", {}).get(str(channel))
+        mr_record = plans.get("nnunet_ssl", {}).get("mr_normalization", {})
+        note = mr_record.get(str(channel))
         if scheme == "CTNormalization":
             unit = " HU" if modality == "CT" else ""
             text = f"{modality} window [{p['percentile_00_5']:.4g}, {p['percentile_99_5']:.4g}]{unit} -> [0, 1]"
         else:
             text = f"{modality} {scheme} (per image)"
         lines.append(f"  channel {channel}   {text}" + (f"; {note}" if note else ""))
+        report = mr_record.get("measurements", {}).get(str(channel), {}).get("report", [])
+        lines += [f"              {line}" for line in report]
     return "\n".join(lines)
