@@ -13,8 +13,8 @@ the rules, in order (:func:`detect_modality`):
 2. **CT: an air peak.** At least :data:`MIN_AIR_FRACTION` of the voxels lie in :data:`AIR_HU`, and
    they are denser per HU than the voxels of :data:`GAP_HU` (between air and fat) by
    :data:`AIR_PEAK_RATIO`: zero-centred MR noise wide enough to reach -1000 is denser near zero,
-   so it has no peak there. When the air band is one exact value (a padding-like fill), bone
-   (at least :data:`MIN_BONE_FRACTION` above :data:`BONE_HU`) must confirm it.
+   so it has no peak there. (An MR volume padded with one value between -1200 and -800 would
+   read as CT, since -1024 is a CT reader's air; give ``--modality`` for such files.)
 3. **No negative values** (beyond an interpolation undershoot): MR. A CT stored as unsigned values
    whose reader ignored the rescale intercept also has none (air near 0, soft tissue near 1024,
    bone above 1324); it is still taken as MR, and the decision says that it also reads as such a
@@ -29,6 +29,9 @@ the rules, in order (:func:`detect_modality`):
    background), and the 99.5th percentile reaches :data:`MIN_SIGNAL_TO_NOISE` ``* t`` (tissue well
    above the noise). CT without an air peak (fat near -100 HU is a peak away from zero) and pure
    noise are not.
+5. **Air and bone without MR noise**: CT. At least :data:`MIN_AIR_FRACTION` of the voxels near
+   -1000 HU and :data:`MIN_BONE_FRACTION` above :data:`BONE_HU`, when rule 4 found no noise around
+   zero (a volume of flat slabs has air and bone but no peak: its -500 HU slab is as dense).
 
 Anything else is ambiguous: the volume is skipped, and ``--modality`` decides.
 """
@@ -82,14 +85,12 @@ class HounsfieldEvidence:
         air_peak: Density per HU in :data:`AIR_HU` over the density in :data:`GAP_HU` (inf when the gap is empty).
         bone: Fraction of the voxels above :data:`BONE_HU`.
         soft_tissue: Fraction of the voxels above :data:`GAP_HU` (the body) that lie in :data:`SOFT_TISSUE_HU`.
-        air_exact: Whether one exact value holds at least 95 % of the air band (a fill, not air with noise).
     """
 
     air: float
     air_peak: float
     bone: float
     soft_tissue: float
-    air_exact: bool
 
     @property
     def has_air_peak(self) -> bool:
@@ -101,8 +102,8 @@ class HounsfieldEvidence:
 
     @property
     def is_ct(self) -> bool:
-        """Rule 2 of the module docstring: an air peak, confirmed by bone when the air band is one exact value."""
-        return self.has_air_peak and (self.has_bone or not self.air_exact)
+        """Rule 2 of the module docstring: an air peak."""
+        return self.has_air_peak
 
 
 def hounsfield_evidence(values: np.ndarray, offset: float = 0.0) -> HounsfieldEvidence:
@@ -115,10 +116,6 @@ def hounsfield_evidence(values: np.ndarray, offset: float = 0.0) -> HounsfieldEv
     air_density = air_count / (AIR_HU[1] - AIR_HU[0])
     gap_density = gap_count / (GAP_HU[1] - GAP_HU[0])
     air_peak = air_density / gap_density if gap_count else (math.inf if air_count else 0.0)
-    air_exact = False
-    if air_count:
-        _, counts = np.unique(hu[in_air], return_counts=True)
-        air_exact = bool(counts.max() >= 0.95 * air_count)
     body = int(np.count_nonzero(hu > GAP_HU[1]))
     soft = int(np.count_nonzero((hu >= SOFT_TISSUE_HU[0]) & (hu <= SOFT_TISSUE_HU[1])))
     return HounsfieldEvidence(
@@ -126,7 +123,6 @@ def hounsfield_evidence(values: np.ndarray, offset: float = 0.0) -> HounsfieldEv
         air_peak=air_peak,
         bone=float(np.count_nonzero(hu > BONE_HU)) / n,
         soft_tissue=soft / body if body else 0.0,
-        air_exact=air_exact,
     )
 
 
@@ -169,7 +165,7 @@ def detect_modality(array: np.ndarray) -> tuple[str | None, str]:
     """``("ct" | "mr" | None, explanation)`` for a ``(z, y, x)`` volume of raw intensities.
 
     The rules are those of the module docstring: padding left out, CT by its air peak near -1000 HU
-    (bone confirming a padding-like air band), MR by no negative values or by negative values that
+    (or air and bone without MR noise), MR by no negative values or by negative values that
     are noise around zero far below the tissue (saying so when a volume without negative values
     would also read as CT stored without its rescale intercept); anything else gives None, with the
     reason and the fix.
@@ -200,6 +196,9 @@ def detect_modality(array: np.ndarray) -> tuple[str | None, str]:
     noise, text = _noise_around_zero(values)
     if noise:
         return "mr", f"MR: no air peak near -1000, negative values are noise around zero far below the tissue ({text}; {span})"
+    if hu.air >= MIN_AIR_FRACTION and hu.has_bone:
+        return "ct", (f"CT: {hu.air:.1%} of the voxels are air near -1000 HU (no peak), {hu.bone:.1%} bone above "
+                      f"+{BONE_HU:g} HU, and the negative values are not MR noise around zero ({span})")
     return None, (
         f"cannot tell CT from MR: {span}; no air peak near -1000 HU (CT: {hu.air:.2%} of the voxels in "
         f"[{AIR_HU[0]:g}, {AIR_HU[1]:g}], {hu.air_peak:.2g} times as dense as [{GAP_HU[0]:g}, {GAP_HU[1]:g}]), and the "

@@ -109,13 +109,11 @@ def test_padding_is_the_bottom_value_outside_the_air_band() -> None:
     assert AIR_HU[0] <= -1024 <= AIR_HU[1]
 
 
-def test_air_band_filled_with_one_value_needs_bone() -> None:
-    # an image whose only "air" is one exact fill value is CT only if bone confirms it
+def test_noise_free_ct_with_exact_air_is_ct() -> None:
+    # a synthetic CT whose air is exactly -1000 everywhere (no noise, no bone) is still CT: the air is a peak
     rng = np.random.default_rng(0)
-    fill = np.concatenate([np.full(2000, -1000.0), rng.normal(40.0, 10.0, 8000)])
-    assert detect_modality(fill)[0] != "ct"
-    with_bone = np.concatenate([fill, np.full(200, 900.0)])
-    assert detect_modality(with_bone)[0] == "ct"
+    values = np.concatenate([np.full(2000, -1000.0), rng.normal(40.0, 10.0, 8000)])
+    assert detect_modality(values)[0] == "ct"
 
 
 def test_ct_without_air_is_not_taken_for_mr() -> None:
@@ -173,3 +171,10 @@ def test_detection_version_is_in_the_cache_key_and_decides_a_folder(tmp_path) ->
     entries = by_name(build_cache(config([tmp_path / "in"], tmp_path / "cache", min_size=8)))
     assert entries["t1_signed.nii.gz"].modality == "mr" and entries["t1_signed.nii.gz"].status == "ok"
     assert entries["ct.nii.gz"].modality == "ct"
+
+
+def test_air_and_bone_without_a_peak_or_mr_noise_is_ct() -> None:
+    # flat slabs: the -1000 HU slab is no denser than the -500 HU one, but air and bone with no noise around zero
+    slabs = np.concatenate([np.full((6, 16, 16), hu, dtype=np.int16) for hu in (0, -1000, 500, -500, 1000, 250)])
+    modality, why = detect_modality(slabs)
+    assert modality == "ct" and "(no peak)" in why
