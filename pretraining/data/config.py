@@ -18,7 +18,7 @@ from typing import Any
 MODALITIES = ("ct", "mr")
 
 #: Intensity mappings of the cached volumes (:attr:`DataConfig.intensity`), the default first.
-INTENSITIES = ("window", "zscore")
+INTENSITIES = ("window", "zscore", "zscore_nonzero", "minmax")
 
 #: Edge of the region multi-view crops are drawn from, unless the crops are larger (:attr:`DataConfig.region_size`).
 DEFAULT_REGION_SIZE = 128
@@ -53,11 +53,20 @@ class DataConfig:
         mr_percentiles: MR percentiles ``(low, high)`` of each image mapped to ``[0, 1]`` and clipped
             (the paper: 5 and 95; ``nnunet-ssl plan`` uses the same default for MR channels); with
             ``intensity="zscore"`` they still set the MR body threshold.
-        intensity: How the cached intensities are mapped: ``"window"`` (CT window / MR percentiles to
-            ``[0, 1]``, the Swin paper's) or ``"zscore"`` (per image, ``(x - mean) / max(std, 1e-8)`` over
-            the whole resampled image, not clipped: nnU-Net's ``ZScoreNormalization``, for CT and MR
-            alike; the Spark3D recipe). Crops reaching past a volume are padded with 0 either way: the
-            window's low end, or a z-scored image's mean.
+        mr_window: A fixed MR window ``(low, high)`` mapped to ``[0, 1]`` and clipped instead of each
+            image's percentiles (``intensity="window"`` only; the body is still found from the
+            percentiles): what plans that map MR with one ``CTNormalization`` window for every image
+            do (``pretrain --intensity-like``). None: the percentiles.
+        intensity: How the cached intensities are mapped: ``"window"`` (CT window / MR percentiles or
+            ``mr_window`` to ``[0, 1]``, the Swin paper's), ``"zscore"`` (per image, ``(x - mean) /
+            max(std, 1e-8)`` over the whole resampled image, not clipped: nnU-Net's
+            ``ZScoreNormalization``, for CT and MR alike; the Spark3D recipe), ``"zscore_nonzero"``
+            (the same inside the image's nonzero region, 0 outside: ``ZScoreNormalization`` with
+            ``use_mask_for_norm``) or ``"minmax"`` (each image's minimum and maximum to 0 and 1:
+            ``RescaleTo01Normalization``); the last two with the statistics of the source grid, as
+            nnU-Net normalises before resampling. Crops reaching past a volume are padded with 0 in
+            every case: the window's low end, a z-scored image's mean, or the outside of its nonzero
+            region.
         crop_size: Edge of the cubic crops (views), in voxels.
         region_size: Edge of the cubic region the views of one volume are drawn from when more
             than one view is requested (views then overlap by ``2 * crop_size - region_size``
@@ -85,6 +94,7 @@ class DataConfig:
     spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
     ct_window: tuple[float, float] = (-500.0, 500.0)
     mr_percentiles: tuple[float, float] = (5.0, 95.0)
+    mr_window: tuple[float, float] | None = None
     crop_size: int = 96
     region_size: int = 0
     intensity: str = "window"
@@ -124,6 +134,14 @@ class DataConfig:
         object.__setattr__(self, "mr_percentiles", pct)
         if self.intensity not in INTENSITIES:
             raise ValueError(f"intensity must be one of {', '.join(INTENSITIES)}, got {self.intensity!r}")
+        if self.mr_window is not None:
+            mr_window = tuple(float(v) for v in self.mr_window)
+            if len(mr_window) != 2 or not all(math.isfinite(v) for v in mr_window) or mr_window[0] >= mr_window[1]:
+                raise ValueError(f"mr_window must be (low, high) with low < high, got {self.mr_window!r}")
+            if self.intensity != "window":
+                raise ValueError(f"mr_window is a window (intensity 'window'); it does not go with intensity "
+                                 f"{self.intensity!r} (drop one of them)")
+            object.__setattr__(self, "mr_window", mr_window)
         if self.augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {self.augmentation!r}")
         if int(self.crop_size) != self.crop_size or self.crop_size < 1:
@@ -152,8 +170,9 @@ class DataConfig:
     def preprocessing_params(self, modality: str) -> dict[str, Any]:
         """Everything that changes the cached array of a volume of ``modality`` (not the crops).
 
-        ``intensity`` is recorded only when it is not the default ``"window"``, so the caches built
-        before it existed keep their keys; a z-scored cache does not depend on the CT window.
+        ``intensity`` is recorded only when it is not the default ``"window"``, and ``mr_window`` only
+        when set, so the caches built before they existed keep their keys; a z-scored or min-max
+        cache does not depend on the CT window.
         """
         params: dict[str, Any] = {
             "version": PREPROCESSING_VERSION,
@@ -172,6 +191,8 @@ class DataConfig:
                 params.update(ct_window=list(self.ct_window))
         if modality in ("mr", "auto"):
             params.update(mr_percentiles=list(self.mr_percentiles), mr_body_threshold=self.mr_body_threshold)
+            if self.mr_window is not None:
+                params.update(mr_window=list(self.mr_window))
         if modality == "auto":
             params.update(modality_detection=MODALITY_DETECTION_VERSION)
         return params

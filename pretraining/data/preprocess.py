@@ -13,9 +13,14 @@ The steps, in order (:func:`preprocess_source`):
    right->left) and resample with linear interpolation to the target spacing, keeping the centre of
    the field of view (:func:`resample_to_spacing`);
 4. map intensities to ``[0, 1]``: CT window (:func:`window_ct`), MR percentiles
-   (:func:`mr_intensity_range`, :func:`scale_intensities`); or, with ``intensity="zscore"``, z-score
-   each image over the whole resampled volume, CT and MR alike (:func:`zscore`, nnU-Net's
-   ``ZScoreNormalization``), without clipping;
+   (:func:`mr_intensity_range`, :func:`scale_intensities`) or a fixed MR window (``mr_window``); or,
+   CT and MR alike, with ``intensity="zscore"`` z-score each image over the whole resampled volume
+   (:func:`zscore`, nnU-Net's ``ZScoreNormalization``), without clipping; with
+   ``"zscore_nonzero"`` z-score inside the image's nonzero region and leave the rest 0 (nnU-Net's
+   ``ZScoreNormalization`` with ``use_mask_for_norm``); with ``"minmax"`` map each image's minimum
+   and maximum to 0 and 1 (``RescaleTo01Normalization``). The last two take their statistics from
+   the source grid, before resampling, as nnU-Net normalises before it resamples
+   (:func:`nonzero_mask`);
 5. crop to the bounding box of the body mask (CT: HU above ``ct_body_hu``; MR: scaled intensity
    above ``mr_body_threshold``), keeping the largest connected component and every component at
    least a quarter of its size (both legs, not the table), plus ``body_margin`` voxels
@@ -471,6 +476,47 @@ def zscore(array: np.ndarray, mean: float, std: float) -> np.ndarray:
     return out
 
 
+def nonzero_mask(array: np.ndarray) -> np.ndarray:
+    """Voxels that are not 0, with enclosed holes filled (nnU-Net's ``create_nonzero_mask`` for one channel).
+
+    A hole is a 6-connected region of zeros that does not touch the volume's border (what
+    ``scipy.ndimage.binary_fill_holes`` fills), found with one labelling pass.
+    """
+    zero = np.asarray(array) == 0
+    labels, count = ndimage.label(zero)
+    if count == 0:
+        return ~zero
+    border = np.zeros(count + 1, dtype=bool)
+    for axis in range(labels.ndim):
+        for index in (0, -1):
+            border[np.unique(np.take(labels, index, axis=axis))] = True
+    border[0] = False
+    return ~border[labels]
+
+
+def _source_mapping_statistics(source: np.ndarray, intensity: str) -> tuple[float, float]:
+    """What the per-image mappings that nnU-Net computes before resampling need, from the source grid.
+
+    ``"minmax"``: ``(min, max)`` (``RescaleTo01Normalization``); ``"zscore_nonzero"``: ``(mean, std)`` inside
+    :func:`nonzero_mask` (``ZScoreNormalization`` with ``use_mask_for_norm``; the whole image when it is all
+    nonzero). Other mappings need nothing here: ``(0, 0)``.
+
+    Raises:
+        SkipVolume: ``"constant image"`` when the statistics leave nothing to map (``min == max``).
+    """
+    if intensity == "minmax":
+        low, high = float(source.min()), float(source.max())
+        if high <= low:
+            raise SkipVolume(CONSTANT, f"every voxel is {low:g}")
+        return low, high
+    if intensity == "zscore_nonzero":
+        inside = source[nonzero_mask(source)]
+        if inside.size == 0:
+            raise SkipVolume(CONSTANT, "every voxel is 0")
+        return float(inside.mean(dtype=np.float64)), float(inside.std(dtype=np.float64))
+    return 0.0, 0.0
+
+
 def body_bbox(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice] | None:
     """Bounding box of the body in a foreground mask, grown by ``margin`` voxels.
 
@@ -522,6 +568,7 @@ def preprocess_image(image: sitk.Image, modality: str, config: DataConfig) -> Pr
     }
     source_shape = tuple(int(s) for s in source_array.shape)
     source_spacing = tuple(float(s) for s in image.GetSpacing())
+    source_statistics = _source_mapping_statistics(source_array, config.intensity)
     del source_array
     resampled = sitk.GetArrayFromImage(resample_to_spacing(image, config.spacing))
     if min(resampled.shape) < config.min_size:
@@ -536,6 +583,8 @@ def preprocess_image(image: sitk.Image, modality: str, config: DataConfig) -> Pr
     else:
         low, high = mr_intensity_range(resampled, config.mr_percentiles)
         mask = resampled > low + config.mr_body_threshold * (high - low)
+        if config.mr_window is not None:
+            low, high = config.mr_window  # the body is still found from the percentiles
     box = body_bbox(mask, config.body_margin)
     del mask
     if box is None:
@@ -546,6 +595,17 @@ def preprocess_image(image: sitk.Image, modality: str, config: DataConfig) -> Pr
         cropped = zscore(resampled[box], image_mean, image_std)
         mapping = f"z-scoring (mean {image_mean:g}, std {image_std:g})"
         stats.update(zscore_mean=image_mean, zscore_std=image_std)
+    elif config.intensity == "zscore_nonzero":
+        image_mean, image_std = source_statistics
+        inside = nonzero_mask(resampled)[box]
+        cropped = np.where(inside, zscore(resampled[box], image_mean, image_std), np.float32(0.0))
+        mapping = f"z-scoring inside the nonzero region (mean {image_mean:g}, std {image_std:g})"
+        stats.update(zscore_mean=image_mean, zscore_std=image_std)
+    elif config.intensity == "minmax":
+        low, high = source_statistics
+        cropped = window_ct(resampled[box], (low, high))
+        mapping = f"min-max rescaling of [{low:g}, {high:g}]"
+        stats.update(low=float(low), high=float(high))
     else:
         cropped = window_ct(resampled[box], (low, high))
         mapping = f"windowing to [{low:g}, {high:g}]"
