@@ -247,9 +247,48 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
     return overrides
 
 
+def _intensity_like(values: Sequence[str], method: str) -> tuple[Path, dict[str, object], list[str]]:
+    """``pretrain --intensity-like DATASET [PLANS]`` (or a plans ``.json``): ``(plans file, data settings, log lines)``
+    that map intensities as the plans' ``3d_fullres`` configuration does (:func:`settings_like_plans`).
+
+    PLANS defaults to the plans identifier of the method's network family (``nnunet-ssl plan --family``'s).
+    """
+    from nnunet_ssl.nnunet_paths import preprocessed_dataset_folder
+    from nnunet_ssl.weights.intensity import channel_modalities_of, plans_channel_mappings, settings_like_plans
+
+    if not 1 <= len(values) <= 2:
+        raise ValueError(f"--intensity-like takes DATASET [PLANS] or a plans .json file, got {' '.join(values)}")
+    if len(values) == 1 and values[0].endswith(".json"):
+        plans_file = Path(values[0])
+        if not plans_file.is_file():
+            raise FileNotFoundError(f"--intensity-like {plans_file}: no such plans file")
+    else:
+        from nnunet_ssl.pretraining.methods import method_family
+
+        plans_name = values[1] if len(values) == 2 else method_family(method).ssl_plans
+        folder = preprocessed_dataset_folder(values[0])
+        plans_file = folder / f"{plans_name}.json"
+        if not plans_file.is_file():
+            others = sorted(p.stem for p in folder.glob("*.json") if p.stem not in ("dataset", "dataset_fingerprint",
+                                                                                     "splits_final", plans_name))
+            hint = (f"{folder} has plans {', '.join(others)}: name them, e.g. `nnunet-ssl pretrain --intensity-like "
+                    f"{values[0]} {others[0]}`" if others else f"plan the dataset first (`nnunet-ssl plan -d {values[0]}`)")
+            raise FileNotFoundError(f"--intensity-like: {plans_file} does not exist; {hint}")
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    configurations = plans.get("configurations", {})
+    if "3d_fullres" not in configurations:
+        raise ValueError(f"{plans_file} has no 3d_fullres configuration (it has {sorted(configurations)})")
+    dataset_json_file = plans_file.parent / "dataset.json"
+    dataset_json = json.loads(dataset_json_file.read_text(encoding="utf-8")) if dataset_json_file.is_file() else None
+    mappings = plans_channel_mappings(plans, "3d_fullres")
+    like = settings_like_plans(mappings, channel_modalities_of(mappings, dataset_json), origin=str(plans_file))
+    return plans_file, like.data, like.lines
+
+
 def run_config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """The settings of a run, each from the first of: flags, the --config file, ``base`` (a resumed run's
-    recorded configuration), the method's recipe defaults, the defaults of EngineConfig and DataConfig."""
+    """The settings of a run, each from the first of: flags, ``--intensity-like`` (the data settings that
+    map like those plans), the --config file, ``base`` (a resumed run's recorded configuration), the
+    method's recipe defaults, the defaults of EngineConfig and DataConfig."""
     from nnunet_ssl.pretraining.config import (
         EngineConfig,
         RunConfig,
@@ -269,6 +308,16 @@ def run_config_from_args(args: argparse.Namespace, base: RunConfig | None = None
     if "inputs" not in data_values:
         raise ValueError("no pretraining data: pass --data PATH... (or data.inputs in --config)")
     data_values.setdefault("cache_dir", str(Path(args.out) / "cache"))
+    if getattr(args, "intensity_like", None):
+        plans_file, like, lines = _intensity_like(args.intensity_like, method)
+        if args.intensity is not None and args.intensity != like["intensity"]:
+            raise ValueError(f"--intensity {args.intensity} contradicts --intensity-like: {plans_file} maps with "
+                             f"{like['intensity']} ({'; '.join(lines)}); drop one of them")
+        replaced = [f"{key} {data_values[key]} -> {value}" for key, value in like.items()
+                    if key in data_values and data_values[key] != value]
+        data_values.update(like)
+        logger.info("intensities like %s: %s%s", plans_file, "; ".join(lines),
+                    f" (replacing {', '.join(replaced)})" if replaced else "")
     for flag, key in (("cache_dir", "cache_dir"), ("modality", "modality"), ("crop_size", "crop_size"),
                       ("workers", "num_workers"), ("spacing", "spacing"), ("intensity", "intensity"),
                       ("augmentation", "augmentation")):
@@ -360,7 +409,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         target.dataset_name, target.configuration, target.in_channels, target.num_classes, meta["channel_adaptation"],
         policy or "none",
     )
+    log_intensity_report(meta.get("intensity"), target)
     return 0
+
+
+def log_intensity_report(intensity: dict[str, object] | None, target: DatasetTarget) -> None:
+    """Log how far the fine-tuning plans' intensity mapping is from the weights' pretraining one, measured on a
+    few of the dataset's raw training images (:func:`~nnunet_ssl.weights.intensity.intensity_report`)."""
+    from nnunet_ssl.weights.intensity import intensity_report
+
+    plans = json.loads(target.plans_file.read_text(encoding="utf-8"))
+    dataset_json = json.loads((target.plans_file.parent / "dataset.json").read_text(encoding="utf-8"))
+    report = intensity_report(intensity, plans, target.configuration, dataset_json)
+    for note in report.notes:
+        logger.info("intensities: %s", note)
+    for warning in report.warnings:
+        logger.warning("%s", warning)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -560,10 +624,19 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
                         "or mr (per-image percentiles, default 5 95, mapped to [0, 1]); default: per volume from "
                         "nnU-Net's channel_names, the DICOM Modality tag, else its intensities (ambiguous volumes are "
                         "skipped)")
-    parser.add_argument("--intensity", choices=["window", "zscore"],
+    parser.add_argument("--intensity", choices=["window", "zscore", "zscore_nonzero", "minmax"],
                         help="intensity mapping of the cached volumes: window (CT: the HU window, MR: per-image "
-                        "percentiles, to [0, 1]; default) or zscore (per image, nnU-Net's ZScoreNormalization, CT and "
-                        "MR alike)")
+                        "percentiles or data.mr_window, to [0, 1]; default), zscore (per image, nnU-Net's "
+                        "ZScoreNormalization, CT and MR alike), zscore_nonzero (the same inside the nonzero region, "
+                        "0 outside: use_mask_for_norm) or minmax (per image, RescaleTo01Normalization)")
+    parser.add_argument("--intensity-like", nargs="+", metavar=("DATASET", "PLANS"),
+                        help="map intensities as these nnU-Net plans do, so that pretraining and fine-tuning see the "
+                        "same values: DATASET (name or id in nnUNet_preprocessed) and PLANS (identifier; default the "
+                        "method family's: nnUNetSwinPlans or nnUNetResEncSSLPlans), or one plans .json file. Sets "
+                        "--intensity and the windows from the 3d_fullres normalisation of each channel: a "
+                        "CTNormalization window -> window with that CT or MR window, RescaleTo01Normalization -> "
+                        "minmax, ZScoreNormalization -> zscore (zscore_nonzero with use_mask_for_norm); nnU-Net's "
+                        "dataset-statistics CTNormalization and mixed schemes are refused")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
                         help="target spacing in mm along the image x, y, z axes the volumes are resampled to "
                         "(default 1.5 1.5 2)")
