@@ -1,8 +1,9 @@
 """`nnunet-ssl plan` on T1-like head phantoms (`make-phantoms --modality mr`): the MR normalisation keeps the anatomy.
 
-Four heads whose gains differ (one is about twice as bright as the median): one shared window would clip that
-head's brain to 1.0, so the planner uses per-image min-max, reports the grey/white contrast before and after, and
-nnU-Net's preprocessed data keep it; forced to the window, the plan warns and the preprocessed head loses it.
+Four heads whose gains differ (the brightest 1.6 times the median white matter, the darkest half of it): one
+shared window saturates the brightest head's brain at 1.0, so the planner uses per-image min-max, reports the
+grey/white contrast before and after, and nnU-Net's preprocessed data keep it; forced to the window, the plan
+warns and the preprocessed head keeps about a third of it.
 Marked ``e2e``: real nnU-Net fingerprinting, planning and preprocessing, twice (45-70 s on 2 shared cores).
 """
 from __future__ import annotations
