@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_data_helpers import by_name, config
 
+from nnunet_ssl.data.phantoms import generate_case, generate_mr_case
 from nnunet_ssl.pretraining.data import build_cache
 from nnunet_ssl.pretraining.data.config import MODALITY_DETECTION_VERSION, DataConfig
 from nnunet_ssl.pretraining.data.modality import AIR_HU, detect_modality, drop_padding, hounsfield_evidence
@@ -117,12 +118,33 @@ def test_noise_free_ct_with_exact_air_is_ct() -> None:
 
 
 def test_ct_without_air_is_not_taken_for_mr() -> None:
-    # a CT cropped inside the body: fat (-100 HU) is a peak below zero, not noise around it
-    image = ct_hu()
-    body = image[14:26, 24:34, 14:26]  # fat, organs and spine; no gas
+    # CT cropped inside the body: its values near zero are fat and soft tissue, not noise far below the tissue
+    body = ct_hu()[14:26, 24:34, 14:26]  # organs and spine; no gas
     assert np.mean(body < -800) < 0.005
     modality, why = detect_modality(body)
     assert modality is None and "--modality" in why
+    for seed in range(3):  # crops of the abdominal phantoms: fat, organs, vessels, bone, no air
+        ct = generate_case(np.random.default_rng(seed), (32, 64, 64))[0]
+        crop = ct[:, 20:44, 20:44]
+        assert np.mean(crop < -800) < 0.005 and np.mean(crop < 0) > 0.3
+        assert detect_modality(crop)[0] is None
+
+
+def test_the_mr_phantoms_are_mr() -> None:
+    # make-phantoms --modality mr: Rician noise with the air's mean subtracted, about a third of the voxels negative
+    for seed in range(3):
+        image = generate_mr_case(np.random.default_rng(seed), (32, 48, 48))[0]
+        assert np.mean(image < 0) > 0.25
+        modality, why = detect_modality(image)
+        assert modality == "mr" and "noise around zero" in why, why
+
+
+def test_mr_too_noisy_to_tell_is_neither() -> None:
+    # noise of sd 1200 under tissue of 600 to 7000: 7 % of the voxels in the CT air band and "bone" above 300,
+    # but the values cluster around zero: not CT, and the tissue is not far enough above the noise for MR
+    image = signed_mr(gain=10.0, sigma=120.0)
+    assert hounsfield_evidence(image.reshape(-1)).air > 0.05
+    assert detect_modality(image)[0] is None
 
 
 def test_unsigned_ct_with_a_rescale_intercept_reads_as_hu(tmp_path) -> None:
