@@ -242,3 +242,20 @@ def test_unsupported_modules_and_deep_supervision_are_refused() -> None:
         sparse_reconstruction(deep, MaskTokenDensify(deep.encoder.output_channels), x, visible)
     with pytest.raises(ValueError, match="visible"):
         sparse_encoder_forward(net.encoder, x, visible[:, :, :16])
+
+
+def test_bf16_autocast_keeps_masked_positions_zero_and_normalises_in_float32() -> None:
+    """The engine's default on GPUs: convs run in bf16, the sparse norm in float32 (as autocast runs instance norm)."""
+    net = network()
+    visible = visible_blocks(2, 32, 8, 0.75)
+    dtypes: dict[str, torch.dtype] = {}
+
+    def observe(name: str, t: Tensor) -> None:
+        masked = ~downsample_visible(visible, t.shape[2:])
+        assert t.masked_select(masked.expand_as(t)).abs().max() == 0, name
+        dtypes[name] = t.dtype
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        skips = sparse_encoder_forward(net.encoder, torch.randn(2, 1, 32, 32, 32), visible, observe=observe)
+    assert dtypes["stem.convs.0.all_modules.0"] == torch.bfloat16 and dtypes["stem.convs.0.all_modules.1"] == torch.float32
+    assert all(torch.isfinite(s).all() for s in skips)
