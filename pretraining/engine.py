@@ -258,7 +258,7 @@ class Engine:
         manifest = self._prepare_data()
         intensity = pretraining_intensity(
             config.data.modality, (e.modality for e in manifest.usable()), config.data.ct_window,
-            config.data.mr_percentiles, config.data.intensity,
+            config.data.mr_percentiles, config.data.intensity, config.data.mr_window,
         )
         method = build_run_method(config)
         contract = method_contract(method)

@@ -55,7 +55,7 @@ from nnunet_ssl.trainers.recipe import (
 )
 from nnunet_ssl.trainers.seeding import CHECKPOINT_KEY, process_seed, seed_process, worker_seeds
 from nnunet_ssl.weights.format import WeightsError, encoder_digest
-from nnunet_ssl.weights.intensity import intensity_warnings, plans_channel_mappings
+from nnunet_ssl.weights.intensity import intensity_report
 from nnunet_ssl.weights.preflight import preflight_weights
 
 #: Output strides of the decoder's heads, highest resolution first (see SwinUNETRDecoder).
@@ -165,6 +165,15 @@ class PluginTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         self.save_every = checkpoint_interval(self.num_epochs)
         self.num_iterations_per_epoch = self.active_recipe.iterations_per_epoch
         self.num_val_iterations_per_epoch = self.active_recipe.val_iterations_per_epoch
+
+    def log_intensity_report(self, intensity: dict[str, Any] | None) -> None:
+        """Log how the plans map intensities against the weights file's pretraining ``intensity`` record: the
+        scheme check and the difference measured on a few of the dataset's raw images (a warning when far)."""
+        report = intensity_report(intensity, self.plans_manager.plans, self.configuration_name, self.dataset_json)
+        for note in report.notes:
+            self.print_to_log_file(f"intensities: {note}")
+        for warning in report.warnings:
+            self.print_to_log_file(f"WARNING: {warning}")
 
     @classmethod
     def adapt_plans(cls, plans: dict, configuration: str) -> list[str]:
@@ -435,8 +444,5 @@ class SwinTrainerBase(PluginTrainerBase):
                 f"WARNING: {self.__class__.__name__} is the {self.method} trainer but the weights come from "
                 f"{tag.get('method')}; results will be filed under the wrong method."
             )
-        mappings = plans_channel_mappings(self.plans_manager.plans, self.configuration_name)
-        intensity = (self.weights_metadata or {}).get("intensity")
-        for warning in intensity_warnings(intensity, mappings):
-            self.print_to_log_file(f"WARNING: {warning}")
+        self.log_intensity_report((self.weights_metadata or {}).get("intensity"))
 

@@ -36,7 +36,6 @@ from nnunet_ssl.networks.segmentation import unwrap
 from nnunet_ssl.trainers.base import PluginTrainerBase
 from nnunet_ssl.trainers.inputs import PRETRAINED_WEIGHTS_OPTION, TrainerInputError, TrainerInputs
 from nnunet_ssl.weights.format import WeightsError, encoder_digest, weights_family
-from nnunet_ssl.weights.intensity import intensity_warnings, plans_channel_mappings
 
 #: The plans ``nnunet-ssl plan --family resenc`` writes by default (the family's name for them).
 SSL_PLANS_NAME = get_family("resenc").ssl_plans
@@ -181,6 +180,4 @@ class ResEncTrainerBase(PluginTrainerBase):
                 f"WARNING: {name} is the {self.method} trainer but the weights come from {metadata.get('method')}; "
                 "results will be filed under the wrong method."
             )
-        mappings = plans_channel_mappings(self.plans_manager.plans, self.configuration_name)
-        for warning in intensity_warnings(metadata.get("intensity"), mappings):
-            self.print_to_log_file(f"WARNING: {warning}")
+        self.log_intensity_report(metadata.get("intensity"))

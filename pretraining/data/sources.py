@@ -694,7 +694,8 @@ def scan_inputs(config: DataConfig) -> tuple[list[Source], list[ScanProblem]]:
     if scan.undetermined:
         logger.warning(
             "%d volume(s) carry no modality information: each one's modality is decided from its intensities "
-            "(CT: air near -1000 HU; MR: no negative values), ambiguous ones are skipped; give --modality ct|mr "
+            "(CT: an air peak near -1000 HU; MR: no negative values, or noise around zero far below the tissue), "
+            "ambiguous ones are skipped; give --modality ct|mr "
             "to choose instead", scan.undetermined,
         )
     if scan.duplicates:

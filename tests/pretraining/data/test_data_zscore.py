@@ -52,7 +52,7 @@ def test_mr_is_z_scored_before_the_body_crop(tmp_path) -> None:
 
 
 #: Cache keys of the default settings before ``intensity`` existed (existing caches must stay valid).
-WINDOW_KEYS = {"ct": "e8c906abcb1ae832", "mr": "1be77c88a543f8b5", "auto": "8e252c4c38cd9e91"}
+WINDOW_KEYS = {"ct": "e8c906abcb1ae832", "mr": "1be77c88a543f8b5", "auto": "647d002d792ca2a0"}  # auto: detection v2
 
 
 def test_cache_keys_change_only_for_zscore(tmp_path) -> None:
@@ -65,8 +65,8 @@ def test_cache_keys_change_only_for_zscore(tmp_path) -> None:
     # the CT window does not change a z-scored array; the MR percentiles still set the body threshold
     assert config(["x"], tmp_path, intensity="zscore", ct_window=(-100, 100)).params_key("ct") == zscored.params_key("ct")
     assert config(["x"], tmp_path, intensity="zscore", mr_percentiles=(1, 99)).params_key("mr") != zscored.params_key("mr")
-    with pytest.raises(ValueError, match="intensity must be one of window, zscore, got 'minmax'"):
-        config(["x"], tmp_path, intensity="minmax")
+    with pytest.raises(ValueError, match="intensity must be one of window, zscore, zscore_nonzero, minmax, got 'bogus'"):
+        config(["x"], tmp_path, intensity="bogus")
 
 
 def test_switching_to_zscore_rebuilds_and_pads_crops_with_the_mean(tmp_path) -> None:
@@ -93,8 +93,8 @@ def test_the_intensity_record_says_zscore() -> None:
     # the window records are those of before (version 1 runs are read back the same way)
     assert pretraining_intensity("ct", [], (-500, 500), (5, 95)) == {"modality": "CT", "window": [-500, 500],
                                                                      "range": [0.0, 1.0]}
-    with pytest.raises(ValueError, match="unknown pretraining intensity mapping 'minmax'"):
-        pretraining_intensity("ct", [], (-500, 500), (5, 95), "minmax")
+    with pytest.raises(ValueError, match="unknown pretraining intensity mapping 'bogus'"):
+        pretraining_intensity("ct", [], (-500, 500), (5, 95), "bogus")
 
 
 def test_zscore_pretraining_matches_only_zscore_plans() -> None:
