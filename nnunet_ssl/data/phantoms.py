@@ -829,7 +829,7 @@ def _paint_brain(rng: np.random.Generator, scene: _Scene, tissues: _HeadTissues,
     sulci = np.float32(rng.uniform(0.8, 1.2)) * np.maximum(folds, np.float32(0.0))
     occ_brain = canvas.occupancy(brain_sdf + sulci)  # CSF reaches into the sulci
     canvas.paint(full[0], occ_brain, tissues.grey + _texture(rng, full, 8.0), MR_LABELS["grey_matter"])
-    cortex = float(rng.uniform(5.0, 6.0))
+    cortex = float(rng.uniform(7.0, 8.0))
     occ_white = canvas.occupancy(brain_sdf + np.float32(cortex) + np.float32(rng.uniform(1.0, 1.5)) * folds)
     canvas.paint(full[0], occ_white * occ_brain, tissues.white + _texture(rng, full, 8.0), MR_LABELS["white_matter"])
     # the brain's extent (mm) from the voxels inside it, for placing the deep structures
