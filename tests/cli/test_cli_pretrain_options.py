@@ -50,7 +50,7 @@ def test_pretrain_help_names_the_recipe_options(capsys: pytest.CaptureFixture[st
         main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--optimizer {adamw,sgd}", "--schedule {cosine,poly}", "--momentum", "--nesterov, --no-nesterov",
-                   "--intensity {window,zscore}", "--augmentation {none,scale_rotate_mirror}", "--weight-decay",
+                   "--intensity {window,zscore,zscore_nonzero,minmax}", "--augmentation {none,scale_rotate_mirror}", "--weight-decay",
                    "--grad-clip", "--lr-reference-batch"):
         assert option in text
     assert "resenc_l for the ResEnc ones" in text and "the method's recipe" in text

@@ -22,10 +22,10 @@ def preprocessed(root: Path, plans: dict[str, Any], name: str = "nnUNetSwinPlans
     folder = root / "nnUNet_preprocessed" / DATASET
     folder.mkdir(parents=True, exist_ok=True)
     plans = {**plans, "plans_name": name}
-    (folder / f"{name}.json").write_text(json.dumps(plans))
+    (folder / f"{name}.json").write_text(json.dumps(plans), encoding="utf-8")
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": channel}, "labels": {"background": 0, "white": 1, "grey": 2}, "numTraining": 3,
-        "file_ending": ".nii.gz"}))
+        "file_ending": ".nii.gz"}), encoding="utf-8")
     return folder / f"{name}.json"
 
 

@@ -52,7 +52,7 @@ def write_raw_dataset(folder: Path, cases: list[tuple[np.ndarray, np.ndarray]], 
             sitk.WriteImage(itk, str(path))
     dataset_json = {"channel_names": {"0": channel_name}, "labels": {"background": 0, "white": 1, "grey": 2},
                     "numTraining": len(cases), "file_ending": ".nii.gz"}
-    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
     return dataset_json
 
 
