@@ -853,7 +853,7 @@ def _commands() -> tuple[_Command, ...]:
     return (
         ("ext-path", cmd_ext_path, "print the folder for nnUNet_extTrainer", _add_no_arguments),
         ("trainers", cmd_trainers, "list the plugin's nnU-Net trainers", _add_no_arguments),
-        ("make-phantoms", cmd_make_phantoms, "generate synthetic CT phantoms in nnU-Net raw format",
+        ("make-phantoms", cmd_make_phantoms, "generate synthetic CT or T1-like MR phantoms in nnU-Net raw format",
          _add_make_phantoms_arguments),
         ("pretrain", cmd_pretrain, "pretrain the Swin encoder on unlabeled volumes", _add_pretrain_arguments),
         ("export", cmd_export, "write a -pretrained_weights file for a dataset's plans from a pretraining run",

@@ -18,7 +18,7 @@ import pytest
 #: the unit files of more than 8 s of CPU (46, 34, 17, 15, 14 and 9 s, 2026-12-05), so that
 #: ``make test-fast`` does not end with one of them running alone.
 LONGEST_FIRST = ("test_e2e_methods.py", "test_e2e_experiment.py", "test_e2e_nnunet.py", "test_e2e_demo.py",
-                 "test_e2e_plan_split.py", "test_resenc_finetune.py", "test_e2e_spark3d.py", "test_e2e_pretraining.py",
+                 "test_e2e_plan_split.py", "test_resenc_finetune.py", "test_e2e_mr_plan.py", "test_e2e_spark3d.py", "test_e2e_pretraining.py",
                  "test_convert.py", "test_networks.py", "test_finetune_policy.py", "test_ssl_methods.py",
                  "test_ssl_pixel_methods.py", "test_ssl_dino_ibot.py")
 
