@@ -31,7 +31,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ssl.checkpoints import read_torch_file
 from nnunet_ssl.networks import resenc
-from nnunet_ssl.networks.family import get_family
+from nnunet_ssl.networks.family import get_family, shown_differences
 from nnunet_ssl.networks.segmentation import unwrap
 from nnunet_ssl.trainers.base import PluginTrainerBase
 from nnunet_ssl.trainers.inputs import PRETRAINED_WEIGHTS_OPTION, TrainerInputError, TrainerInputs
@@ -126,14 +126,13 @@ class ResEncTrainerBase(PluginTrainerBase):
         differences = family.plans_differences(metadata, architecture)
         if not differences:
             return
-        dataset = plans.get("dataset_name", "DATASET")
-        preset = metadata.get("preset") or resenc.preset_of_architecture(metadata.get("architecture") or {})
-        fix = (f"`nnunet-ssl plan -d {dataset} --family resenc --preset {preset}` and train with -p {SSL_PLANS_NAME}"
-               if preset else "plans whose architecture is the file's (its metadata 'architecture')")
-        shown = "; ".join(differences[:3]) + (f" (and {len(differences) - 3} more)" if len(differences) > 3 else "")
+        plan = family.plan_command(metadata, plans.get("dataset_name", "DATASET"))
+        fix = (f"{plan} and train with -p {SSL_PLANS_NAME}" if plan
+               else "plans whose architecture is the file's (its metadata 'architecture')")
         raise WeightsError(
             f"{path}: holds a {family.describe(metadata)} encoder, but plans {plans.get('plans_name')!r} "
-            f"({configuration}) build another ResEnc topology ({shown}). Fix: plan the dataset with {fix}"
+            f"({configuration}) build another ResEnc topology ({shown_differences(differences, 3)}). Fix: plan the "
+            f"dataset with {fix}"
         )
 
     def log_weights_provenance(self) -> None:

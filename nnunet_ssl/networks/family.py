@@ -116,6 +116,13 @@ class NetworkFamily:
             architecture = self.make_record(_record_preset(record, self.name)).get("architecture", {})
         return resenc.architecture_differences(architecture, plans_architecture)
 
+    def plan_command(self, record: Mapping[str, Any], dataset: str) -> str | None:
+        """The `nnunet-ssl plan` command whose plans build the record's network on ``dataset``: that of the record's
+        preset (for a record without one, of the preset its architecture equals); None when no preset has it."""
+        preset = record.get("preset") or (resenc.preset_of_architecture(record["architecture"])
+                                          if self.built_from_plans and record.get("architecture") else None)
+        return f"`nnunet-ssl plan -d {dataset} --family {self.name} --preset {preset}`" if preset else None
+
     def describe(self, record: Mapping[str, Any]) -> str:
         """``"swin preset 'smit'"``, or ``"resenc network of a topology no preset has"``."""
         preset = record.get("preset")
@@ -209,6 +216,12 @@ FAMILIES: dict[str, NetworkFamily] = {
         built_from_plans=True,
     ),
 }
+
+
+def shown_differences(differences: list[str], limit: int) -> str:
+    """The first ``limit`` differences joined for a message, with how many more there are."""
+    more = f" (and {len(differences) - limit} more)" if len(differences) > limit else ""
+    return "; ".join(differences[:limit]) + more
 
 
 def get_family(name: str) -> NetworkFamily:

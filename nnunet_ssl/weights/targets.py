@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from nnunet_ssl.networks.family import family_of, family_of_preset
+from nnunet_ssl.networks.family import family_of, family_of_preset, shown_differences
 from nnunet_ssl.nnunet_paths import preprocessed_dataset_folder
 from nnunet_ssl.weights.format import WeightsError, build_weights_file
 
@@ -122,14 +122,11 @@ def build_weights_for_target(
         record = family.record(preset_name)
     differences = family.plans_differences(record, target.architecture)
     if differences:
-        preset = record.get("preset") or preset_name
-        plan = (f"`nnunet-ssl plan -d {target.dataset_name} --family {family.name} --preset {preset}`" if preset
-                else "plans with the pretrained architecture")
+        plan = family.plan_command({**record, "preset": record.get("preset") or preset_name}, target.dataset_name)
         raise WeightsError(
             f"{target.plans_file} ({target.configuration}) plans another {family.name} network than the pretrained "
-            f"one ({family.describe(record)}): {'; '.join(differences[:4])}"
-            f"{f' (and {len(differences) - 4} more)' if len(differences) > 4 else ''}. Fix: plan the dataset with "
-            f"{plan} and export for those plans (-p {family.ssl_plans})"
+            f"one ({family.describe(record)}): {shown_differences(differences, 4)}. Fix: plan the dataset with "
+            f"{plan or 'plans with the pretrained architecture'} and export for those plans (-p {family.ssl_plans})"
         )
     return build_weights_file(
         encoder_state, preset_name, target.in_channels, target.num_classes, method=method, **metadata
