@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_weights_pretrained_decoder import decoder_body, write_run
 
-from nnunet_ssl.checkpoints import CHECKPOINT_FORMAT, FINAL
 from nnunet_ssl.cli import main
 from nnunet_ssl.networks.resenc import RESENC_PRESETS, build_resenc_unet
 from nnunet_ssl.weights import WeightsError
@@ -46,11 +46,6 @@ def nnssl_file(tmp_path: Path, network: torch.nn.Module) -> Path:
     return path
 
 
-def body(state: dict[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if k.startswith(part) and ".seg_layers." not in k
-            and not k.startswith("decoder.encoder.")}
-
-
 def test_convert_reads_an_nnssl_checkpoint_with_its_decoder(tmp_path: Path, network: torch.nn.Module) -> None:
     path = nnssl_file(tmp_path, network)
     source = network.state_dict()
@@ -60,12 +55,12 @@ def test_convert_reads_an_nnssl_checkpoint_with_its_decoder(tmp_path: Path, netw
         assert payload["metadata"]["decoder"] == "pretrained" and payload["metadata"]["family"] == "resenc"
         assert report.layout == "nnssl" and payload["metadata"]["conversion"]["arch_class_name"] == "ResidualEncoderUNet"
         for part in ("encoder.", "decoder."):
-            expected = body(source, part)
+            expected = decoder_body(source, part)
             assert expected and all(torch.equal(weights[k], v) for k, v in expected.items())
         assert weights["decoder.seg_layers.4.weight"].shape[0] == 3  # the dataset's heads, fresh
     encoder_only, _ = convert_file(path, target(tmp_path), encoder_only=True)
     assert "decoder" not in encoder_only["metadata"]
-    assert any(not torch.equal(encoder_only["network_weights"][k], v) for k, v in body(source, "decoder.").items())
+    assert any(not torch.equal(encoder_only["network_weights"][k], v) for k, v in decoder_body(source).items())
 
 
 def test_convert_replicates_the_stem_for_more_channels(tmp_path: Path, network: torch.nn.Module) -> None:
@@ -82,18 +77,6 @@ def test_convert_refuses_plans_of_another_topology_and_another_preset(tmp_path: 
         convert_file(path, target(tmp_path, architecture=wider.architecture()))
     with pytest.raises(ValueError, match="not preset 'resenc_l'; drop --preset"):
         convert_file(path, target(tmp_path), preset_name="resenc_l")
-
-
-def write_run(run_dir: Path, network: torch.nn.Module, intensity: dict, preset: str = "resenc_tiny") -> Path:
-    run_dir.mkdir()
-    torch.save({
-        "format": CHECKPOINT_FORMAT, "version": 2, "method": {}, "step": 7,
-        "config": {"method": "spark3d", "preset": preset, "in_channels": 1,
-                   "data": {"spacing": [1.0, 1.0, 1.0], "crop_size": 64}},
-        "encoders": {"student": network.encoder.state_dict()}, "default_encoder": "student",
-        "decoders": {"student": network.decoder.state_dict()}, "intensity": intensity,
-    }, run_dir / FINAL)
-    return run_dir
 
 
 def test_export_writes_a_run_in_nnssls_form_and_it_reads_back_bit_identical(tmp_path: Path,

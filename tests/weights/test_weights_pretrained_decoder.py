@@ -30,10 +30,11 @@ def pretrained() -> torch.nn.Module:
     return network
 
 
-def decoder_body(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The decoder entries a weights file takes from pretraining (no heads, no encoder reference)."""
-    return {k: v for k, v in state.items() if k.startswith("decoder.") and not k.startswith(("decoder.seg_layers.",
-                                                                                                 "decoder.encoder."))}
+def decoder_body(state: dict[str, torch.Tensor], part: str = "decoder.") -> dict[str, torch.Tensor]:
+    """The ``part`` entries (the decoder's, or ``"encoder."``) a weights file takes from pretraining: no heads,
+    no DNA decoder's reference to the encoder."""
+    return {k: v for k, v in state.items() if k.startswith(part) and not k.startswith(("decoder.seg_layers.",
+                                                                                           "decoder.encoder."))}
 
 
 def test_the_pretrained_decoder_is_in_the_file_and_nnunet_loads_it(pretrained: torch.nn.Module, tmp_path: Path) -> None:
@@ -71,15 +72,17 @@ def test_a_decoder_of_another_topology_is_refused_naming_encoder_only(pretrained
                            decoder_state=other.decoder.state_dict())
 
 
-def write_run(run_dir: Path, network: torch.nn.Module) -> Path:
-    """A version-2 pretraining checkpoint as the engine writes it for a method that pretrains a decoder."""
+def write_run(run_dir: Path, network: torch.nn.Module, intensity: dict | None = None, preset: str = "resenc_tiny",
+              step: int = 5) -> Path:
+    """A version-2 pretraining checkpoint as the engine writes it for a method that pretrains a decoder (Spark3D)."""
     run_dir.mkdir()
     checkpoint = {
-        "format": CHECKPOINT_FORMAT, "version": 2, "method": {}, "step": 5,
-        "config": {"method": "spark3d", "preset": "resenc_tiny", "in_channels": 1},
+        "format": CHECKPOINT_FORMAT, "version": 2, "method": {}, "step": step,
+        "config": {"method": "spark3d", "preset": preset, "in_channels": 1,
+                   "data": {"spacing": [1.0, 1.0, 1.0], "crop_size": 64}},
         "encoders": {"student": network.encoder.state_dict()}, "default_encoder": "student",
         "decoders": {"student": network.decoder.state_dict()},
-        "intensity": {"modality": "MR", "normalization": "zscore"},
+        "intensity": intensity if intensity is not None else {"modality": "MR", "normalization": "zscore"},
     }
     torch.save(checkpoint, run_dir / FINAL)
     return run_dir
