@@ -388,8 +388,8 @@ def test_report_tables_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_readme_experiment_file_is_valid(tmp_path: Path) -> None:
-    """The README's complete experiment file for the few-shot protocol passes validation as written."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    """docs/experiment.md's complete experiment file for the few-shot protocol passes validation as written."""
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "experiment.md").read_text(encoding="utf-8")
     block = readme.split("# fewshot.yaml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "smit_501.pt").write_bytes(b"")

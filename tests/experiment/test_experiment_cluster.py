@@ -227,12 +227,12 @@ def test_array_tasks_merge_their_records(tmp_path: Path) -> None:
 
 
 def test_readme_slurm_section_is_valid() -> None:
-    """The README's slurm: block passes validation as written (and asks SLURM for what it says)."""
+    """docs/experiment.md's slurm: block passes validation as written (and asks SLURM for what it says)."""
     import textwrap
 
     from nnunet_ssl.experiment.cluster import slurm_settings
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "experiment.md").read_text(encoding="utf-8")
     block = textwrap.dedent("  slurm:" + readme.split("```yaml\n  slurm:", 1)[1].split("```", 1)[0])
     slurm = slurm_settings(yaml.safe_load(block)["slurm"], "cuda")
     assert (slurm.time, slurm.gres("cuda"), slurm.cpus, slurm.memory) == ("2-00:00:00", "gpu:1", 8, "64G")
