@@ -1,8 +1,8 @@
 """Test-only trainers: the tiny preset for 2 epochs of 2 iterations, enough to pass every nnU-Net stage on CPU.
 
 They are not part of the product (``nnunet-ssl trainers`` does not list them, ``find_trainer`` finds them
-only through ``nnUNet_extTrainer``). nnU-Net finds them as it finds any user's own trainer (README,
-"Trainers"): this module is importable (its folder on ``PYTHONPATH``), and :data:`EXT_FOLDER`, which
+only through ``nnUNet_extTrainer``). nnU-Net finds them as it finds any user's own trainer (docs/trainers.md,
+"A trainer of your own"): this module is importable (its folder on ``PYTHONPATH``), and :data:`EXT_FOLDER`, which
 holds only a re-export of it, is added to ``nnUNet_extTrainer`` next to the plugin's folder
 (:func:`with_test_trainers`; the test runner's environment, ``nnunet_runner.NnUNet``, has both).
 """

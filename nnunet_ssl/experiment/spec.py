@@ -484,7 +484,7 @@ def trainer_name(experiment: Experiment, arm: Arm) -> str:
         f"{preset} ({', '.join(names) or 'none'}). Named trainers of method {method} have preset "
         f"{', '.join(presets) or 'none'}; of preset {preset}: {', '.join(of_preset) or 'none'}. Change "
         "the preset (the file's, or the arm's preset:), or name the arm's trainer (trainer: NAME; a trainer of your "
-        "own: README, Trainers)"
+        "own: docs/trainers.md)"
     )
 
 
