@@ -69,7 +69,7 @@ def cmd_trainers(args: argparse.Namespace) -> int:
               "resenc: nnU-Net's ResEnc U-Net built from the plans (`nnunet-ssl plan --family resenc`, or nnU-Net's "
               "nnUNetResEncUNetLPlans for scratch). nnunet: nnU-Net's SGD + poly from scratch; spark3d: the Spark3D "
               "fine-tuning (decoder warm-up, whole-network warm-up, poly at 1e-3); *-cpu-trial: 16 short epochs.",
-              "Other schedules are trainers of your own (README, Trainers)."]
+              "Other schedules are trainers of your own (docs/trainers.md)."]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
