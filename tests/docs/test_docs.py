@@ -190,3 +190,31 @@ def test_readme_links_every_docs_page() -> None:
     linked = {(README.parent / link.target.partition("#")[0]).resolve() for link in links(README) if is_relative(link.target)}
     unlinked = [p.name for p in sorted(DOCS.glob("*.md")) if p.resolve() not in linked]
     assert unlinked == [], f"docs pages the README does not link: {unlinked}"
+
+
+def method_table_rows(text: str) -> dict[str, list[str]]:
+    """The cells of each ``| `method` | ... |`` row of a Markdown table, by method name."""
+    rows: dict[str, list[str]] = {}
+    for _, line in prose_lines(text):
+        match = re.match(r"^\| `([a-z0-9]+)` \| (.*) \|\s*$", line)
+        if match:
+            rows[match.group(1)] = [cell.strip() for cell in match.group(2).split(" | ")]
+    return rows
+
+
+def test_method_table_says_what_list_methods_prints() -> None:
+    """docs/pretraining.md names each Swin method's family and heads in `pretrain --list-methods`' words."""
+    from nnunet_ssl.pretraining.methods import METHODS
+
+    rows = method_table_rows((DOCS / "pretraining.md").read_text(encoding="utf-8"))
+    swin_methods = sorted(name for name in METHODS if name != "spark3d")
+    assert sorted(rows) == swin_methods
+    for name in swin_methods:
+        info = METHODS[name][0].info
+        family, _views, heads, _losses = rows[name]
+        assert (family, heads) == (info.family, f"`{info.heads}`"), name
+
+
+def test_method_table_rows_are_read_from_the_table() -> None:
+    text = "intro `smit` here\n| `--method` | family |\n|---|---|\n| `smit` | a | b | c | d |\n```\n| `dino` | x |\n```\n"
+    assert method_table_rows(text) == {"smit": ["a", "b", "c", "d"]}
