@@ -38,7 +38,7 @@ import yaml
 
 from nnunet_ssl.cpu_memory import with_freed_memory_kept
 from nnunet_ssl.data.phantoms import PhantomConfig, write_phantom_datasets
-from nnunet_ssl.demo_progress import EpochProgress, finished_line, keep_structures
+from nnunet_ssl.demo_progress import EpochProgress, PlanProgress, finished_line, keep_structures
 from nnunet_ssl.experiment.grid import RESUME, SKIP, Job, decide
 from nnunet_ssl.experiment.runner import (
     FAILED,
@@ -329,7 +329,7 @@ class Demo:
             return False
         self._run(
             "plan", "nnunet-ssl", "plan", "-d", str(self.config.dataset_id), "--preset", "tiny",
-            "-np", str(self.config.processes), "--verify",
+            "-np", str(self.config.processes), "--verify", on_line=PlanProgress(),
         )
         stamp.touch()
         return True

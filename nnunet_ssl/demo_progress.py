@@ -1,4 +1,5 @@
-"""Demo helpers: nnU-Net's epoch progress as one line per epoch, the closing time line, and the demo's choice of structures."""
+"""Demo helpers: nnU-Net's epoch progress as one line per epoch, the plan stage's progress, the closing time line,
+and the demo's choice of structures."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,11 @@ logger = logging.getLogger("nnunet_ssl.demo")
 MERGED_INTO = {"lesion": "liver"}
 
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?: ")
+#: A progress bar line as tqdm writes it (nnU-Net's fingerprint and preprocessing, the plugin's MR measurement):
+#: ``Preprocessing cases:  38%|███▊      | 3/8 [00:09<00:15,  3.1s/it]``.
+_PROGRESS_BAR = re.compile(r"^(?P<what>[^|]+?):\s+\d+%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)\b")
+#: The plan command's own steps (its logger), echoed as they come.
+_PLAN_STEP = "nnunet_ssl.plans.plan_command: "
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|nan")
 
 
@@ -60,6 +66,31 @@ class EpochProgress:
         line = f"epoch {epoch + 1}{total}: {', '.join(parts)} ({seconds:.0f} s)"
         self.lines.append(line)
         logger.info("    %s", line)
+
+
+class PlanProgress:
+    """Echoes ``nnunet-ssl plan``'s progress on the console: its steps, and one line per case of each progress bar.
+
+    The demo runs ``plan`` with its output in a log file; what reaches the console is, e.g.,
+    ``extracting the dataset fingerprint of Dataset501_Phantom`` and ``Preprocessing cases 3/8``. The bars
+    come as lines because the demo reads the output with universal newlines (tqdm's ``\\r`` ends a line);
+    a bar that redraws the same count is echoed once.
+    """
+
+    def __init__(self) -> None:
+        self.shown: set[tuple[str, int]] = set()
+
+    def __call__(self, line: str) -> None:
+        if _PLAN_STEP in line:
+            logger.info("    %s", line[line.index(_PLAN_STEP) + len(_PLAN_STEP):])
+            return
+        match = _PROGRESS_BAR.match(line.strip())
+        if match is None:
+            return
+        what, done = match.group("what").strip(), int(match.group("done"))
+        if (what, done) not in self.shown and done > 0:
+            self.shown.add((what, done))
+            logger.info("    %s %d/%s", what, done, match.group("total"))
 
 
 def duration_text(seconds: float) -> str:

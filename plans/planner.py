@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+from tqdm import tqdm
 
 from nnunet_ssl.networks.family import get_family
 from nnunet_ssl.networks.presets import get_preset
@@ -382,7 +383,8 @@ class SwinPlanner(ExperimentPlanner):
         if len(cases) > MR_SAMPLE_CASES:
             cases = [cases[i] for i in np.linspace(0, len(cases) - 1, MR_SAMPLE_CASES).round().astype(int)]
         samples: list[ImageSample] = []
-        for case in cases:
+        # a bar per case as nnU-Net's fingerprint and preprocessing show theirs (full-size MR images take seconds each)
+        for case in tqdm(cases, desc=f"Measuring MR normalisation (channel {channel})"):
             data, _ = reader.read_images([self.dataset[case]["images"][channel]])
             label = None
             if self.dataset[case].get("label"):

@@ -78,3 +78,33 @@ def test_the_demo_echoes_the_pretraining_progress_lines(caplog: pytest.LogCaptur
         show_pretraining_progress("INFO nnunet_ssl.pretraining.data.cache: cached 4 volumes")
     assert [r.getMessage() for r in caplog.records] == [
         "    pretraining step 3/30 (10%): loss 0.5000, lr 1.00e-03, 1.00 volumes/s, 0.9 min left"]
+
+
+def test_the_demo_echoes_the_plan_steps_and_one_line_per_case(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from nnunet_ssl.demo_progress import PlanProgress
+
+    show = PlanProgress()
+    lines = [
+        "INFO nnunet_ssl.plans.plan_command: extracting the dataset fingerprint of Dataset501_Phantom",
+        "Using <class 'nnunetv2.imageio.simpleitk_reader_writer.SimpleITKIO'> as reader/writer",
+        "Extracting dataset fingerprint:   0%|          | 0/8 [00:00<?, ?it/s]",
+        "Extracting dataset fingerprint:  12%|█▎        | 1/8 [00:05<00:37,  5.35s/it]",
+        "Extracting dataset fingerprint:  12%|█▎        | 1/8 [00:05<00:37,  5.35s/it]",  # redrawn: shown once
+        "Extracting dataset fingerprint: 100%|██████████| 8/8 [00:09<00:00,  1.10s/it]",
+        "{'data_identifier': 'nnUNetSwinPlans_3d_fullres', 'batch_size': 2}",
+        "Measuring MR normalisation (channel 0):  50%|█████     | 4/8 [00:02<00:02,  1.9it/s]",
+        "Preprocessing cases:  38%|███▊      | 3/8 [00:09<00:15,  3.1s/it]",
+        "INFO root: copying labelsTr/Phantom_000.nii.gz -> gt_segmentations",
+    ]
+    with caplog.at_level(logging.INFO, logger="nnunet_ssl.demo"):
+        for line in lines:
+            show(line)
+    assert [r.getMessage() for r in caplog.records] == [
+        "    extracting the dataset fingerprint of Dataset501_Phantom",
+        "    Extracting dataset fingerprint 1/8",
+        "    Extracting dataset fingerprint 8/8",
+        "    Measuring MR normalisation (channel 0) 4/8",
+        "    Preprocessing cases 3/8",
+    ]
