@@ -9,8 +9,9 @@ Schedules (:data:`SCHEDULES`, a column of ``nnunet-ssl trainers``):
 * ``paper``: the Swin paper's fine-tuning recipe (AdamW, 1000 epochs of 250 iterations, 3000 on few-shot
   folds), for a GPU; every Swin trainer of a paper-size preset.
 * ``cpu-trial``: ``SwinScratchTrainer_tiny_16epochs`` and ``SwinSMITTrainer_tiny_16epochs``, the tiny
-  preset for 16 epochs of 10 iterations, a first try on a CPU that learns on small data (what
-  ``nnunet-ssl demo`` trains). They validate and predict without test-time mirroring.
+  preset for 16 epochs of 30 iterations, a first try on a CPU that learns on small data (what
+  ``nnunet-ssl demo`` trains; about 10 minutes per training on 2 cores at 64^3 patches). They validate
+  and predict without test-time mirroring.
 * ``nnunet``: ``ResEncScratchTrainer``, nnU-Net's own training of a ResEnc U-Net (SGD, momentum 0.99
   Nesterov, weight decay 3e-5, lr 1e-2, poly over 1000 epochs of 250 iterations): the Spark3D paper's
   scratch baselines, "No (Fixed)" on ``nnunet-ssl plan --family resenc`` plans and "No (Dyn.)" on nnU-Net's
@@ -25,7 +26,7 @@ Schedules (:data:`SCHEDULES`, a column of ``nnunet-ssl trainers``):
 
 Any other schedule (another method on the CPU trial, the tests' 2-epoch runs) is a trainer of its
 user's own: a 2-line subclass in an importable module, re-exported from a folder added to
-``nnUNet_extTrainer`` (README, "Trainers"; the tests' ``tests/short_trainers.py`` is one).
+``nnUNet_extTrainer`` (docs/trainers.md, "A trainer of your own"; the tests' ``tests/short_trainers.py`` is one).
 :func:`find_trainer` finds such trainers by name as nnU-Net does.
 """
 from __future__ import annotations
@@ -42,11 +43,13 @@ from nnunet_ssl.trainers.resenc import ResEncTrainerBase
 #: The paper's recipe: the default of every trainer.
 PAPER_RECIPE = FineTuneRecipe()
 
-#: A first try on a CPU: the tiny network learns something visible in minutes (the demo's schedule:
-#: about 6 min per training on 2 cores with 64^3 patches, docs/benchmarks.md). No early stopping and no
-#: longer few-shot schedule; no test-time mirroring (8 mirrored copies per tile cost minutes per case on CPU).
+#: A first try on a CPU: the tiny network leaves the background-only phase on small data (the demo's
+#: schedule; about 10 min per training on 2 cores with 64^3 patches, docs/benchmarks.md). 480 iterations: on
+#: the T1-like MR heads grey matter first appears after about 200 (epoch 6 of 16; with 16 epochs of 10
+#: iterations it never did, in either arm). No early stopping and no longer few-shot schedule; no test-time
+#: mirroring (8 mirrored copies per tile cost minutes per case on CPU).
 CPU_TRIAL_RECIPE = FineTuneRecipe(
-    initial_lr=1e-3, warmup_epochs=1, num_epochs=16, iterations_per_epoch=10, val_iterations_per_epoch=2,
+    initial_lr=1e-3, warmup_epochs=1, num_epochs=16, iterations_per_epoch=30, val_iterations_per_epoch=2,
     few_shot_epochs=None, few_shot_early_stopping_patience=None, test_time_mirroring=False,
 )
 

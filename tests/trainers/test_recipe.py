@@ -106,7 +106,8 @@ def test_every_named_trainer_has_a_product_schedule_and_only_the_cpu_trial_skips
         assert cls.recipe.test_time_mirroring is (schedule == "paper"), name
     assert {n for n, c in TRAINERS.items() if c.recipe is CPU_TRIAL_RECIPE} == {
         "SwinScratchTrainer_tiny_16epochs", "SwinSMITTrainer_tiny_16epochs"}
-    assert CPU_TRIAL_RECIPE.num_epochs * CPU_TRIAL_RECIPE.iterations_per_epoch == 160  # the demo's schedule
+    # the demo's schedule: grey matter on the MR heads first appears after about 200 iterations (docs/benchmarks.md)
+    assert (CPU_TRIAL_RECIPE.num_epochs, CPU_TRIAL_RECIPE.iterations_per_epoch) == (16, 30)
 
 
 def test_trainers_command_lists_no_test_only_trainer(capsys: pytest.CaptureFixture[str]) -> None:
