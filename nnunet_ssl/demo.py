@@ -61,7 +61,7 @@ EXPERIMENT_FILE = "demo_experiment.yaml"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo runs. The defaults fit about 15 minutes on 2 CPU cores.
+    """What the demo runs. The defaults take about 22 minutes on 2 CPU cores (docs/benchmarks.md).
 
     Attributes:
         structures: Labels kept for segmentation (the two large organs by default, so that both
