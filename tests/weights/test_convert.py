@@ -50,15 +50,15 @@ def _capture(module: nn.Module, store: list) -> None:
 
 
 # Which windows the stages see (feature maps at 64^3: 32-16-8-4-2, at 96^3: 48-24-12-6-3):
-# window 4 at 64 fits stage 3 exactly (no shift) and clips stage 4; window 4 at 96 pads and shifts
-# stage 3; window 7 pads and shifts stages 0-2 and clips (MONAI's sliced position index) stages 3-4 at
-# both sizes, so each merge order runs it once: MONAI's released setting (window 7, 96^3) with
-# "merging", and 64^3 with "mergingv2".
+# window 4 at 64 fits stages 0-3 exactly (no padding; shifted windows wherever the map is larger than
+# the window) and clips stage 4; window 7 pads and shifts stages 0-2 and clips (MONAI's sliced position
+# index) stages 3-4 at both sizes. So each merge order runs both: window 4 at 64^3, and window 7 once,
+# MONAI's released setting (window 7, 96^3) with "merging" and 64^3 with "mergingv2". (Window 4 at
+# 96^3, which pads only stage 3, adds no path: it was dropped to keep the unit tests under two minutes.)
 @pytest.mark.parametrize(
     "downsample,merge_order,window,size",
-    [(d, o, w, s) for (d, o), w, s in itertools.product(
-        [("merging", "monai_merging"), ("mergingv2", "v2")], [4], [64, 96])]
-    + [("merging", "monai_merging", 7, 96), ("mergingv2", "v2", 7, 64)],
+    [("merging", "monai_merging", 4, 64), ("mergingv2", "v2", 4, 64),
+     ("merging", "monai_merging", 7, 96), ("mergingv2", "v2", 7, 64)],
 )
 def test_monai_swinunetr_converts_to_the_same_network(downsample: str, merge_order: str, window: int, size: int) -> None:
     torch.manual_seed(0)
