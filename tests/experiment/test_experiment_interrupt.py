@@ -41,6 +41,18 @@ def wait_for(path: Path, seconds: float, process: subprocess.Popen[str] | None =
         time.sleep(0.05)
 
 
+def default_interrupt_signals() -> None:
+    """SIGINT and SIGTERM delivered and handled by default, whatever state the test process is in.
+
+    A child inherits ignored signals and the signal mask of the thread that starts it: in one of
+    several xdist runs of the unit suite both tests here waited as if SIGINT never arrived (the CLI's
+    for 60 s, the sleeper's until the runner killed it 20 s later), a state no test of the suite was
+    found to leave behind. Starting from the defaults keeps these tests about the runner.
+    """
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def sleeper(folder: Path, name: str, marker: Path) -> Path:
     """A command that says it started, then sleeps (exec: the signal reaches the sleep itself)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,6 +80,7 @@ def test_ctrl_c_through_the_cli_ends_in_one_line_and_records_the_job(tmp_path: P
     process = subprocess.Popen(
         [sys.executable, str(launcher), str(fakes), "experiment", "run", str(experiment), "--no-progress"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=default_interrupt_signals,  # noqa: PLW1509 (one child, started from the test's thread)
     )
     try:
         wait_for(marker, 120, process)
@@ -99,13 +112,20 @@ def test_sigterm_stops_a_command_that_did_not_get_it(tmp_path: Path) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     before = signal.getsignal(signal.SIGTERM)
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # the sleeper inherits it
+    interrupt_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
-    with sigterm_as_interrupt():
-        thread = threading.Thread(target=terminate_once_started, daemon=True)
-        thread.start()
-        with pytest.raises(RunInterrupted) as caught:
-            run_jobs([job], 1, tmp_path / "jobs.json", progress=False)
-    thread.join()
+    try:
+        with sigterm_as_interrupt():
+            thread = threading.Thread(target=terminate_once_started, daemon=True)
+            thread.start()
+            with pytest.raises(RunInterrupted) as caught:
+                run_jobs([job], 1, tmp_path / "jobs.json", progress=False)
+        thread.join()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if interrupt_handler is not None:
+            signal.signal(signal.SIGINT, interrupt_handler)
     assert time.monotonic() - started < 30  # the sleep (60 s) was stopped, not waited for
     interrupt = caught.value
     assert (interrupt.signal_name, interrupt.exit_code, interrupt.jobs) == ("SIGTERM", 143, ["train-x"])
