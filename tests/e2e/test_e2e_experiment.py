@@ -1,9 +1,12 @@
 """End to end: `nnunet-ssl experiment run` on phantoms (interrupted once, resumed), the same grid as emitted
 shell commands, and `experiment report` checked against nnU-Net's own evaluation.
 
-The grid is the issue's 2 arms (scratch; SMIT from a 2-step pretraining run, exported by the grid) x
-(3-shot x 2 seeds) with the 2-epoch tiny trainers cut to 1 epoch (``epochs: {few_shot: 1}``) and a
-1-case test set, to stay within the suite's budget. The emitted commands are not re-run on a fresh
+The grid is the smallest example file, ``examples/cpu_smoke.yaml`` (2 arms: scratch; SMIT from a
+pretraining run at ``runs/smit_tiny``, exported from its student by the grid), run as written except
+for what the suite's budget changes (:data:`BUDGET`): nnU-Net's default plans instead of
+``nnunet-ssl plan``'s, the tests' 2-epoch tiny trainers cut to 1 epoch (``epochs: {few_shot: 1}``)
+instead of the 16-epoch CPU trial, 3 shots x 2 seeds instead of 5 shots x 1 seed (two folds per arm for
+the interruption below), a 2-step pretraining run and a 1-case test set. The emitted commands are not re-run on a fresh
 output folder (that would train everything twice): a plain shell loop runs them over the finished
 output after one training was set back to ``checkpoint_latest.pth`` and one prediction was deleted,
 and must skip every finished job, continue that training with ``--c`` and predict that case again,
@@ -38,6 +41,16 @@ pytestmark = pytest.mark.e2e
 SCRATCH = "SwinScratchTrainer_tiny_2epochs"
 SMIT = "SwinSMITTrainer_tiny_2epochs"
 LABELS = {"liver": 1, "spleen": 2, "kidney": 3, "lesion": 4}
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cpu_smoke.yaml"
+#: Where the example expects its pretraining run, relative to the experiment file.
+PRETRAINING_RUN = "runs/smit_tiny"
+#: What the suite's budget changes in the example (see the module docstring); the rest runs as written.
+BUDGET = {
+    "plans": "nnUNetPlans", "output": "out", "epochs": {"few_shot": 1},
+    "env": {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"},
+    "settings": {"few_shot": {"shots": [3], "seeds": [0, 1]}},
+    "arm_trainers": {"scratch": SCRATCH, "smit": SMIT},
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +59,34 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> tuple[NnUNet, Path]:
     runner = NnUNet.with_phantoms(root, PhantomConfig(num_train=5, num_test=1, num_unlabeled=2, shape=(40, 64, 64)))
     runner.env["PATH"] = f"{BIN}{os.pathsep}{runner.env.get('PATH', '')}"
     runner.run(
-        "nnunet-ssl", "pretrain", "--method", "smit", "--data", str(root / "unlabeled"), "--out", str(root / "smit_run"),
+        "nnunet-ssl", "pretrain", "--method", "smit", "--data", str(root / "unlabeled"), "--out", str(root / PRETRAINING_RUN),
         "--preset", "tiny", "--crop-size", "64", "--batch-size", "1", "--workers", "0", "--max-steps", "2",
         "--no-progress", "--set", "out_dim=64", "head_hidden_dim=64", "head_bottleneck_dim=32",
     )
-    spec = {
-        "dataset": 501, "plans": "nnUNetPlans", "device": "cpu", "seed": 0,
-        "output": "out", "epochs": {"few_shot": 1}, "env": {"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"},
-        "arms": [{"name": "scratch", "trainer": SCRATCH},
-                 {"name": "smit", "method": "smit", "pretraining_run": "smit_run", "trainer": SMIT}],
-        "settings": {"few_shot": {"shots": [3], "seeds": [0, 1]}},
-        "test_set": "imagesTs",
-    }
+    spec = budget_version(yaml.safe_load(EXAMPLE.read_text(encoding="utf-8")))
     path = root / "exp.yaml"
     path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     return runner, path
+
+
+def budget_version(example: dict) -> dict:
+    """The example with :data:`BUDGET` applied; every other key, and each arm's own keys, as the example has them."""
+    assert [arm["name"] for arm in example["arms"]] == ["scratch", "smit"]
+    assert example["arms"][1]["pretraining_run"] == PRETRAINING_RUN
+    spec = {**example, **{key: value for key, value in BUDGET.items() if key != "arm_trainers"}}
+    spec["arms"] = [{**arm, "trainer": BUDGET["arm_trainers"][arm["name"]]} for arm in example["arms"]]
+    return spec
+
+
+def test_the_budget_version_keeps_what_the_example_says() -> None:
+    """What the run below proves about the example: only the budget's keys differ (and each arm gains its trainer)."""
+    example = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    spec = budget_version(example)
+    changed = sorted(key for key in spec if spec[key] != example.get(key))
+    assert changed == sorted(["arms", *(key for key in BUDGET if key != "arm_trainers")])
+    for arm, original in zip(spec["arms"], example["arms"], strict=True):
+        assert {k: v for k, v in arm.items() if k != "trainer"} == original
+    assert example["arms"][1]["export_from"] == "student" and example["preset"] == "tiny"
 
 
 def _relative_files(folder: Path) -> set[str]:
