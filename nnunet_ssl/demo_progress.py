@@ -22,6 +22,8 @@ _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d+)?: ")
 _PROGRESS_BAR = re.compile(r"^(?P<what>[^|]+?):\s+\d+%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)\b")
 #: The plan command's own steps (its logger), echoed as they come.
 _PLAN_STEP = "nnunet_ssl.plans.plan_command: "
+#: A progress line inside an epoch, e.g. ``Epoch 3: 10/30 training iterations (15 s), loss -0.4120`` (0-based epoch).
+_IN_EPOCH = re.compile(r"^Epoch (\d+): (\d+/\d+ training iterations .*)$")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|nan")
 
 
@@ -30,7 +32,8 @@ class EpochProgress:
 
     nnU-Net prints, per epoch, ``Epoch k`` (0-based), ``train_loss x``, ``val_loss y``,
     ``Pseudo dice [...]`` and ``Epoch time: t s``; the last one completes a line such as
-    ``epoch 3/16: train loss -0.412, val loss -0.388, pseudo-Dice liver 0.71 spleen 0.12 (21 s)``.
+    ``epoch 3/16: train loss -0.412, val loss -0.388, pseudo-Dice liver 0.71 spleen 0.12 (21 s)``. The CPU
+    trials' lines inside an epoch are echoed as they come (``epoch 3/16: 10/30 training iterations (15 s), ...``).
     """
 
     def __init__(self, epochs: int | None, structures: Sequence[str]) -> None:
@@ -43,7 +46,11 @@ class EpochProgress:
 
     def feed(self, line: str) -> None:
         text = _TIMESTAMP.sub("", line.strip())
-        if text.startswith("Epoch ") and text[6:].strip().isdigit():
+        within = _IN_EPOCH.match(text)
+        if within:  # the CPU trials' progress inside an epoch (trainers' InEpochProgress)
+            total = f"/{self.epochs}" if self.epochs else ""
+            logger.info("    epoch %d%s: %s", int(within.group(1)) + 1, total, within.group(2))
+        elif text.startswith("Epoch ") and text[6:].strip().isdigit():
             self.epoch, self.losses, self.dice = int(text[6:]), {}, []
         elif text.startswith(("train_loss", "val_loss")):
             key, _, value = text.partition(" ")

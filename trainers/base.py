@@ -32,6 +32,7 @@ from nnunet_ssl.networks.presets import get_preset
 from nnunet_ssl.networks.segmentation import SwinUNETRSeg, unwrap
 from nnunet_ssl.optim import decay_parameter_groups
 from nnunet_ssl.splits import FoldEntry, manifest_entry_for_fold
+from nnunet_ssl.trainers.epoch_progress import InEpochProgress
 from nnunet_ssl.trainers.inputs import (
     EPOCHS_ENV,
     PRETRAINED_WEIGHTS_OPTION,
@@ -319,6 +320,18 @@ class PluginTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
             super().run_training()
         except EarlyStop:
             self.on_train_end()
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._epoch_clock = InEpochProgress(self.num_iterations_per_epoch, self.active_recipe.progress_every_s)
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        clock: InEpochProgress | None = getattr(self, "_epoch_clock", None)
+        line = clock.step(float(result["loss"])) if clock is not None else None
+        if line:
+            self.print_to_log_file(f"Epoch {self.current_epoch}: {line}")
+        return result
 
     # ------------------------------------------------------------------ pretrained weights
     @classmethod

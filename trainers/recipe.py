@@ -54,6 +54,8 @@ class FineTuneRecipe:
         decoder_warmup_fraction: The trainer's default decoder-only warm-up (``freeze_encoder_epochs``)
             as a fraction of the epochs run (:func:`scaled_warmups`); 0 = none.
         network_warmup_fraction: The same for the whole-network warm-up (``network_lr_warmup_epochs``).
+        progress_every_s: Seconds between progress lines inside a training epoch (iterations done,
+            time, loss), for epochs that take long on a CPU; None: nnU-Net's one line set per epoch.
     """
 
     initial_lr: float = 2e-4
@@ -71,6 +73,7 @@ class FineTuneRecipe:
     schedule: str = "cosine"
     decoder_warmup_fraction: float = 0.0
     network_warmup_fraction: float = 0.0
+    progress_every_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in RECIPE_OPTIMIZERS:
@@ -91,6 +94,8 @@ class FineTuneRecipe:
             raise ValueError(f"initial_lr must be positive, got {self.initial_lr}")
         if self.few_shot_epochs is not None and self.few_shot_epochs <= self.warmup_epochs:
             raise ValueError(f"few_shot_epochs must exceed warmup_epochs, got {self.few_shot_epochs}")
+        if self.progress_every_s is not None and self.progress_every_s <= 0:
+            raise ValueError(f"progress_every_s must be positive or None, got {self.progress_every_s}")
         for patience in (self.early_stopping_patience, self.few_shot_early_stopping_patience):
             if patience is not None and patience < 1:
                 raise ValueError(f"early stopping patience must be >= 1 epoch or None, got {patience}")

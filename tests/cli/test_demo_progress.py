@@ -32,6 +32,31 @@ def test_epoch_progress_line_from_nnunet_output(caplog: pytest.LogCaptureFixture
     assert progress.lines == [expected] and expected in caplog.text
 
 
+def test_progress_inside_an_epoch_is_echoed_with_the_1_based_epoch(caplog: pytest.LogCaptureFixture) -> None:
+    progress = EpochProgress(16, ["liver", "spleen"])
+    with caplog.at_level(logging.INFO, logger="nnunet_ssl.demo"):
+        progress.feed("2026-11-29 18:00:08.1: Epoch 2: 12/30 training iterations (15 s), loss -0.3012")
+        progress.feed("2026-11-29 18:00:08.2: Epoch 2: encoder unfrozen")  # another trainer line: not progress
+    assert [r.getMessage() for r in caplog.records] == ["    epoch 3/16: 12/30 training iterations (15 s), loss -0.3012"]
+    assert progress.lines == []  # the epoch's own line comes at its end
+
+
+def test_in_epoch_progress_says_every_so_many_seconds_and_never_after_the_last_step() -> None:
+    from nnunet_ssl.trainers.epoch_progress import InEpochProgress
+
+    now = [100.0]
+    clock = InEpochProgress(5, 10.0, clock=lambda: now[0])
+    said = []
+    for seconds in (4.0, 4.0, 4.0, 12.0, 30.0):  # step ends at 104, 108, 112, 124, 154
+        now[0] += seconds
+        said.append(clock.step(-0.5))
+    assert said == [None, None, "3/5 training iterations (12 s), loss -0.5000", "4/5 training iterations (24 s), loss -0.5000",
+                    None]  # the 5th step ends the epoch: nnU-Net's own lines follow
+    silent = InEpochProgress(5, None, clock=lambda: now[0])
+    now[0] += 100
+    assert silent.step(0.1) is None
+
+
 def test_keep_structures_merges_lesions_into_liver_and_is_idempotent(tmp_path: Path) -> None:
     (tmp_path / "labelsTr").mkdir()
     labels = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "lesion": 4}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
 
@@ -212,7 +213,10 @@ def test_trainer_unfreezes_at_epoch_k_also_after_a_resume(nnunet_env: Path, monk
     trainer.initialize()
     assert "Fine-tuning policy (from environment variable NNUNET_SSL_FINETUNE): freeze_encoder_epochs=2" in _log(trainer)
     start = {k: v.detach().clone() for k, v in trainer.network.encoder.named_parameters()}
+    assert trainer.active_recipe.progress_every_s == 15.0  # the CPU trial's lines inside an epoch
+    trainer.active_recipe = dataclasses.replace(trainer.active_recipe, progress_every_s=1e-9)  # one after each step
     _epoch(trainer)  # epoch 0: frozen
+    assert f"Epoch 0: 1/{trainer.num_iterations_per_epoch} training iterations (" in _log(trainer)
     for name, value in trainer.network.encoder.named_parameters():
         assert torch.equal(value, start[name]), name
     checkpoint = nnunet_env / "checkpoint_epoch1.pth"

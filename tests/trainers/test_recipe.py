@@ -69,6 +69,9 @@ def test_short_runs_write_checkpoint_latest_often_long_runs_as_nnunet() -> None:
 def test_recipe_validates() -> None:
     with pytest.raises(ValueError, match="warmup"):
         FineTuneRecipe(warmup_epochs=10, num_epochs=10)
+    with pytest.raises(ValueError, match="progress_every_s"):
+        FineTuneRecipe(progress_every_s=0.0)
+    assert FineTuneRecipe().progress_every_s is None  # the paper's GPU runs: nnU-Net's lines only
 
 
 def test_every_design_trainer_exists_with_its_preset() -> None:
