@@ -7,8 +7,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.nnunet_ssl_installed
 # pytest-xdist workers: the end-to-end tests spend much of their time in single-threaded work
-# (imports, preprocessing, export), so two workers on two cores finish sooner than one (13 min 03 s in
-# a fresh clone, 2026-12-05; about 28 min estimated for one worker from the serial durations, 2026-11-29).
+# (imports, preprocessing, export), so two workers on two cores finish sooner than one (14 min 49 s in
+# a fresh clone, 2026-12-06, docs/benchmarks.md; about 28 min estimated for one worker from the serial
+# durations, 2026-11-29).
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast lint
@@ -30,7 +31,7 @@ test: $(INSTALLED)
 
 # Unit tests only: workers steal single tests (a module fixture may then be built on both workers), which
 # balances the two workers a little better than whole files (1 min 57.6 s and 2 min 01.3 s against 2 min 02.6 s and 2 min 02.7 s, idle, 2026-12-05;
-# 1 min 36.5 s and 1 min 44.0 s on 2026-12-06 after the two slowest unit tests were made cheaper).
+# 1 min 51.8 s and 1 min 50.3 s for 948 tests on 2026-12-06, docs/benchmarks.md).
 test-fast: $(INSTALLED)
 	$(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist worksteal -m "not e2e"; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
