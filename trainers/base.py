@@ -166,6 +166,8 @@ class PluginTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
         self.save_every = checkpoint_interval(self.num_epochs)
         self.num_iterations_per_epoch = self.active_recipe.iterations_per_epoch
         self.num_val_iterations_per_epoch = self.active_recipe.val_iterations_per_epoch
+        #: Progress inside the running epoch (set at each epoch's start).
+        self._epoch_clock: InEpochProgress | None = None
 
     def log_intensity_report(self, intensity: dict[str, Any] | None) -> None:
         """Log how the plans map intensities against the weights file's pretraining ``intensity`` record: the
@@ -327,8 +329,7 @@ class PluginTrainerBase(FineTunePolicyMixin, nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         result = super().train_step(batch)
-        clock: InEpochProgress | None = getattr(self, "_epoch_clock", None)
-        line = clock.step(float(result["loss"])) if clock is not None else None
+        line = self._epoch_clock.step(float(result["loss"])) if self._epoch_clock is not None else None
         if line:
             self.print_to_log_file(f"Epoch {self.current_epoch}: {line}")
         return result
