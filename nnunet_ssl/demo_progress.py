@@ -48,8 +48,7 @@ class EpochProgress:
         text = _TIMESTAMP.sub("", line.strip())
         within = _IN_EPOCH.match(text)
         if within:  # the CPU trials' progress inside an epoch (trainers' InEpochProgress)
-            total = f"/{self.epochs}" if self.epochs else ""
-            logger.info("    epoch %d%s: %s", int(within.group(1)) + 1, total, within.group(2))
+            logger.info("    %s: %s", self.title(int(within.group(1))), within.group(2))
         elif text.startswith("Epoch ") and text[6:].strip().isdigit():
             self.epoch, self.losses, self.dice = int(text[6:]), {}, []
         elif text.startswith(("train_loss", "val_loss")):
@@ -61,16 +60,19 @@ class EpochProgress:
         elif text.startswith("Epoch time:") and self.epoch is not None:
             self.emit(self.epoch, _first_number(text[len("Epoch time:"):]))
 
+    def title(self, epoch: int) -> str:
+        """``epoch 3/16`` for the (0-based) ``epoch`` 2 of 16; without the total when it is not known."""
+        return f"epoch {epoch + 1}" + (f"/{self.epochs}" if self.epochs else "")
+
     def emit(self, epoch: int, seconds: float) -> None:
         """Log the line of (0-based) ``epoch`` from the values read since its ``Epoch k`` line."""
-        total = f"/{self.epochs}" if self.epochs else ""
         dice = self.dice
         names = self.structures if len(self.structures) == len(dice) else [f"label {i + 1}" for i in range(len(dice))]
         parts = [f"train loss {self.losses.get('train_loss', float('nan')):.3f}",
                  f"val loss {self.losses.get('val_loss', float('nan')):.3f}"]
         if dice:
             parts.append("pseudo-Dice " + " ".join(f"{n} {d:.2f}" for n, d in zip(names, dice, strict=True)))
-        line = f"epoch {epoch + 1}{total}: {', '.join(parts)} ({seconds:.0f} s)"
+        line = f"{self.title(epoch)}: {', '.join(parts)} ({seconds:.0f} s)"
         self.lines.append(line)
         logger.info("    %s", line)
 
