@@ -43,6 +43,10 @@ from nnunet_ssl.trainers.resenc import ResEncTrainerBase
 #: The paper's recipe: the default of every trainer.
 PAPER_RECIPE = FineTuneRecipe()
 
+#: Seconds between progress lines inside an epoch of the CPU trials (a 30-iteration Swin epoch takes about
+#: 40 s on 2 cores: a line at least every 15-20 s).
+CPU_TRIAL_PROGRESS_S = 15.0
+
 #: A first try on a CPU: the tiny network leaves the background-only phase on small data (the demo's
 #: schedule; about 10 min per training on 2 cores with 64^3 patches, docs/benchmarks.md). 480 iterations: on
 #: the T1-like MR heads grey matter first appears after about 200 (epoch 6 of 16; with 16 epochs of 10
@@ -51,7 +55,7 @@ PAPER_RECIPE = FineTuneRecipe()
 CPU_TRIAL_RECIPE = FineTuneRecipe(
     initial_lr=1e-3, warmup_epochs=1, num_epochs=16, iterations_per_epoch=30, val_iterations_per_epoch=2,
     few_shot_epochs=None, few_shot_early_stopping_patience=None, test_time_mirroring=False,
-    progress_every_s=15.0,  # a 30-iteration epoch takes about 40 s on 2 cores: a line at least every 15-20 s
+    progress_every_s=CPU_TRIAL_PROGRESS_S,
 )
 
 #: nnU-Net's own training of a ResEnc U-Net (``nnUNetTrainer``: SGD lr 1e-2, momentum 0.99 Nesterov, weight
@@ -68,9 +72,11 @@ SPARK3D_RECIPE = replace(RESENC_SCRATCH_RECIPE, initial_lr=1e-3, decoder_warmup_
                          network_warmup_fraction=SPARK3D_WARMUP_FRACTION)
 #: The two ResEnc recipes as CPU trials (16 epochs of 10 iterations: 1 + 1 warm-up epochs for Spark3D).
 RESENC_CPU_TRIAL_RECIPE = replace(RESENC_SCRATCH_RECIPE, num_epochs=16, iterations_per_epoch=10,
-                                  val_iterations_per_epoch=2, test_time_mirroring=False, progress_every_s=15.0)
+                                  val_iterations_per_epoch=2, test_time_mirroring=False,
+                                  progress_every_s=CPU_TRIAL_PROGRESS_S)
 SPARK3D_CPU_TRIAL_RECIPE = replace(SPARK3D_RECIPE, num_epochs=16, iterations_per_epoch=10,
-                                   val_iterations_per_epoch=2, test_time_mirroring=False, progress_every_s=15.0)
+                                   val_iterations_per_epoch=2, test_time_mirroring=False,
+                                   progress_every_s=CPU_TRIAL_PROGRESS_S)
 
 #: The schedules of the named trainers, by the name ``nnunet-ssl trainers`` shows.
 SCHEDULES: dict[str, FineTuneRecipe] = {
